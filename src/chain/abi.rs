@@ -1,0 +1,186 @@
+//! Human-readable event signatures, the topic0 filter they imply, and
+//! decoding of raw logs into the `events.params` JSON encoding:
+//!
+//! | ABI type            | JSON                                   |
+//! |---------------------|----------------------------------------|
+//! | uintN, intN         | decimal string (no precision loss)     |
+//! | address             | lowercase 0x-hex string                |
+//! | bytes, bytesN       | 0x-hex string                          |
+//! | bool                | true / false                           |
+//! | string              | string                                 |
+//! | T[], T[N], tuple    | array                                  |
+//! | indexed dynamic     | 0x-hex of the 32-byte topic (a hash)   |
+//!
+//! Parameters are keyed by name; an unnamed parameter is `arg{position}`.
+//! Several signatures may share a topic0 (ERC-20 and ERC-721 `Transfer`
+//! differ only in which parameters are indexed): the one whose layout
+//! decodes the log wins.
+
+use std::collections::HashMap;
+
+use ethers::abi::{Event, EventExt, HumanReadableParser, RawLog as AbiRawLog, Token};
+use ethers::types::{H256, I256};
+use serde_json::{Map, Value};
+
+use super::{Hash32, RawLog};
+
+/// The configured events of one stream.
+#[derive(Debug, Clone)]
+pub struct EventSet {
+    /// Candidates per topic0, in configuration order.
+    by_topic0: HashMap<Hash32, Vec<Event>>,
+    /// Topic0s in configuration order, for a stable filter.
+    order: Vec<Hash32>,
+}
+
+/// A log decoded under one of the configured events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub event_name: String,
+    /// Parameters by name, encoded as the module doc says.
+    pub params: Value,
+}
+
+/// Why a log does not decode under the configured events.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("log has no topics (anonymous events are not configured)")]
+    NoTopics,
+    #[error("topic0 {0} matches no configured event")]
+    UnknownTopic(Hash32),
+    #[error("does not match {signature}: {reason}")]
+    Layout { signature: String, reason: String },
+}
+
+impl EventSet {
+    /// Parses every signature; on failure returns each bad one's index and why.
+    pub fn parse(signatures: &[String]) -> Result<EventSet, Vec<(usize, String)>> {
+        let mut errors = Vec::new();
+        let mut set = EventSet {
+            by_topic0: HashMap::new(),
+            order: Vec::new(),
+        };
+        let mut seen = Vec::new();
+        for (i, sig) in signatures.iter().enumerate() {
+            let event = match HumanReadableParser::parse_event(sig.trim()) {
+                Ok(e) => e,
+                Err(e) => {
+                    errors.push((i, format!("not a valid event signature ({e}); expected e.g. \"event Transfer(address indexed from, address indexed to, uint256 value)\"")));
+                    continue;
+                }
+            };
+            if event.anonymous {
+                errors.push((
+                    i,
+                    "anonymous events have no topic0 to filter on and are not supported".into(),
+                ));
+                continue;
+            }
+            let event = name_unnamed(event);
+            let layout = (event.name.clone(), event.inputs.clone());
+            if seen.contains(&layout) {
+                errors.push((i, format!("event {} is listed twice", event.name)));
+                continue;
+            }
+            seen.push(layout);
+            let topic0 = Hash32(event.signature().0);
+            if !set.by_topic0.contains_key(&topic0) {
+                set.order.push(topic0);
+            }
+            set.by_topic0.entry(topic0).or_default().push(event);
+        }
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The topic0 values to ask `eth_getLogs` for.
+    pub fn topic0s(&self) -> Vec<Hash32> {
+        self.order.clone()
+    }
+
+    /// Decodes a log: topic0 must be configured, the topic count must match
+    /// the indexed parameters, and the data must hold every other parameter.
+    pub fn decode(&self, log: &RawLog) -> Result<Decoded, DecodeError> {
+        let topic0 = log.topics.first().ok_or(DecodeError::NoTopics)?;
+        let candidates = self
+            .by_topic0
+            .get(topic0)
+            .ok_or(DecodeError::UnknownTopic(*topic0))?;
+        let mut last_err = None;
+        for event in candidates {
+            let raw = AbiRawLog {
+                topics: log.topics.iter().map(|t| H256(t.0)).collect(),
+                data: log.data.clone(),
+            };
+            match event.parse_log(raw) {
+                Ok(parsed) => {
+                    let mut params = Map::new();
+                    for p in parsed.params {
+                        params.insert(p.name, token_to_json(&p.value));
+                    }
+                    return Ok(Decoded {
+                        event_name: event.name.clone(),
+                        params: Value::Object(params),
+                    });
+                }
+                Err(e) => {
+                    last_err = Some(DecodeError::Layout {
+                        signature: event.abi_signature(),
+                        reason: describe(log, event, &e),
+                    })
+                }
+            }
+        }
+        Err(last_err.unwrap_or(DecodeError::UnknownTopic(*topic0)))
+    }
+}
+
+/// Gives unnamed parameters a positional name, so that two unnamed
+/// parameters cannot collide in the decoded map.
+fn name_unnamed(mut event: Event) -> Event {
+    for (i, p) in event.inputs.iter_mut().enumerate() {
+        if p.name.is_empty() {
+            p.name = format!("arg{i}");
+        }
+    }
+    event
+}
+
+/// A reason that an operator can act on; ethabi's own errors are terse.
+fn describe(log: &RawLog, event: &Event, err: &ethers::abi::Error) -> String {
+    let indexed = event.inputs.iter().filter(|p| p.indexed).count();
+    if log.topics.len() != indexed + 1 {
+        format!(
+            "expected {} topics, log has {}",
+            indexed + 1,
+            log.topics.len()
+        )
+    } else {
+        format!("data ({} bytes) does not decode: {err}", log.data.len())
+    }
+}
+
+fn hex0x(bytes: &[u8]) -> Value {
+    Value::String(format!("0x{}", hex::encode(bytes)))
+}
+
+fn token_to_json(token: &Token) -> Value {
+    match token {
+        Token::Address(a) => hex0x(a.as_bytes()),
+        Token::FixedBytes(b) | Token::Bytes(b) => hex0x(b),
+        Token::Uint(u) => Value::String(u.to_string()),
+        Token::Int(i) => Value::String(I256::from_raw(*i).to_string()),
+        Token::Bool(b) => Value::Bool(*b),
+        Token::String(s) => Value::String(s.clone()),
+        Token::Array(items) | Token::FixedArray(items) | Token::Tuple(items) => {
+            Value::Array(items.iter().map(token_to_json).collect())
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "abi_tests.rs"]
+mod tests;

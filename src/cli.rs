@@ -1,0 +1,132 @@
+//! The command line: `run`, `migrate`, `status`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{App, AppError, BuildOptions};
+use crate::config::{Config, ConfigError, EnvOverrides, Problem};
+use crate::store::migrate;
+use crate::store::pool::Database;
+
+/// Exit status for a bad command line or configuration (EX_USAGE).
+pub const EX_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "logcursor",
+    version,
+    about = "Ingest EVM contract events into PostgreSQL exactly once, across N replicas."
+)]
+pub struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, env = "LOGCURSOR_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// This replica's name in logs, as PostgreSQL application_name, and in
+    /// block_cursors.updated_by (default: hostname-pid).
+    #[arg(long, env = "LOGCURSOR_REPLICA_ID", global = true)]
+    pub replica_id: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every configured stream until SIGTERM/SIGINT.
+    Run {
+        /// Do not apply migrations at start (for a role without DDL rights;
+        /// run `logcursor migrate` with an owner role instead).
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply the migrations in sql/ and exit.
+    Migrate,
+    /// Print each stream's cursor, heads, lag and event count.
+    Status {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    /// The validated configuration, or every problem with it.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let Some(path) = &self.config else {
+            return Err(ConfigError {
+                source_name: "the command line".into(),
+                problems: vec![Problem {
+                    key: "--config".into(),
+                    message: "required (or set LOGCURSOR_CONFIG)".into(),
+                }],
+            });
+        };
+        Config::load(path, &EnvOverrides::from_process())
+    }
+
+    /// `--replica-id`, else `hostname-pid`.
+    pub fn replica_id(&self) -> String {
+        self.replica_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    gethostname::gethostname().to_string_lossy(),
+                    std::process::id()
+                )
+            })
+    }
+}
+
+/// Runs a parsed command to completion.
+pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+    match command {
+        Command::Run { no_migrate } => {
+            // Handlers go in before anything starts, so an early signal is never lost.
+            let shutdown = crate::shutdown::install().map_err(|e| AppError::Stream {
+                stream: "-".into(),
+                reason: format!("cannot install signal handlers: {e}"),
+            })?;
+            let app = App::build(
+                cfg,
+                replica_id,
+                BuildOptions {
+                    migrate: !no_migrate,
+                },
+                &shutdown,
+            )
+            .await?;
+            app.run(shutdown).await.map(|_| ())
+        }
+        Command::Migrate => {
+            let db = Database::new(&cfg.database, replica_id)?;
+            db.wait_until_reachable(cfg.database.connect_retry_for, &CancellationToken::new())
+                .await?;
+            let mut client = db.get().await?;
+            let applied = migrate::migrate(&mut client, replica_id).await?;
+            println!(
+                "{}",
+                if applied.is_empty() {
+                    "schema is up to date".to_string()
+                } else {
+                    format!("applied migrations {applied:?}")
+                }
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let rows = crate::status::collect(cfg, replica_id).await?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).unwrap_or_default()
+                );
+            } else {
+                print!("{}", crate::status::render_table(&rows));
+            }
+            Ok(())
+        }
+    }
+}

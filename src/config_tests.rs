@@ -1,0 +1,177 @@
+use super::*;
+
+const GOOD: &str = r#"
+[database]
+url = "postgres://logcursor:hunter2@localhost:5432/logcursor"
+pool_size = 8
+
+[[streams]]
+name = "burns"
+chain_id = 31337
+rpc_urls = ["http://127.0.0.1:8545"]
+addresses = ["0x5FbDB2315678afecb367f032d93F642f64180aa3"]
+events = ["event Burned(address indexed from, uint256 amount)"]
+start_block = 0
+confirmations = 2
+max_block_range = 2000
+poll_interval = "1s"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", &EnvOverrides::default())
+}
+
+fn keys(e: &ConfigError) -> Vec<&str> {
+    e.problems.iter().map(|p| p.key.as_str()).collect()
+}
+
+#[test]
+fn the_documented_example_parses_with_its_values() {
+    let c = parse(GOOD).expect("valid");
+    assert_eq!(c.database.pool_size, 8);
+    let s = &c.streams[0];
+    assert_eq!(
+        (
+            s.name.as_str(),
+            s.chain_id,
+            s.start_block,
+            s.confirmations,
+            s.max_block_range
+        ),
+        ("burns", 31337, 0, 2, 2000)
+    );
+    assert_eq!(s.poll_interval, Duration::from_secs(1));
+    assert_eq!(
+        s.addresses[0].to_string(),
+        "0x5fbdb2315678afecb367f032d93f642f64180aa3"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once_naming_its_key() {
+    let text = r#"
+[database]
+url = "postgres://localhost/db"
+pool_size = 0
+colour = "blue"
+
+[service]
+shutdown_grace = "soon"
+
+[[streams]]
+name = "bad name!"
+chain_id = "one"
+rpc_urls = ["ftp://x", "http://ok"]
+addresses = ["0x12"]
+events = ["event Broken("]
+confirmations = -1
+max_block_range = 0
+poll_interval = "0s"
+extra = 1
+
+[[streams]]
+name = "b"
+chain_id = 1
+rpc_urls = []
+addresses = ["0x5fbdb2315678afecb367f032d93f642f64180aa3"]
+events = ["event Burned(address indexed from, uint256 amount)"]
+"#;
+    let e = parse(text).expect_err("invalid");
+    let got = keys(&e);
+    for want in [
+        "database.pool_size",
+        "database.colour",
+        "service.shutdown_grace",
+        "streams[0].name",
+        "streams[0].chain_id",
+        "streams[0].rpc_urls[0]",
+        "streams[0].addresses[0]",
+        "streams[0].events[0]",
+        "streams[0].confirmations",
+        "streams[0].max_block_range",
+        "streams[0].poll_interval",
+        "streams[0].extra",
+        "streams[1].rpc_urls",
+    ] {
+        assert!(got.contains(&want), "missing {want} in {got:?}");
+    }
+    let unknown = e
+        .problems
+        .iter()
+        .find(|p| p.key == "database.colour")
+        .map(|p| p.message.as_str());
+    assert_eq!(unknown, Some("unknown key"));
+    let text = e.to_string();
+    assert!(text.contains("streams[0].chain_id"), "{text}");
+}
+
+#[test]
+fn unknown_top_level_keys_and_missing_sections_are_errors() {
+    let e = parse("[[streams]]\nname = \"x\"\nsurprise = true\n[other]\n").expect_err("invalid");
+    let got = keys(&e);
+    for want in [
+        "other",
+        "database.url",
+        "streams[0].surprise",
+        "streams[0].chain_id",
+        "streams[0].rpc_urls",
+        "streams[0].addresses",
+        "streams[0].events",
+    ] {
+        assert!(got.contains(&want), "missing {want} in {got:?}");
+    }
+    assert!(keys(&parse("").expect_err("empty")).contains(&"streams"));
+}
+
+#[test]
+fn database_url_comes_from_the_environment_over_the_file() {
+    let env = EnvOverrides {
+        database_url: Some("postgres://env-host/envdb".into()),
+    };
+    let c = Config::parse(GOOD, "t", &env).expect("valid");
+    assert_eq!(c.database.url.expose(), "postgres://env-host/envdb");
+    let without_url = GOOD.replace(
+        "url = \"postgres://logcursor:hunter2@localhost:5432/logcursor\"",
+        "",
+    );
+    assert!(Config::parse(&without_url, "t", &env).is_ok());
+    assert!(keys(&parse(&without_url).expect_err("no url")).contains(&"database.url"));
+}
+
+#[test]
+fn secrets_never_appear_in_problems() {
+    let text = GOOD
+        .replace("http://127.0.0.1:8545", "wss://node.example/v2/APIKEY123")
+        .replace("pool_size = 8", "pool_size = 8\nurl2 = 1");
+    let e = parse(&text).expect_err("invalid");
+    let shown = e.to_string();
+    assert!(!shown.contains("APIKEY123"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[test]
+fn timeout_combinations_that_break_the_lock_bound_are_refused() {
+    let text = GOOD
+        .replace("pool_size = 8", "pool_size = 8\nlock_timeout = \"40s\"\nstatement_timeout = \"30s\"\nidle_in_transaction_timeout = \"5s\"")
+        .replace("poll_interval = \"1s\"", "poll_interval = \"1s\"\nrpc_timeout = \"10s\"");
+    let e = parse(&text).expect_err("invalid");
+    let got = keys(&e);
+    assert!(got.contains(&"database.lock_timeout"), "{got:?}");
+    assert!(got.contains(&"streams[0].rpc_timeout"), "{got:?}");
+}
+
+#[test]
+fn streams_must_have_unique_names_and_not_share_an_event() {
+    let second = GOOD.split("[[streams]]").nth(1).expect("stream table");
+    let text = format!("{GOOD}\n[[streams]]{second}");
+    let e = parse(&text).expect_err("invalid");
+    let got = keys(&e);
+    assert!(got.contains(&"streams[1].name"), "{got:?}");
+    assert!(got.contains(&"streams[1].addresses"), "{got:?}");
+    // Another name and another event on the same contract is fine.
+    let other = second.replace("\"burns\"", "\"minted\"").replace(
+        "Burned(address indexed from, uint256 amount)",
+        "Minted(uint256 amount)",
+    );
+    parse(&format!("{GOOD}\n[[streams]]{other}")).expect("valid");
+}

@@ -1,0 +1,251 @@
+//! The per-stream poll loop: tick, then wait (`poll_interval` when caught
+//! up, backoff with jitter after a failure, nothing while backfilling),
+//! until cancelled. The tick itself is in [`tick`].
+//!
+//! I5 (after faults stop, the cursor reaches the safe head in bounded time):
+//! every failure is retried, with a backoff capped at [`MAX_BACKOFF`], and a
+//! successful tick resets it; a lock timeout (another replica is working) is
+//! retried after a short jittered pause and is not a failure.
+
+pub mod tick;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::chain::abi::{DecodeError, EventSet};
+use crate::chain::{ChainClient, ChainError, Hash32, LogFilter};
+use crate::config::{DatabaseConfig, StreamConfig};
+use crate::store::pool::Database;
+use crate::store::StoreError;
+
+/// The longest wait between two attempts after failures.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A configured stream with what its ticks need.
+pub struct Stream {
+    pub cfg: StreamConfig,
+    /// Decoder for the configured events.
+    pub events: EventSet,
+    /// The `eth_getLogs` filter (addresses × topic0s).
+    pub filter: LogFilter,
+    pub chain: ChainClient,
+}
+
+impl Stream {
+    /// Builds the decoder, filter and RPC client of a validated stream config.
+    pub fn new(cfg: StreamConfig) -> Result<Stream, String> {
+        let events = EventSet::parse(&cfg.events).map_err(|errs| {
+            errs.into_iter()
+                .map(|(i, e)| format!("events[{i}]: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let filter = LogFilter {
+            addresses: cfg.addresses.clone(),
+            topic0s: events.topic0s(),
+        };
+        let chain = ChainClient::new(&cfg.rpc_urls, cfg.rpc_timeout).map_err(|e| e.to_string())?;
+        Ok(Stream {
+            cfg,
+            events,
+            filter,
+            chain,
+        })
+    }
+}
+
+/// The `SET LOCAL` bounds of every tick's transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct TxLimits {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl From<&DatabaseConfig> for TxLimits {
+    fn from(d: &DatabaseConfig) -> Self {
+        TxLimits {
+            lock_timeout: d.lock_timeout,
+            statement_timeout: d.statement_timeout,
+            idle_in_transaction_timeout: d.idle_in_transaction_timeout,
+        }
+    }
+}
+
+/// Counters of one poller since it started.
+#[derive(Debug, Default)]
+pub struct PollerStats {
+    pub ticks: AtomicU64,
+    pub ranges_committed: AtomicU64,
+    pub blocks_committed: AtomicU64,
+    pub events_inserted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub failures: AtomicU64,
+    pub lock_timeouts: AtomicU64,
+}
+
+/// Runs the ticks of one stream on behalf of one replica.
+pub struct Poller {
+    pub stream: Arc<Stream>,
+    db: Database,
+    /// Written to `block_cursors.updated_by`; also the connection's `application_name`.
+    replica_id: String,
+    limits: TxLimits,
+    pub stats: PollerStats,
+}
+
+/// What a successful tick did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TickOutcome {
+    /// The cursor is at the safe head: nothing to do.
+    Idle {
+        cursor: i64,
+        head: u64,
+        safe_head: u64,
+        lock_wait: Duration,
+    },
+    /// `[from, to]` was stored and the cursor moved to `to`.
+    Advanced {
+        from: u64,
+        to: u64,
+        head: u64,
+        /// Logs the node returned for the range.
+        logs: usize,
+        inserted: u64,
+        duplicates: u64,
+        lock_wait: Duration,
+        lock_hold: Duration,
+    },
+}
+
+/// Why a tick rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum TickError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("stream {stream}: log {log_index} of tx {tx_hash} (block {block}) does not decode: {source}; the cursor stays before it")]
+    Decode {
+        stream: String,
+        block: u64,
+        tx_hash: Hash32,
+        log_index: u64,
+        source: DecodeError,
+    },
+    #[error("the node has no block {block} although it reports head {head}")]
+    MissingBlock { block: u64, head: u64 },
+    /// Shutdown interrupted the wait for the lock; nothing was done.
+    #[error("cancelled while waiting for the cursor lock")]
+    Cancelled,
+}
+
+impl TickError {
+    /// Another replica held the lock past `lock_timeout`: not a fault.
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, TickError::Store(e) if e.is_lock_timeout())
+    }
+}
+
+impl Poller {
+    pub fn new(stream: Arc<Stream>, db: Database, replica_id: String, limits: TxLimits) -> Poller {
+        Poller {
+            stream,
+            db,
+            replica_id,
+            limits,
+            stats: PollerStats::default(),
+        }
+    }
+
+    /// Ticks until `cancel` fires. Returns only then: failures are retried.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let name = &self.stream.cfg.name;
+        let mut consecutive_failures = 0u32;
+        while !cancel.is_cancelled() {
+            let result = self.tick(&cancel).await;
+            self.stats.ticks.fetch_add(1, Ordering::Relaxed);
+            let wait = match result {
+                Ok(TickOutcome::Advanced {
+                    from,
+                    to,
+                    inserted,
+                    duplicates,
+                    ..
+                }) => {
+                    consecutive_failures = 0;
+                    self.record_advance(to - from + 1, inserted, duplicates);
+                    Duration::ZERO
+                }
+                Ok(TickOutcome::Idle { .. }) => {
+                    consecutive_failures = 0;
+                    self.stream.cfg.poll_interval
+                }
+                Err(TickError::Cancelled) => break,
+                Err(e) if e.is_lock_timeout() => {
+                    self.stats.lock_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(stream = %name, "cursor lock busy; another replica is working");
+                    jitter(self.limits.lock_timeout.min(Duration::from_secs(1)))
+                }
+                Err(e) => {
+                    consecutive_failures += 1;
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff(consecutive_failures);
+                    tracing::error!(stream = %name, error = %e, attempt = consecutive_failures, retry_in = ?delay, "tick failed and rolled back");
+                    delay
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => break,
+                }
+            }
+        }
+    }
+
+    fn record_advance(&self, blocks: u64, inserted: u64, duplicates: u64) {
+        let s = &self.stats;
+        s.ranges_committed.fetch_add(1, Ordering::Relaxed);
+        s.blocks_committed.fetch_add(blocks, Ordering::Relaxed);
+        s.events_inserted.fetch_add(inserted, Ordering::Relaxed);
+        s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    }
+}
+
+/// Exponential backoff from 500 ms, capped at [`MAX_BACKOFF`], with jitter
+/// so that replicas that failed together do not retry together.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << attempt.saturating_sub(1).min(10));
+    jitter(base.min(MAX_BACKOFF))
+}
+
+/// A random duration in [d/2, d].
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::thread_rng().gen::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_stays_capped() {
+        for attempt in 1..40 {
+            let d = backoff(attempt);
+            let nominal = Duration::from_millis(500)
+                .saturating_mul(1 << (attempt - 1).min(10))
+                .min(MAX_BACKOFF);
+            assert!(
+                d >= nominal / 2 && d <= nominal,
+                "attempt {attempt}: {d:?} vs {nominal:?}"
+            );
+        }
+        assert!(backoff(30) <= MAX_BACKOFF);
+    }
+}

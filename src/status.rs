@@ -1,0 +1,127 @@
+//! `logcursor status`: per stream, the cursor, the chain's head and safe
+//! head, the lag, the events stored, and who moved the cursor last.
+
+use serde::Serialize;
+
+use crate::chain::ChainClient;
+use crate::config::Config;
+use crate::store::pool::Database;
+use crate::store::{cursor, events, StoreError};
+
+/// One stream's state as seen from the database and its first endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStatus {
+    pub stream: String,
+    pub chain_id: u64,
+    /// `None`: the stream has no cursor row yet (never run).
+    pub cursor: Option<i64>,
+    pub head: Option<u64>,
+    pub safe_head: Option<u64>,
+    /// Blocks between the cursor and the safe head.
+    pub lag_blocks: Option<u64>,
+    pub events_stored: i64,
+    pub updated_by: Option<String>,
+    /// Seconds since the cursor last moved.
+    pub updated_secs_ago: Option<u64>,
+    /// Why the head is unknown, when it is.
+    pub rpc_error: Option<String>,
+}
+
+/// Reads every configured stream's status.
+pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>, StoreError> {
+    let db = Database::new(&cfg.database, replica_id)?;
+    let client = db.get().await?;
+    let mut out = Vec::new();
+    for s in &cfg.streams {
+        let row = cursor::get(&**client, &s.name).await?;
+        let stored = events::count(&**client, &s.name).await?;
+        let chain = ChainClient::new(&s.rpc_urls, s.rpc_timeout);
+        let head = match chain {
+            Ok(c) => c.block_number().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let safe_head = head
+            .as_ref()
+            .ok()
+            .map(|h| h.saturating_sub(s.confirmations));
+        let cursor = row.as_ref().map(|r| r.cursor.last_processed_block);
+        out.push(StreamStatus {
+            stream: s.name.clone(),
+            chain_id: s.chain_id,
+            cursor,
+            head: head.as_ref().ok().copied(),
+            safe_head,
+            lag_blocks: safe_head.map(|sh| {
+                let done = cursor.unwrap_or(i64::try_from(s.start_block).unwrap_or(0) - 1);
+                u64::try_from(
+                    i64::try_from(sh)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(done)
+                        .max(0),
+                )
+                .unwrap_or(0)
+            }),
+            events_stored: stored,
+            updated_by: row.as_ref().and_then(|r| r.updated_by.clone()),
+            updated_secs_ago: row
+                .as_ref()
+                .and_then(|r| r.updated_at.elapsed().ok())
+                .map(|d| d.as_secs()),
+            rpc_error: head.err(),
+        });
+    }
+    db.close();
+    Ok(out)
+}
+
+/// A fixed-width table for a terminal.
+pub fn render_table(rows: &[StreamStatus]) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let mut lines = vec![[
+        "STREAM".to_string(),
+        "CHAIN".into(),
+        "CURSOR".into(),
+        "HEAD".into(),
+        "SAFE HEAD".into(),
+        "LAG".into(),
+        "EVENTS".into(),
+        "LAST BY".into(),
+    ]];
+    for r in rows {
+        lines.push([
+            r.stream.clone(),
+            r.chain_id.to_string(),
+            opt(r.cursor.map(|c| c.to_string())),
+            opt(r.head.map(|c| c.to_string())),
+            opt(r.safe_head.map(|c| c.to_string())),
+            opt(r.lag_blocks.map(|c| c.to_string())),
+            r.events_stored.to_string(),
+            match (&r.updated_by, r.updated_secs_ago) {
+                (Some(by), Some(ago)) => format!("{by} ({ago}s ago)"),
+                (Some(by), None) => by.clone(),
+                _ => "-".into(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    for r in rows.iter().filter(|r| r.rpc_error.is_some()) {
+        out.push_str(&format!(
+            "{}: head unknown: {}\n",
+            r.stream,
+            r.rpc_error.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
