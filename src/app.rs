@@ -72,8 +72,7 @@ impl App {
         cancel: &CancellationToken,
     ) -> Result<App, AppError> {
         let db = Database::new(&cfg.database, replica_id)?;
-        db.wait_until_reachable(cfg.database.connect_retry_for, cancel)
-            .await?;
+        db.wait_until_reachable(cfg.database.connect_retry_for, cancel).await?;
         if cancel.is_cancelled() {
             return Err(AppError::Interrupted);
         }
@@ -96,9 +95,7 @@ impl App {
             let (at, created) = cursor::seed(&**client, &name, sc.start_block, replica_id).await?;
             if created {
                 tracing::info!(stream = %name, start_block = sc.start_block, "created cursor");
-            } else if at.last_processed_block + 1
-                != i64::try_from(sc.start_block).unwrap_or(i64::MAX)
-            {
+            } else if at.last_processed_block + 1 != i64::try_from(sc.start_block).unwrap_or(i64::MAX) {
                 tracing::info!(stream = %name, cursor = at.last_processed_block, start_block = sc.start_block, "resuming from the stored cursor; start_block only seeds a new cursor");
             }
             pollers.push(Arc::new(Poller::new(
@@ -135,11 +132,16 @@ impl App {
         tracing::info!(streams = self.pollers.len(), "running");
         let mut outcome = Ok(());
         tokio::select! {
+            // Biased: on shutdown both branches become ready together, and a
+            // poller that returned because it was told to has not died.
+            biased;
             _ = stop.cancelled() => {}
             ended = tasks.join_next() => {
-                // Pollers only return when told to: anything else is a bug or a panic.
-                outcome = Err(died(ended));
-                stop.cancel();
+                if !stop.is_cancelled() {
+                    // Pollers only return when told to: anything else is a bug or a panic.
+                    outcome = Err(died(ended));
+                    stop.cancel();
+                }
             }
         }
         self.drain(&mut tasks).await;
@@ -212,19 +214,13 @@ fn died(ended: Option<Result<String, tokio::task::JoinError>>) -> AppError {
 
 /// Every endpoint must serve the configured chain. A wrong chain id fails
 /// at once; an endpoint that cannot answer is retried for `retry_for`.
-async fn verify_chain(
-    stream: &Stream,
-    retry_for: Duration,
-    cancel: &CancellationToken,
-) -> Result<(), AppError> {
+async fn verify_chain(stream: &Stream, retry_for: Duration, cancel: &CancellationToken) -> Result<(), AppError> {
     let started = Instant::now();
     let mut attempt = 0;
     loop {
         match stream.chain.verify_chain_id(stream.cfg.chain_id).await {
             Ok(()) => return Ok(()),
-            Err(e)
-                if e.is_retryable() && started.elapsed() < retry_for && !cancel.is_cancelled() =>
-            {
+            Err(e) if e.is_retryable() && started.elapsed() < retry_for && !cancel.is_cancelled() => {
                 attempt += 1;
                 let delay = crate::poller::backoff(attempt).min(Duration::from_secs(5));
                 tracing::warn!(stream = %stream.cfg.name, error = %e, retry_in = ?delay, "RPC endpoint not ready");

@@ -67,16 +67,13 @@ impl Cli {
 
     /// `--replica-id`, else `hostname-pid`.
     pub fn replica_id(&self) -> String {
-        self.replica_id
-            .clone()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| {
-                format!(
-                    "{}-{}",
-                    gethostname::gethostname().to_string_lossy(),
-                    std::process::id()
-                )
-            })
+        self.replica_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                gethostname::gethostname().to_string_lossy(),
+                std::process::id()
+            )
+        })
     }
 }
 
@@ -89,15 +86,7 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
                 stream: "-".into(),
                 reason: format!("cannot install signal handlers: {e}"),
             })?;
-            let app = App::build(
-                cfg,
-                replica_id,
-                BuildOptions {
-                    migrate: !no_migrate,
-                },
-                &shutdown,
-            )
-            .await?;
+            let app = App::build(cfg, replica_id, BuildOptions { migrate: !no_migrate }, &shutdown).await?;
             app.run(shutdown).await.map(|_| ())
         }
         Command::Migrate => {
@@ -119,10 +108,7 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
         Command::Status { json } => {
             let rows = crate::status::collect(cfg, replica_id).await?;
             if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).unwrap_or_default()
-                );
+                println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
             } else {
                 print!("{}", crate::status::render_table(&rows));
             }

@@ -230,10 +230,7 @@ fn parse_database(
     })
 }
 
-fn parse_service(
-    table: Option<&toml::Table>,
-    problems: &mut Vec<Problem>,
-) -> Option<ServiceConfig> {
+fn parse_service(table: Option<&toml::Table>, problems: &mut Vec<Problem>) -> Option<ServiceConfig> {
     let empty = toml::Table::new();
     let mut f = Fields::new(table.unwrap_or(&empty), "service", problems);
     let shutdown_grace = f.duration("shutdown_grace", "20s");
@@ -243,18 +240,11 @@ fn parse_service(
     })
 }
 
-fn parse_stream(
-    table: &toml::Table,
-    i: usize,
-    problems: &mut Vec<Problem>,
-) -> Option<StreamConfig> {
+fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> Option<StreamConfig> {
     let mut f = Fields::new(table, &format!("streams[{i}]"), problems);
     let name: Option<String> = f.required("name");
     let name = name.filter(|n| {
-        let ok = !n.is_empty()
-            && n.len() <= 128
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+        let ok = !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
         if !ok {
             f.problem(
                 "name",
@@ -264,17 +254,13 @@ fn parse_stream(
         ok
     });
     let chain_id = f.int_in("chain_id", None, 1..=i64::MAX);
-    let rpc_urls = f.list(
-        "rpc_urls",
-        "at least one endpoint",
-        |u: String| match url::Url::parse(&u) {
-            Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => {
-                Ok(Secret::new(u.trim()))
-            }
+    let rpc_urls = f.list("rpc_urls", "at least one endpoint", |u: String| {
+        match url::Url::parse(&u) {
+            Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => Ok(Secret::new(u.trim())),
             // The message never repeats the URL: it may hold an API key.
             _ => Err("must be an http:// or https:// URL with a host".to_string()),
-        },
-    );
+        }
+    });
     let addresses = f.list("addresses", "at least one contract address", |a: String| {
         a.parse::<Address>().map_err(|e| e.to_string())
     });
@@ -339,9 +325,10 @@ fn check_streams_together(streams: &[StreamConfig], problems: &mut Vec<Problem>)
         };
         let topics: BTreeSet<[u8; 32]> = set.topic0s().into_iter().map(|t| t.0).collect();
         for a in &s.addresses {
-            if let Some((j, ..)) = watched.iter().find(|(j, c, wa, wt)| {
-                *j != i && *c == s.chain_id && wa == a && !wt.is_disjoint(&topics)
-            }) {
+            if let Some((j, ..)) = watched
+                .iter()
+                .find(|(j, c, wa, wt)| *j != i && *c == s.chain_id && wa == a && !wt.is_disjoint(&topics))
+            {
                 problems.push(Problem {
                     key: format!("streams[{i}].addresses"),
                     message: format!(
@@ -439,9 +426,7 @@ impl<'a> Fields<'a> {
 
     /// A duration such as "1s", "250ms", "2m"; `default` when absent.
     fn duration(&mut self, key: &'static str, default: &str) -> Option<Duration> {
-        let text = self
-            .optional::<String>(key)
-            .unwrap_or_else(|| default.to_string());
+        let text = self.optional::<String>(key).unwrap_or_else(|| default.to_string());
         match humantime::parse_duration(&text) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -452,30 +437,17 @@ impl<'a> Fields<'a> {
     }
 
     /// An integer within `range`; `default` when absent (`None`: required).
-    fn int_in(
-        &mut self,
-        key: &'static str,
-        default: Option<i64>,
-        range: std::ops::RangeInclusive<i64>,
-    ) -> Option<u64> {
+    fn int_in(&mut self, key: &'static str, default: Option<i64>, range: std::ops::RangeInclusive<i64>) -> Option<u64> {
         let v = match default {
             Some(d) => self
                 .optional::<i64>(key)
-                .or(if self.table.contains_key(key) {
-                    None
-                } else {
-                    Some(d)
-                })?,
+                .or(if self.table.contains_key(key) { None } else { Some(d) })?,
             None => self.required::<i64>(key)?,
         };
         if !range.contains(&v) {
             self.problem(
                 key,
-                format!(
-                    "must be between {} and {}, got {v}",
-                    range.start(),
-                    range.end()
-                ),
+                format!("must be between {} and {}, got {v}", range.start(), range.end()),
             );
             return None;
         }
@@ -493,12 +465,7 @@ impl<'a> Fields<'a> {
 
     /// A required, non-empty list whose items each pass `item`; every bad
     /// item is reported with its index.
-    fn list<T, R>(
-        &mut self,
-        key: &'static str,
-        what: &str,
-        item: impl Fn(T) -> Result<R, String>,
-    ) -> Option<Vec<R>>
+    fn list<T, R>(&mut self, key: &'static str, what: &str, item: impl Fn(T) -> Result<R, String>) -> Option<Vec<R>>
     where
         T: DeserializeOwned,
     {

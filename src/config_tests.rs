@@ -41,10 +41,7 @@ fn the_documented_example_parses_with_its_values() {
         ("burns", 31337, 0, 2, 2000)
     );
     assert_eq!(s.poll_interval, Duration::from_secs(1));
-    assert_eq!(
-        s.addresses[0].to_string(),
-        "0x5fbdb2315678afecb367f032d93f642f64180aa3"
-    );
+    assert_eq!(s.addresses[0].to_string(), "0x5fbdb2315678afecb367f032d93f642f64180aa3");
 }
 
 #[test]
@@ -130,10 +127,7 @@ fn database_url_comes_from_the_environment_over_the_file() {
     };
     let c = Config::parse(GOOD, "t", &env).expect("valid");
     assert_eq!(c.database.url.expose(), "postgres://env-host/envdb");
-    let without_url = GOOD.replace(
-        "url = \"postgres://logcursor:hunter2@localhost:5432/logcursor\"",
-        "",
-    );
+    let without_url = GOOD.replace("url = \"postgres://logcursor:hunter2@localhost:5432/logcursor\"", "");
     assert!(Config::parse(&without_url, "t", &env).is_ok());
     assert!(keys(&parse(&without_url).expect_err("no url")).contains(&"database.url"));
 }
@@ -152,8 +146,14 @@ fn secrets_never_appear_in_problems() {
 #[test]
 fn timeout_combinations_that_break_the_lock_bound_are_refused() {
     let text = GOOD
-        .replace("pool_size = 8", "pool_size = 8\nlock_timeout = \"40s\"\nstatement_timeout = \"30s\"\nidle_in_transaction_timeout = \"5s\"")
-        .replace("poll_interval = \"1s\"", "poll_interval = \"1s\"\nrpc_timeout = \"10s\"");
+        .replace(
+            "pool_size = 8",
+            "pool_size = 8\nlock_timeout = \"40s\"\nstatement_timeout = \"30s\"\nidle_in_transaction_timeout = \"5s\"",
+        )
+        .replace(
+            "poll_interval = \"1s\"",
+            "poll_interval = \"1s\"\nrpc_timeout = \"10s\"",
+        );
     let e = parse(&text).expect_err("invalid");
     let got = keys(&e);
     assert!(got.contains(&"database.lock_timeout"), "{got:?}");
@@ -169,9 +169,8 @@ fn streams_must_have_unique_names_and_not_share_an_event() {
     assert!(got.contains(&"streams[1].name"), "{got:?}");
     assert!(got.contains(&"streams[1].addresses"), "{got:?}");
     // Another name and another event on the same contract is fine.
-    let other = second.replace("\"burns\"", "\"minted\"").replace(
-        "Burned(address indexed from, uint256 amount)",
-        "Minted(uint256 amount)",
-    );
+    let other = second
+        .replace("\"burns\"", "\"minted\"")
+        .replace("Burned(address indexed from, uint256 amount)", "Minted(uint256 amount)");
     parse(&format!("{GOOD}\n[[streams]]{other}")).expect("valid");
 }

@@ -74,10 +74,7 @@ mod tests {
                 "https://node.example.com:8443/?apikey=SECRETKEY",
                 "https://node.example.com:8443?<redacted>",
             ),
-            (
-                "https://user:SECRETKEY@node.example.com",
-                "https://node.example.com",
-            ),
+            ("https://user:SECRETKEY@node.example.com", "https://node.example.com"),
             ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
             ("not a url SECRETKEY", "<unparseable url>"),
         ];

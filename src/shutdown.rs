@@ -27,11 +27,7 @@ pub fn install() -> std::io::Result<CancellationToken> {
         let mut seen = 0;
         while let Some(signal) = signals.next().await {
             seen += 1;
-            let name = if signal == SIGTERM {
-                "SIGTERM"
-            } else {
-                "SIGINT"
-            };
+            let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
             if seen == 1 {
                 tracing::info!(
                     signal = name,

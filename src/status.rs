@@ -40,10 +40,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
             Ok(c) => c.block_number().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let safe_head = head
-            .as_ref()
-            .ok()
-            .map(|h| h.saturating_sub(s.confirmations));
+        let safe_head = head.as_ref().ok().map(|h| h.saturating_sub(s.confirmations));
         let cursor = row.as_ref().map(|r| r.cursor.last_processed_block);
         out.push(StreamStatus {
             stream: s.name.clone(),
@@ -53,13 +50,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
             safe_head,
             lag_blocks: safe_head.map(|sh| {
                 let done = cursor.unwrap_or(i64::try_from(s.start_block).unwrap_or(0) - 1);
-                u64::try_from(
-                    i64::try_from(sh)
-                        .unwrap_or(i64::MAX)
-                        .saturating_sub(done)
-                        .max(0),
-                )
-                .unwrap_or(0)
+                u64::try_from(i64::try_from(sh).unwrap_or(i64::MAX).saturating_sub(done).max(0)).unwrap_or(0)
             }),
             events_stored: stored,
             updated_by: row.as_ref().and_then(|r| r.updated_by.clone()),
@@ -108,11 +99,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
         .collect();
     let mut out = String::new();
     for l in &lines {
-        let cells: Vec<String> = l
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = l.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

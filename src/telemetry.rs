@@ -60,9 +60,7 @@ pub fn init(replica_id: &str) -> Result<TelemetryGuard, TelemetryError> {
             .with_writer(std::io::stderr)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed()
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
     };
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => Some(tracer_provider(replica_id)?),
@@ -82,8 +80,7 @@ pub fn init(replica_id: &str) -> Result<TelemetryGuard, TelemetryError> {
 
 fn tracer_provider(replica_id: &str) -> Result<SdkTracerProvider, TelemetryError> {
     use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
-    let protocol =
-        std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "http/protobuf".into());
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "http/protobuf".into());
     let exporter = match protocol.as_str() {
         "grpc" => SpanExporter::builder().with_tonic().build(),
         "http/protobuf" => SpanExporter::builder()
@@ -93,13 +90,10 @@ fn tracer_provider(replica_id: &str) -> Result<SdkTracerProvider, TelemetryError
         other => return Err(TelemetryError::Protocol(other.to_string())),
     }
     .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    let mut resource = Resource::builder()
-        .with_attribute(KeyValue::new("service.instance.id", replica_id.to_string()));
+    let mut resource = Resource::builder().with_attribute(KeyValue::new("service.instance.id", replica_id.to_string()));
     let named_by_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|s| {
-            s.split(',')
-                .any(|kv| kv.trim_start().starts_with("service.name="))
-        });
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+            .is_ok_and(|s| s.split(',').any(|kv| kv.trim_start().starts_with("service.name=")));
     if !named_by_env {
         resource = resource.with_service_name("logcursor");
     }

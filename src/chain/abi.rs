@@ -105,10 +105,7 @@ impl EventSet {
     /// the indexed parameters, and the data must hold every other parameter.
     pub fn decode(&self, log: &RawLog) -> Result<Decoded, DecodeError> {
         let topic0 = log.topics.first().ok_or(DecodeError::NoTopics)?;
-        let candidates = self
-            .by_topic0
-            .get(topic0)
-            .ok_or(DecodeError::UnknownTopic(*topic0))?;
+        let candidates = self.by_topic0.get(topic0).ok_or(DecodeError::UnknownTopic(*topic0))?;
         let mut last_err = None;
         for event in candidates {
             let raw = AbiRawLog {
@@ -153,11 +150,7 @@ fn name_unnamed(mut event: Event) -> Event {
 fn describe(log: &RawLog, event: &Event, err: &ethers::abi::Error) -> String {
     let indexed = event.inputs.iter().filter(|p| p.indexed).count();
     if log.topics.len() != indexed + 1 {
-        format!(
-            "expected {} topics, log has {}",
-            indexed + 1,
-            log.topics.len()
-        )
+        format!("expected {} topics, log has {}", indexed + 1, log.topics.len())
     } else {
         format!("data ({} bytes) does not decode: {err}", log.data.len())
     }

@@ -42,17 +42,11 @@ fn burned_decodes_to_named_params_with_decimal_amount() {
     // keccak256("Burned(address,uint256)")
     assert_eq!(
         t0.to_string(),
-        format!(
-            "0x{}",
-            hex::encode(ethers::utils::keccak256("Burned(address,uint256)"))
-        )
+        format!("0x{}", hex::encode(ethers::utils::keccak256("Burned(address,uint256)")))
     );
     let amount = U256::MAX - 1; // beyond f64 and i64: must survive as text
     let d = s
-        .decode(&log(
-            vec![t0, addr_topic([0xab; 20])],
-            encode(&[Token::Uint(amount)]),
-        ))
+        .decode(&log(vec![t0, addr_topic([0xab; 20])], encode(&[Token::Uint(amount)])))
         .expect("decodes");
     assert_eq!(d.event_name, "Burned");
     assert_eq!(
@@ -74,10 +68,7 @@ fn every_abi_type_has_its_json_encoding() {
         Token::String("héllo".into()),
         Token::Bytes(vec![0xde, 0xad]),
         Token::Array(vec![Token::Uint(1.into()), Token::Uint(2.into())]),
-        Token::Tuple(vec![
-            Token::Uint(3.into()),
-            Token::Address(H160([0xcd; 20])),
-        ]),
+        Token::Tuple(vec![Token::Uint(3.into()), Token::Address(H160([0xcd; 20]))]),
     ]);
     let mut delta = [0u8; 32];
     minus_five.to_big_endian(&mut delta);
@@ -116,29 +107,19 @@ fn wrong_topic_count_truncated_data_and_unknown_topic_are_errors_not_panics() {
         good_data.clone(),
     ));
     assert!(matches!(extra_topic, Err(DecodeError::Layout { .. })));
-    let truncated = s.decode(&log(
-        vec![t0, addr_topic([1; 20])],
-        good_data[..20].to_vec(),
-    ));
-    assert!(
-        matches!(truncated, Err(DecodeError::Layout { .. })),
-        "{truncated:?}"
-    );
+    let truncated = s.decode(&log(vec![t0, addr_topic([1; 20])], good_data[..20].to_vec()));
+    assert!(matches!(truncated, Err(DecodeError::Layout { .. })), "{truncated:?}");
     assert_eq!(
         s.decode(&log(vec![Hash32([5; 32])], good_data.clone())),
         Err(DecodeError::UnknownTopic(Hash32([5; 32])))
     );
-    assert_eq!(
-        s.decode(&log(vec![], good_data)),
-        Err(DecodeError::NoTopics)
-    );
+    assert_eq!(s.decode(&log(vec![], good_data)), Err(DecodeError::NoTopics));
 }
 
 #[test]
 fn same_topic0_with_different_indexing_picks_the_layout_that_fits() {
     let erc20 = "event Transfer(address indexed from, address indexed to, uint256 value)";
-    let erc721 =
-        "event Transfer(address indexed from, address indexed to, uint256 indexed tokenId)";
+    let erc721 = "event Transfer(address indexed from, address indexed to, uint256 indexed tokenId)";
     let s = set(&[erc20, erc721]);
     assert_eq!(s.topic0s().len(), 1);
     let t0 = s.topic0s()[0];
@@ -180,10 +161,7 @@ fn unnamed_parameters_get_positional_names() {
     let s = set(&["event Pair(uint256, uint256)"]);
     let t0 = s.topic0s()[0];
     let d = s
-        .decode(&log(
-            vec![t0],
-            encode(&[Token::Uint(1.into()), Token::Uint(2.into())]),
-        ))
+        .decode(&log(vec![t0], encode(&[Token::Uint(1.into()), Token::Uint(2.into())])))
         .expect("decodes");
     assert_eq!(d.params, json!({"arg0": "1", "arg1": "2"}));
 }

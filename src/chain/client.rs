@@ -78,7 +78,10 @@ impl fmt::Display for ChainErrorKind {
             Self::Rpc { code, message, .. } => write!(f, "JSON-RPC error {code}: {message}"),
             Self::Malformed(r) => write!(f, "malformed response: {r}"),
             Self::WrongChain { expected, actual } => {
-                write!(f, "endpoint serves chain id {actual}, but the stream is configured for chain id {expected}")
+                write!(
+                    f,
+                    "endpoint serves chain id {actual}, but the stream is configured for chain id {expected}"
+                )
             }
         }
     }
@@ -91,9 +94,7 @@ impl ChainError {
     /// Worth retrying later: the same request may succeed.
     pub fn is_retryable(&self) -> bool {
         match &self.kind {
-            ChainErrorKind::Timeout | ChainErrorKind::Connect(_) | ChainErrorKind::Malformed(_) => {
-                true
-            }
+            ChainErrorKind::Timeout | ChainErrorKind::Connect(_) | ChainErrorKind::Malformed(_) => true,
             ChainErrorKind::Http { status, .. } => *status == 429 || *status >= 500,
             ChainErrorKind::Rpc { code, .. } => RATE_LIMIT_CODES.contains(code) || *code == -32603,
             ChainErrorKind::WrongChain { .. } => false,
@@ -203,18 +204,14 @@ impl ChainClient {
     /// The header at `number`, or `None` if the node does not have it.
     pub async fn header(&self, number: u64) -> Result<Option<Header>, ChainError> {
         const METHOD: &str = "eth_getBlockByNumber";
-        let h: Option<HeaderJson> = self
-            .call(METHOD, json!([format!("{number:#x}"), false]))
-            .await?;
+        let h: Option<HeaderJson> = self.call(METHOD, json!([format!("{number:#x}"), false])).await?;
         let Some(h) = h else { return Ok(None) };
         let malformed = |reason: String| self.error(METHOD, ChainErrorKind::Malformed(reason));
         let (Some(n), Some(hash)) = (h.number, h.hash) else {
             return Err(malformed(format!("block {number} has no number or hash")));
         };
         if n.as_u64() != number {
-            return Err(malformed(format!(
-                "asked for block {number}, got block {n}"
-            )));
+            return Err(malformed(format!("asked for block {number}, got block {n}")));
         }
         Ok(Some(Header {
             number,
@@ -228,12 +225,7 @@ impl ChainClient {
     /// A response that contradicts the request (a log outside the range,
     /// from another address or topic, a removed log, a missing field) is
     /// rejected whole as [`ChainErrorKind::Malformed`]: nothing of it is used.
-    pub async fn get_logs(
-        &self,
-        from: u64,
-        to: u64,
-        filter: &LogFilter,
-    ) -> Result<Vec<RawLog>, ChainError> {
+    pub async fn get_logs(&self, from: u64, to: u64, filter: &LogFilter) -> Result<Vec<RawLog>, ChainError> {
         const METHOD: &str = "eth_getLogs";
         let params = json!([{
             "fromBlock": format!("{from:#x}"),
@@ -274,11 +266,7 @@ impl ChainClient {
 
     /// One request on the active endpoint; an endpoint fault moves later
     /// requests to the next endpoint.
-    async fn call<R: DeserializeOwned>(
-        &self,
-        method: &'static str,
-        params: Value,
-    ) -> Result<R, ChainError> {
+    async fn call<R: DeserializeOwned>(&self, method: &'static str, params: Value) -> Result<R, ChainError> {
         let idx = self.active.load(Ordering::Relaxed) % self.endpoints.len();
         let result = self.call_on(&self.endpoints[idx], method, params).await;
         if let Err(e) = &result {
@@ -321,10 +309,7 @@ impl ChainClient {
             .await
             .map_err(|e| err(classify_reqwest(e)))?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| err(classify_reqwest(e)))?;
+        let bytes = response.bytes().await.map_err(|e| err(classify_reqwest(e)))?;
         if !status.is_success() {
             let message = serde_json::from_slice::<Envelope<Value>>(&bytes)
                 .ok()
@@ -336,12 +321,8 @@ impl ChainClient {
                 message,
             }));
         }
-        let envelope: Envelope<R> = serde_json::from_slice(&bytes).map_err(|e| {
-            err(ChainErrorKind::Malformed(format!(
-                "{e} (in {} bytes)",
-                bytes.len()
-            )))
-        })?;
+        let envelope: Envelope<R> = serde_json::from_slice(&bytes)
+            .map_err(|e| err(ChainErrorKind::Malformed(format!("{e} (in {} bytes)", bytes.len()))))?;
         if let Some(e) = envelope.error {
             return Err(err(ChainErrorKind::Rpc {
                 code: e.code,
@@ -353,11 +334,8 @@ impl ChainClient {
             Some(r) => Ok(r),
             // `null` is a valid answer for some methods (an unknown block):
             // let R decide whether it accepts it.
-            None => serde_json::from_value(Value::Null).map_err(|_| {
-                err(ChainErrorKind::Malformed(
-                    "result is missing or null".into(),
-                ))
-            }),
+            None => serde_json::from_value(Value::Null)
+                .map_err(|_| err(ChainErrorKind::Malformed("result is missing or null".into()))),
         }
     }
 
@@ -370,16 +348,9 @@ impl ChainClient {
 fn to_raw(log: Log) -> Result<RawLog, String> {
     let missing = |field: &str| format!("a log has no {field}");
     Ok(RawLog {
-        block_number: log
-            .block_number
-            .ok_or_else(|| missing("blockNumber"))?
-            .as_u64(),
+        block_number: log.block_number.ok_or_else(|| missing("blockNumber"))?.as_u64(),
         block_hash: Hash32(log.block_hash.ok_or_else(|| missing("blockHash"))?.0),
-        tx_hash: Hash32(
-            log.transaction_hash
-                .ok_or_else(|| missing("transactionHash"))?
-                .0,
-        ),
+        tx_hash: Hash32(log.transaction_hash.ok_or_else(|| missing("transactionHash"))?.0),
         log_index: {
             let i = log.log_index.ok_or_else(|| missing("logIndex"))?;
             if i > U256::from(i32::MAX) {
@@ -408,11 +379,7 @@ fn contradiction(log: &RawLog, from: u64, to: u64, filter: &LogFilter) -> Option
         ));
     }
     if !filter.addresses.contains(&log.address) {
-        return Some(format!(
-            "{} comes from {}, which was not asked for",
-            at(),
-            log.address
-        ));
+        return Some(format!("{} comes from {}, which was not asked for", at(), log.address));
     }
     match log.topics.first() {
         Some(t) if filter.topic0s.contains(t) => None,

@@ -76,10 +76,9 @@ impl FromStr for Address {
             .filter(|h| h.len() == 40)
             .ok_or_else(|| AddressError::Format(s.to_string()))?;
         let mut out = [0u8; 20];
-        hex::decode_to_slice(hex_part, &mut out)
-            .map_err(|_| AddressError::Format(s.to_string()))?;
-        let mixed = hex_part.chars().any(|c| c.is_ascii_uppercase())
-            && hex_part.chars().any(|c| c.is_ascii_lowercase());
+        hex::decode_to_slice(hex_part, &mut out).map_err(|_| AddressError::Format(s.to_string()))?;
+        let mixed =
+            hex_part.chars().any(|c| c.is_ascii_uppercase()) && hex_part.chars().any(|c| c.is_ascii_lowercase());
         if mixed && ethers::utils::to_checksum(&ethers::types::H160(out), None) != s {
             return Err(AddressError::Checksum(s.to_string()));
         }
@@ -120,19 +119,10 @@ mod tests {
         let lower = "0x5fbdb2315678afecb367f032d93f642f64180aa3";
         let checksummed = "0x5FbDB2315678afecb367f032d93F642f64180aa3";
         assert_eq!(lower.parse::<Address>(), checksummed.parse::<Address>());
-        assert_eq!(
-            lower.parse::<Address>().map(|a| a.to_string()),
-            Ok(lower.to_string())
-        );
+        assert_eq!(lower.parse::<Address>().map(|a| a.to_string()), Ok(lower.to_string()));
         let typo = "0x5FbDB2315678afecb367f032d93F642f64180aA3";
-        assert_eq!(
-            typo.parse::<Address>(),
-            Err(AddressError::Checksum(typo.into()))
-        );
-        assert!(matches!(
-            "0x1234".parse::<Address>(),
-            Err(AddressError::Format(_))
-        ));
+        assert_eq!(typo.parse::<Address>(), Err(AddressError::Checksum(typo.into())));
+        assert!(matches!("0x1234".parse::<Address>(), Err(AddressError::Format(_))));
         assert!(matches!(
             "5fbdb2315678afecb367f032d93f642f64180aa3".parse::<Address>(),
             Err(AddressError::Format(_))

@@ -107,14 +107,8 @@ impl Poller {
 
         let head = s.chain.block_number().await?;
         let safe_head = head.saturating_sub(s.cfg.confirmations);
-        let Some((from, to)) = plan_range(
-            current.last_processed_block,
-            safe_head,
-            s.cfg.max_block_range,
-        ) else {
-            tx.commit()
-                .await
-                .map_err(StoreError::db("commit idle tick"))?;
+        let Some((from, to)) = plan_range(current.last_processed_block, safe_head, s.cfg.max_block_range) else {
+            tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
             return Ok(TickOutcome::Idle {
                 cursor: current.last_processed_block,
                 head,
@@ -140,8 +134,7 @@ impl Poller {
             )),
         )?;
         let last_header = last_header.ok_or(TickError::MissingBlock { block: to, head })?;
-        check_last_block(&logs, &last_header)
-            .map_err(|reason| s.chain.inconsistent("eth_getLogs", reason))?;
+        check_last_block(&logs, &last_header).map_err(|reason| s.chain.inconsistent("eth_getLogs", reason))?;
 
         let rows = info_span!("decode", logs = logs.len()).in_scope(|| self.decode_all(&logs))?;
         let outcome = events::insert(&*tx, name, s.cfg.chain_id, &rows)
@@ -265,11 +258,7 @@ mod tests {
         assert_eq!(plan_range(-1, 0, 2000), Some((0, 0)));
         assert_eq!(plan_range(9, 10, 2000), Some((10, 10)));
         assert_eq!(plan_range(10, 10, 2000), None);
-        assert_eq!(
-            plan_range(12, 10, 2000),
-            None,
-            "a cursor above the safe head waits"
-        );
+        assert_eq!(plan_range(12, 10, 2000), None, "a cursor above the safe head waits");
         assert_eq!(plan_range(99, 10_000, 100), Some((100, 199)));
         assert_eq!(plan_range(99, 10_000, 1), Some((100, 100)));
     }

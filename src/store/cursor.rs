@@ -30,22 +30,13 @@ pub struct CursorRow {
 
 /// Creates the stream's row at `start_block - 1` unless it exists; returns
 /// the cursor as it now stands and whether this call created it.
-pub async fn seed<C: GenericClient>(
-    c: &C,
-    stream: &str,
-    start_block: u64,
-    by: &str,
-) -> Result<(Cursor, bool)> {
+pub async fn seed<C: GenericClient>(c: &C, stream: &str, start_block: u64, by: &str) -> Result<(Cursor, bool)> {
     let initial = i64::try_from(start_block).unwrap_or(i64::MAX) - 1;
     let created = c
         .execute_typed(
             "INSERT INTO block_cursors (id, last_processed_block, updated_at, updated_by)
              VALUES ($1, $2, now(), $3) ON CONFLICT (id) DO NOTHING",
-            &[
-                (&stream, Type::TEXT),
-                (&initial, Type::INT8),
-                (&by, Type::TEXT),
-            ],
+            &[(&stream, Type::TEXT), (&initial, Type::INT8), (&by, Type::TEXT)],
         )
         .await
         .map_err(StoreError::db("seed cursor"))?;
@@ -75,14 +66,7 @@ pub async fn lock<C: GenericClient>(c: &C, stream: &str) -> Result<Cursor> {
 
 /// Moves the cursor from `old` to `new` (> `old`), recording `hash` and who
 /// did it. Exactly one row must change.
-pub async fn advance<C: GenericClient>(
-    c: &C,
-    stream: &str,
-    old: i64,
-    new: i64,
-    hash: Hash32,
-    by: &str,
-) -> Result<()> {
+pub async fn advance<C: GenericClient>(c: &C, stream: &str, old: i64, new: i64, hash: Hash32, by: &str) -> Result<()> {
     let hash_bytes: &[u8] = &hash.0;
     let rows = c
         .execute_typed(
@@ -129,7 +113,5 @@ pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorR
 }
 
 fn hash_from(bytes: Option<Vec<u8>>) -> Option<Hash32> {
-    bytes
-        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-        .map(Hash32)
+    bytes.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()).map(Hash32)
 }

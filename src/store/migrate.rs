@@ -33,18 +33,14 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x6c6f_6763_7572_736f;
 /// (empty when another replica already did). Refuses a database whose schema
 /// is newer than this binary.
 pub async fn migrate(client: &mut tokio_postgres::Client, applied_by: &str) -> Result<Vec<i32>> {
-    let tx = client
-        .transaction()
+    let tx = client.transaction().await.map_err(StoreError::db("begin migration"))?;
+    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&MIGRATION_LOCK_KEY, Type::INT8)])
         .await
-        .map_err(StoreError::db("begin migration"))?;
-    tx.execute_typed(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[(&MIGRATION_LOCK_KEY, Type::INT8)],
-    )
-    .await
-    .map_err(StoreError::db("take the migration lock"))?;
+        .map_err(StoreError::db("take the migration lock"))?;
+    // Quiet the "already exists, skipping" NOTICE every later start would log.
     tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS logcursor_migrations (
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS logcursor_migrations (
              version    integer     PRIMARY KEY,
              name       text        NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now(),
@@ -54,10 +50,7 @@ pub async fn migrate(client: &mut tokio_postgres::Client, applied_by: &str) -> R
     .await
     .map_err(StoreError::db("create logcursor_migrations"))?;
     let applied: Vec<i32> = tx
-        .query_typed(
-            "SELECT version FROM logcursor_migrations ORDER BY version",
-            &[],
-        )
+        .query_typed("SELECT version FROM logcursor_migrations ORDER BY version", &[])
         .await
         .map_err(StoreError::db("read logcursor_migrations"))?
         .iter()
@@ -67,17 +60,17 @@ pub async fn migrate(client: &mut tokio_postgres::Client, applied_by: &str) -> R
     if let Some(newer) = applied.iter().find(|v| **v > known_max) {
         return Err(StoreError::Migration {
             version: *newer,
-            reason: format!("the database schema is newer than this binary (which knows up to {known_max}); upgrade logcursor"),
+            reason: format!(
+                "the database schema is newer than this binary (which knows up to {known_max}); upgrade logcursor"
+            ),
         });
     }
     let mut done = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        tx.batch_execute(m.sql)
-            .await
-            .map_err(|source| StoreError::Migration {
-                version: m.version,
-                reason: super::describe_pg(&source),
-            })?;
+        tx.batch_execute(m.sql).await.map_err(|source| StoreError::Migration {
+            version: m.version,
+            reason: super::describe_pg(&source),
+        })?;
         tx.execute_typed(
             "INSERT INTO logcursor_migrations (version, name, applied_by) VALUES ($1, $2, $3)",
             &[
@@ -90,8 +83,6 @@ pub async fn migrate(client: &mut tokio_postgres::Client, applied_by: &str) -> R
         .map_err(StoreError::db("record migration"))?;
         done.push(m.version);
     }
-    tx.commit()
-        .await
-        .map_err(StoreError::db("commit migration"))?;
+    tx.commit().await.map_err(StoreError::db("commit migration"))?;
     Ok(done)
 }

@@ -33,11 +33,7 @@ pub enum StoreError {
     /// The compare-and-set found another value: someone else moved the
     /// cursor under our lock, which the row lock should make impossible.
     #[error("cursor of stream {stream:?} is no longer at {expected}: compare-and-set touched {rows} rows")]
-    CursorMoved {
-        stream: String,
-        expected: i64,
-        rows: u64,
-    },
+    CursorMoved { stream: String, expected: i64, rows: u64 },
     /// A migration file is not what this binary expects.
     #[error("migration {version}: {reason}")]
     Migration { version: i32, reason: String },
@@ -66,14 +62,9 @@ impl StoreError {
 /// connection string.
 fn describe_pg(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!(
-            "{} ({}) {}",
-            db.message(),
-            db.code().code(),
-            db.detail().unwrap_or("")
-        )
-        .trim_end()
-        .to_string(),
+        Some(db) => format!("{} ({}) {}", db.message(), db.code().code(), db.detail().unwrap_or(""))
+            .trim_end()
+            .to_string(),
         None => {
             let mut out = e.to_string();
             let mut src = std::error::Error::source(e);

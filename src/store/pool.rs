@@ -26,11 +26,10 @@ pub struct Database {
 impl Database {
     /// Builds the pool; connects lazily (see [`Database::wait_until_reachable`]).
     pub fn new(cfg: &DatabaseConfig, replica_id: &str) -> Result<Database> {
-        let mut pg: tokio_postgres::Config =
-            cfg.url.expose().parse().map_err(|e| StoreError::Pool {
-                target: "<database.url>".into(),
-                reason: format!("invalid URL: {e}"),
-            })?;
+        let mut pg: tokio_postgres::Config = cfg.url.expose().parse().map_err(|e| StoreError::Pool {
+            target: "<database.url>".into(),
+            reason: format!("invalid URL: {e}"),
+        })?;
         pg.application_name(replica_id)
             .connect_timeout(cfg.connect_timeout)
             .keepalives(true)
@@ -73,11 +72,7 @@ impl Database {
 
     /// Tries to connect until it works, `give_up_after` passes, or `cancel`
     /// fires; backs off exponentially between attempts (capped at 5 s).
-    pub async fn wait_until_reachable(
-        &self,
-        give_up_after: Duration,
-        cancel: &CancellationToken,
-    ) -> Result<()> {
+    pub async fn wait_until_reachable(&self, give_up_after: Duration, cancel: &CancellationToken) -> Result<()> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {

@@ -1,0 +1,388 @@
+//! Real parts for the tests: a fresh database per test on the throwaway
+//! cluster that `scripts/test` starts, an anvil per test, and a small
+//! JSON-RPC driver for the committed test contract (tests/contracts).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use logcursor::config::{Config, EnvOverrides};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BURNED: &str = "event Burned(address indexed from, uint256 amount)";
+
+/// A database of its own on the test cluster.
+pub struct TestDb {
+    pub url: String,
+}
+
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin = std::env::var("LOGCURSOR_TEST_DATABASE_URL").expect(
+            "LOGCURSOR_TEST_DATABASE_URL is not set: run the tests through scripts/test, which starts a throwaway PostgreSQL",
+        );
+        let name = format!(
+            "lc_{}_{}_{}",
+            std::process::id(),
+            DB_COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let client = connect(&admin).await;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let mut url = url::Url::parse(&admin).expect("admin url");
+        url.set_path(&name);
+        TestDb { url: url.to_string() }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// Applies the schema and installs the test-only cursor history trigger
+    /// (the same file the demo uses), which records every cursor move.
+    pub async fn migrate_with_history(&self) -> tokio_postgres::Client {
+        let mut c = self.client().await;
+        logcursor::store::migrate::migrate(&mut c, "test")
+            .await
+            .expect("migrate");
+        c.batch_execute(include_str!("../sql/cursor_history.sql"))
+            .await
+            .expect("install cursor history trigger");
+        c
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to test PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// An anvil of its own, on a port it picked; killed on drop.
+pub struct Anvil {
+    _child: Child,
+    pub url: String,
+}
+
+impl Anvil {
+    pub async fn start() -> Anvil {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(args: &[&str]) -> Anvil {
+        let bin = std::env::var("LOGCURSOR_TEST_ANVIL").unwrap_or_else(|_| "anvil".into());
+        let mut child = Command::new(&bin)
+            .args(["--port", "0", "--host", "127.0.0.1"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start anvil ({bin}): {e}; run the tests through scripts/test"));
+        let stdout = child.stdout.take().expect("anvil stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read anvil output") {
+                if let Some(addr) = line.strip_prefix("Listening on ") {
+                    return addr.trim().to_string();
+                }
+            }
+            panic!("anvil exited before listening")
+        })
+        .await
+        .expect("anvil did not start within 30s");
+        // Keep draining stdout so anvil never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Anvil {
+            _child: child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+/// Drives the test contract over raw JSON-RPC (anvil's accounts are
+/// unlocked, so eth_sendTransaction needs no signing).
+#[derive(Clone)]
+pub struct Chain {
+    http: reqwest::Client,
+    pub url: String,
+    from: String,
+    /// The next nonce of `from`: explicit nonces, because anvil assigning
+    /// them itself under load can leave a transaction stuck in its pool.
+    nonce: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One log as the chain reports it: (tx hash, log index, block).
+pub type LogKey = (String, i64, i64);
+
+impl Chain {
+    pub async fn new(url: &str) -> Chain {
+        let mut c = Chain {
+            http: reqwest::Client::new(),
+            url: url.to_string(),
+            from: String::new(),
+            nonce: Default::default(),
+        };
+        let accounts = c.rpc("eth_accounts", json!([])).await;
+        c.from = accounts[0].as_str().expect("an account").to_string();
+        let next = c.rpc("eth_getTransactionCount", json!([c.from, "pending"])).await;
+        c.nonce.store(hex_i64(&next) as u64, Ordering::SeqCst);
+        c
+    }
+
+    pub async fn rpc(&self, method: &str, params: Value) -> Value {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let resp: Value = self
+            .http
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .expect("rpc send")
+            .json()
+            .await
+            .expect("rpc json");
+        if let Some(err) = resp.get("error") {
+            panic!("{method} failed: {err}");
+        }
+        resp["result"].clone()
+    }
+
+    async fn send(&self, to: Option<&str>, data: String) -> String {
+        let nonce = self.nonce.fetch_add(1, Ordering::SeqCst);
+        let mut tx = json!({"from": self.from, "data": data, "gas": "0xf4240", "nonce": format!("{nonce:#x}")});
+        if let Some(to) = to {
+            tx["to"] = json!(to);
+        }
+        let hash = self.rpc("eth_sendTransaction", json!([tx])).await;
+        hash.as_str().expect("tx hash").to_string()
+    }
+
+    /// Deploys the Emitter contract; returns its address.
+    pub async fn deploy_emitter(&self) -> String {
+        let bytecode = contract()["bytecode"].as_str().expect("bytecode").to_string();
+        let hash = self.send(None, bytecode).await;
+        let receipt = self.receipt(&hash).await;
+        receipt["contractAddress"]
+            .as_str()
+            .expect("contract address")
+            .to_string()
+    }
+
+    pub async fn receipt(&self, hash: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.rpc("eth_getTransactionReceipt", json!([hash])).await;
+            if !r.is_null() {
+                return r;
+            }
+            if Instant::now() > deadline {
+                let tx = self.rpc("eth_getTransactionByHash", json!([hash])).await;
+                let pool = self.rpc("txpool_status", json!([])).await;
+                let head = self.block_number().await;
+                panic!("no receipt for {hash} after 30s: tx {tx}, pool {pool}, head {head}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// One transaction emitting `count` Burned events (amounts base..).
+    pub async fn burn(&self, emitter: &str, count: u64, base: u64) -> String {
+        let data = format!("0x{}{}{}", method_id("burn(uint256,uint256)"), word(count), word(base));
+        self.send(Some(emitter), data).await
+    }
+
+    /// One transaction emitting an event that no test configures.
+    pub async fn unlisted(&self, emitter: &str, value: u64) -> String {
+        let data = format!("0x{}{}", method_id("unlisted(uint256)"), word(value));
+        self.send(Some(emitter), data).await
+    }
+
+    /// `txs` transactions (one block each under automine), the i-th emitting
+    /// `per_tx(i)` events. Returns the number of events emitted.
+    pub async fn emit_burns(&self, emitter: &str, txs: u64, per_tx: impl Fn(u64) -> u64) -> u64 {
+        let mut total = 0;
+        let mut last = String::new();
+        for i in 0..txs {
+            let n = per_tx(i);
+            last = self.burn(emitter, n, total).await;
+            total += n;
+        }
+        if !last.is_empty() {
+            self.receipt(&last).await;
+        }
+        total
+    }
+
+    pub async fn mine(&self, blocks: u64) {
+        self.rpc("anvil_mine", json!([format!("{blocks:#x}")])).await;
+    }
+
+    pub async fn block_number(&self) -> i64 {
+        hex_i64(&self.rpc("eth_blockNumber", json!([])).await)
+    }
+
+    /// Every Burned log of `emitter` from block 0 to `to`, as the chain has them.
+    pub async fn burned_logs(&self, emitter: &str, to: i64) -> BTreeSet<LogKey> {
+        let topic0 = format!("0x{}", contract_event_topic());
+        let logs = self
+            .rpc(
+                "eth_getLogs",
+                json!([{"fromBlock": "0x0", "toBlock": format!("{to:#x}"), "address": emitter, "topics": [topic0]}]),
+            )
+            .await;
+        logs.as_array()
+            .expect("logs")
+            .iter()
+            .map(|l| {
+                (
+                    l["transactionHash"].as_str().expect("tx").to_string(),
+                    hex_i64(&l["logIndex"]),
+                    hex_i64(&l["blockNumber"]),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Every stored event of the database, in the same shape as [`Chain::burned_logs`].
+pub async fn stored_logs(db: &tokio_postgres::Client) -> Vec<LogKey> {
+    db.query(
+        "SELECT '0x' || encode(tx_hash, 'hex'), log_index::bigint, block_number FROM events ORDER BY 1, 2",
+        &[],
+    )
+    .await
+    .expect("read events")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+pub async fn cursor_of(db: &tokio_postgres::Client, stream: &str) -> Option<i64> {
+    db.query_opt(
+        "SELECT last_processed_block FROM block_cursors WHERE id = $1",
+        &[&stream],
+    )
+    .await
+    .ok()
+    .flatten()
+    .map(|r| r.get(0))
+}
+
+/// The recorded cursor moves of a stream: (old, new, by), in commit order.
+pub async fn cursor_history(db: &tokio_postgres::Client, stream: &str) -> Vec<(i64, i64, String)> {
+    db.query(
+        "SELECT old_block, new_block, moved_by FROM cursor_history WHERE stream = $1 ORDER BY seq",
+        &[&stream],
+    )
+    .await
+    .expect("read cursor history")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Asserts that the moves form one forward chain from `start` to `end`:
+/// each range starts right after the previous one ended, so no block range
+/// was processed twice and none was skipped.
+pub fn assert_contiguous_forward(history: &[(i64, i64, String)], start: i64, end: i64) {
+    let mut at = start;
+    for (old, new, by) in history {
+        assert_eq!(*old, at, "a move by {by} started at {old}, expected {at}: {history:?}");
+        assert!(
+            new > old,
+            "the cursor moved backward or stood still ({old} -> {new} by {by})"
+        );
+        at = *new;
+    }
+    assert_eq!(at, end, "the moves end at {at}, expected {end}");
+}
+
+/// Polls `check` until it yields a value or `within` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A config for one stream on `rpc` watching `emitter`'s Burned events.
+/// Each `key = value` line of `stream_extra` (`db_extra`) replaces or adds
+/// that key in the stream table (`[database]`).
+pub fn config_toml(db_url: &str, rpc: &str, emitter: &str, stream_extra: &str, db_extra: &str) -> String {
+    let database = format!(
+        "url = \"{db_url}\"\npool_size = 4\nlock_timeout = \"2s\"\nstatement_timeout = \"10s\"\n\
+         idle_in_transaction_timeout = \"10s\"\nconnect_retry_for = \"5s\""
+    );
+    let stream = format!(
+        "name = \"burns\"\nchain_id = 31337\nrpc_urls = [\"{rpc}\"]\naddresses = [\"{emitter}\"]\n\
+         events = [\"{BURNED}\"]\nstart_block = 0\nconfirmations = 0\nmax_block_range = 50\n\
+         poll_interval = \"50ms\"\nrpc_timeout = \"5s\""
+    );
+    format!(
+        "[database]\n{}\n\n[service]\nshutdown_grace = \"10s\"\n\n[[streams]]\n{}\n",
+        with_overrides(&database, db_extra),
+        with_overrides(&stream, stream_extra)
+    )
+}
+
+fn with_overrides(base: &str, extra: &str) -> String {
+    let key = |line: &str| line.split('=').next().unwrap_or("").trim().to_string();
+    let replaced: Vec<String> = extra.lines().filter(|l| l.contains('=')).map(key).collect();
+    base.lines()
+        .filter(|l| !replaced.contains(&key(l)))
+        .chain(extra.lines())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn config(toml: &str) -> Config {
+    Config::parse(toml, "test config", &EnvOverrides::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn contract() -> Value {
+    serde_json::from_str(include_str!("../contracts/Emitter.json")).expect("Emitter.json")
+}
+
+fn method_id(signature: &str) -> String {
+    contract()["methods"][signature]
+        .as_str()
+        .expect("method id")
+        .to_string()
+}
+
+/// keccak256("Burned(address,uint256)"), as the chain reports it in topic0.
+fn contract_event_topic() -> &'static str {
+    "696de425f79f4a40bc6d2122ca50507f0efbeabbff86a84871b7196ab8ea8df7"
+}
+
+fn word(v: u64) -> String {
+    format!("{v:064x}")
+}
+
+pub fn hex_i64(v: &Value) -> i64 {
+    let s = v.as_str().expect("hex quantity");
+    i64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex number")
+}

@@ -1,0 +1,286 @@
+//! The poll loop in process: replicas are `App`s with their own pools (so
+//! their own PostgreSQL sessions), exactly as separate processes would be.
+
+use std::time::Duration;
+
+use logcursor::app::{App, BuildOptions, StreamSummary};
+use logcursor::config::Config;
+use logcursor::poller::TickOutcome;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+const STREAM: &str = "burns";
+
+async fn build(cfg: &Config, replica: &str) -> App {
+    App::build(cfg, replica, BuildOptions { migrate: true }, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("build {replica}: {e}"))
+}
+
+fn spawn_run(app: App, token: &CancellationToken) -> JoinHandle<Vec<StreamSummary>> {
+    let token = token.clone();
+    tokio::spawn(async move { app.run(token).await.expect("run") })
+}
+
+async fn wait_for_cursor(db: &tokio_postgres::Client, at: i64) {
+    wait_for(&format!("cursor at {at}"), Duration::from_secs(60), || async {
+        (cursor_of(db, STREAM).await == Some(at)).then_some(())
+    })
+    .await
+}
+
+/// Steps the first poller until a tick finds nothing to do; returns the outcomes.
+async fn tick_until_idle(app: &App) -> Vec<TickOutcome> {
+    let poller = &app.pollers()[0];
+    let mut outcomes = Vec::new();
+    for _ in 0..10_000 {
+        let o = poller.tick(&CancellationToken::new()).await.expect("tick");
+        let idle = matches!(o, TickOutcome::Idle { .. });
+        outcomes.push(o);
+        if idle {
+            return outcomes;
+        }
+    }
+    panic!("never became idle")
+}
+
+fn totals(outcomes: &[TickOutcome]) -> (u64, u64) {
+    outcomes.iter().fold((0, 0), |(i, d), o| match o {
+        TickOutcome::Advanced {
+            inserted, duplicates, ..
+        } => (i + inserted, d + duplicates),
+        TickOutcome::Idle { .. } => (i, d),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_replica_stores_every_event_of_hundreds_of_transactions_exactly_once() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    let emitted = chain.emit_burns(&emitter, 300, |i| i % 5 + 1).await;
+    chain.mine(2).await; // bury the last events under `confirmations`
+    let pg = db.migrate_with_history().await;
+    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 2", ""));
+
+    let token = CancellationToken::new();
+    let run = spawn_run(build(&cfg, "solo").await, &token);
+    let safe_head = chain.block_number().await - 2;
+    wait_for_cursor(&pg, safe_head).await;
+    token.cancel();
+    let summary = run.await.expect("join");
+
+    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, safe_head).await.into_iter().collect();
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(
+        on_chain.len() as u64,
+        emitted,
+        "every emitted event is at or below the safe head"
+    );
+    assert_eq!(stored, on_chain, "stored rows equal the chain's logs, each once");
+    assert_contiguous_forward(&cursor_history(&pg, STREAM).await, -1, safe_head);
+    assert_eq!(summary[0].duplicates, 0);
+    assert_eq!(summary[0].events_inserted, emitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_started_together_store_every_event_once_and_never_process_a_range_twice() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    let mut emitted = chain.emit_burns(&emitter, 150, |i| i % 4 + 1).await;
+    let pg = db.migrate_with_history().await;
+    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 7", ""));
+
+    let token = CancellationToken::new();
+    let apps = tokio::join!(
+        build(&cfg, "replica-a"),
+        build(&cfg, "replica-b"),
+        build(&cfg, "replica-c")
+    );
+    let runs = [apps.0, apps.1, apps.2].map(|app| spawn_run(app, &token));
+    // Keep the chain moving while they run.
+    emitted += chain.emit_burns(&emitter, 60, |i| i % 3 + 1).await;
+    let head = chain.block_number().await;
+    wait_for_cursor(&pg, head).await;
+    token.cancel();
+    let mut summaries = Vec::new();
+    for r in runs {
+        summaries.extend(r.await.expect("join"));
+    }
+
+    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(on_chain.len() as u64, emitted);
+    assert_eq!(stored, on_chain, "every event exactly once");
+    let history = cursor_history(&pg, STREAM).await;
+    assert_contiguous_forward(&history, -1, head);
+    let duplicates: u64 = summaries.iter().map(|s| s.duplicates).sum();
+    let inserted: u64 = summaries.iter().map(|s| s.events_inserted).sum();
+    assert_eq!(duplicates, 0, "no replica stored a range another had stored");
+    assert_eq!(inserted, emitted);
+    let movers: std::collections::BTreeSet<&str> = history.iter().map(|(_, _, by)| by.as_str()).collect();
+    eprintln!("ranges committed: {} by {movers:?}", history.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_gaps() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 120, |i| i % 3 + 1).await;
+    let pg = db.migrate_with_history().await;
+    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 20", ""));
+
+    let first = build(&cfg, "before-restart").await;
+    for _ in 0..3 {
+        let o = first.pollers()[0].tick(&CancellationToken::new()).await.expect("tick");
+        assert!(matches!(o, TickOutcome::Advanced { .. }), "{o:?}");
+    }
+    drop(first);
+    assert_eq!(cursor_of(&pg, STREAM).await, Some(59));
+
+    let second = build(&cfg, "after-restart").await;
+    let outcomes = tick_until_idle(&second).await;
+    let first_range = outcomes.first().expect("a tick");
+    assert!(
+        matches!(first_range, TickOutcome::Advanced { from: 60, .. }),
+        "{first_range:?}"
+    );
+    let head = chain.block_number().await;
+    let (_, duplicates) = totals(&outcomes);
+    assert_eq!(duplicates, 0);
+    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(stored, on_chain);
+    assert_contiguous_forward(&cursor_history(&pg, STREAM).await, -1, head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_already_stored_are_counted_as_duplicates_and_the_cursor_still_advances() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    let emitted = chain.emit_burns(&emitter, 40, |i| i % 4 + 1).await;
+    let pg = db.client().await;
+    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
+    let app = build(&cfg, "replica").await;
+    assert_eq!(totals(&tick_until_idle(&app).await), (emitted, 0));
+    let head = chain.block_number().await;
+
+    // As after a failover to a replica whose copy lagged: some rows are
+    // there, the cursor is behind them.
+    let deleted = pg
+        .execute("DELETE FROM events WHERE log_index % 2 = 0", &[])
+        .await
+        .expect("delete");
+    pg.execute("UPDATE block_cursors SET last_processed_block = -1", &[])
+        .await
+        .expect("rewind");
+
+    let (inserted, duplicates) = totals(&tick_until_idle(&app).await);
+    assert_eq!(inserted, deleted, "the missing rows are stored again");
+    assert_eq!(
+        duplicates,
+        emitted - deleted,
+        "the present rows are counted as duplicates, not errors"
+    );
+    assert_eq!(cursor_of(&pg, STREAM).await, Some(head));
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(
+        stored,
+        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_events_of_the_same_transaction_are_both_stored() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.burn(&emitter, 1, 100).await;
+    let tx = chain.burn(&emitter, 3, 7).await;
+    chain.unlisted(&emitter, 5).await;
+    let pg = db.client().await;
+    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
+    tick_until_idle(&build(&cfg, "replica").await).await;
+
+    let rows = pg
+        .query(
+            "SELECT log_index, event_name, params->>'amount', params->>'from' FROM events
+              WHERE tx_hash = decode($1, 'hex') ORDER BY log_index",
+            &[&tx.trim_start_matches("0x")],
+        )
+        .await
+        .expect("query");
+    let got: Vec<(i32, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, "Burned".into(), "7".into()),
+            (1, "Burned".into(), "8".into()),
+            (2, "Burned".into(), "9".into())
+        ]
+    );
+    let from: String = rows[0].get(3);
+    assert!(
+        from.starts_with("0x") && from.len() == 42 && from == from.to_lowercase(),
+        "{from}"
+    );
+    let total: i64 = pg
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(total, 4, "the unlisted event is not ingested");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_newer_than_the_safe_head_are_not_processed() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 20, |_| 2).await;
+    let pg = db.client().await;
+    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 5", ""));
+    let app = build(&cfg, "replica").await;
+    let outcomes = tick_until_idle(&app).await;
+    let head = chain.block_number().await;
+    let safe_head = head - 5;
+    assert!(
+        matches!(outcomes.last(), Some(TickOutcome::Idle { cursor, .. }) if *cursor == safe_head),
+        "{outcomes:?}"
+    );
+    assert_eq!(cursor_of(&pg, STREAM).await, Some(safe_head));
+    let newest: Option<i64> = pg
+        .query_one("SELECT max(block_number) FROM events", &[])
+        .await
+        .expect("max")
+        .get(0);
+    assert!(
+        newest.is_some_and(|b| b <= safe_head),
+        "stored a block above the safe head: {newest:?}"
+    );
+    let above = chain
+        .burned_logs(&emitter, head)
+        .await
+        .iter()
+        .filter(|l| l.2 > safe_head)
+        .count();
+    assert_eq!(above, 10, "the chain has events above the safe head (5 blocks x 2)");
+
+    chain.mine(5).await;
+    tick_until_idle(&app).await;
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(
+        stored,
+        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
+    );
+}

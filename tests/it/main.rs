@@ -1,0 +1,13 @@
+//! Integration tests on a real PostgreSQL (a database per test) and a real
+//! anvil chain (one per test). Run them through `scripts/test`, which starts
+//! a throwaway cluster and provides anvil.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers: a failed expectation is a failed test"
+)]
+
+mod helpers;
+mod ingest;
+mod process;

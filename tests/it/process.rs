@@ -1,0 +1,197 @@
+//! The `logcursor` binary as an operator runs it: signals, exit codes, and
+//! several processes starting at once.
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_logcursor");
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
+    std::fs::write(file.path(), text).expect("write config");
+    file
+}
+
+fn logcursor(args: &[&str], config: &std::path::Path, replica: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--replica-id")
+        .arg(replica)
+        .env_remove("DATABASE_URL")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Sends SIGTERM, as an orchestrator does.
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running child");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM {pid}");
+}
+
+async fn finish(child: Child, within: Duration) -> Output {
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .expect("process did not exit in time")
+        .expect("wait for process")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_partial_range() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 400, |i| i % 3 + 1).await;
+    let head = chain.block_number().await;
+    let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 1", ""));
+    let pg = db.client().await;
+
+    let child = logcursor(&["run"], cfg.path(), "sigterm-replica")
+        .spawn()
+        .expect("start logcursor");
+    wait_for("ingest under way", Duration::from_secs(60), || async {
+        cursor_of(&pg, "burns").await.filter(|c| *c >= 5).map(|_| ())
+    })
+    .await;
+    sigterm(&child);
+    let out = finish(child, Duration::from_secs(30)).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "exit status; stderr:\n{stderr}");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+
+    let cursor = cursor_of(&pg, "burns").await.expect("cursor");
+    assert!(
+        cursor < head,
+        "the signal arrived mid-ingest (cursor {cursor}, head {head})"
+    );
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    let expected: Vec<LogKey> = chain.burned_logs(&emitter, cursor).await.into_iter().collect();
+    assert_eq!(stored, expected, "exactly the logs up to the cursor: no partial range");
+    let lingering = wait_for("the replica's sessions to close", Duration::from_secs(10), || async {
+        let n: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sigterm-replica' OR state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        (n == 0).then_some(n)
+    })
+    .await;
+    assert_eq!(lingering, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_exits_64_and_names_every_bad_key() {
+    let cfg = write_config(
+        r#"
+[database]
+url = "postgres://u:hunter2@127.0.0.1:1/db"
+pool_sise = 3
+
+[[streams]]
+name = "s"
+chain_id = 0
+rpc_urls = ["http://127.0.0.1:1/SECRETKEY"]
+addresses = ["0xnot-an-address"]
+events = ["event Burned(address indexed from, uint256 amount)"]
+confirmations = "two"
+"#,
+    );
+    let out = logcursor(&["run"], cfg.path(), "bad").output().await.expect("run");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for key in [
+        "database.pool_sise",
+        "streams[0].chain_id",
+        "streams[0].addresses[0]",
+        "streams[0].confirmations",
+    ] {
+        assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
+    }
+    assert!(!stderr.contains("hunter2") && !stderr.contains("SECRETKEY"), "{stderr}");
+
+    let missing = Command::new(BIN)
+        .arg("status")
+        .env_remove("LOGCURSOR_CONFIG")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(text(&missing.stderr).contains("--config"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_once() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    let emitted = chain.emit_burns(&emitter, 30, |_| 2).await;
+    let head = chain.block_number().await;
+    let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
+    let pg = db.client().await;
+
+    let children: Vec<Child> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|r| logcursor(&["run"], cfg.path(), r).spawn().expect("start"))
+        .collect();
+    wait_for("the cursor at the head", Duration::from_secs(60), || async {
+        (cursor_of(&pg, "burns").await == Some(head)).then_some(())
+    })
+    .await;
+    for c in &children {
+        sigterm(c);
+    }
+    for c in children {
+        let out = finish(c, Duration::from_secs(30)).await;
+        assert_eq!(out.status.code(), Some(0), "{:?}: {}", out.status, text(&out.stderr));
+    }
+    let versions: Vec<i32> = pg
+        .query("SELECT version FROM logcursor_migrations ORDER BY version", &[])
+        .await
+        .expect("migrations table")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known: Vec<i32> = logcursor::store::migrate::MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .collect();
+    assert_eq!(versions, known, "each migration recorded once");
+    let stored: i64 = pg
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(stored as u64, emitted);
+
+    // `status` reads the same state back.
+    let out = logcursor(&["status", "--json"], cfg.path(), "status")
+        .output()
+        .await
+        .expect("status");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(rows[0]["cursor"], serde_json::json!(head));
+    assert_eq!(rows[0]["events_stored"], serde_json::json!(emitted));
+    assert_eq!(rows[0]["lag_blocks"], serde_json::json!(0));
+}
