@@ -2,6 +2,8 @@
 -- every move of every cursor, in commit order, so that a test can prove the
 -- moves form one forward chain (no range processed twice, none skipped, never
 -- backward) and the demo can show which replica processed which ranges.
+SET client_min_messages = warning;
+
 CREATE TABLE IF NOT EXISTS cursor_history (
     seq       bigserial   PRIMARY KEY,
     stream    text        NOT NULL,

@@ -1,0 +1,71 @@
+// Chain driver for scripts/demo (Node 18+, no dependencies): deploys the
+// committed test contract and emits events over JSON-RPC with explicit nonces.
+//   node scripts/demo-chain.mjs deploy RPC                 -> contract address
+//   node scripts/demo-chain.mjs emit RPC ADDRESS TXS SEED  -> events emitted
+//   node scripts/demo-chain.mjs count RPC ADDRESS TO       -> Burned logs in [0, TO]
+//   node scripts/demo-chain.mjs mine RPC N                 -> mines N empty blocks
+//   node scripts/demo-chain.mjs head RPC                   -> latest block number
+import { readFileSync } from 'node:fs';
+
+const contract = JSON.parse(readFileSync(new URL('../tests/contracts/Emitter.json', import.meta.url)));
+const BURNED_TOPIC = '0x696de425f79f4a40bc6d2122ca50507f0efbeabbff86a84871b7196ab8ea8df7';
+let id = 0;
+
+async function rpc(url, method, params) {
+  const res = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ jsonrpc: '2.0', id: ++id, method, params }) });
+  const body = await res.json();
+  if (body.error) throw new Error(`${method}: ${JSON.stringify(body.error)}`);
+  return body.result;
+}
+
+const word = (n) => BigInt(n).toString(16).padStart(64, '0');
+const hex = (n) => '0x' + BigInt(n).toString(16);
+
+async function receipt(url, hash) {
+  for (let i = 0; i < 600; i++) {
+    const r = await rpc(url, 'eth_getTransactionReceipt', [hash]);
+    if (r) return r;
+    await new Promise((ok) => setTimeout(ok, 50));
+  }
+  throw new Error(`no receipt for ${hash}`);
+}
+
+// A small deterministic generator, so a seed reproduces a run.
+function rng(seed) {
+  let s = seed >>> 0;
+  return () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+}
+
+const [cmd, url, ...args] = process.argv.slice(2);
+const [from] = await rpc(url, 'eth_accounts', []);
+let nonce = Number(await rpc(url, 'eth_getTransactionCount', [from, 'pending']));
+const send = (tx) => rpc(url, 'eth_sendTransaction', [{ from, gas: hex(1_000_000), nonce: hex(nonce++), ...tx }]);
+
+if (cmd === 'deploy') {
+  const r = await receipt(url, await send({ data: contract.bytecode }));
+  console.log(r.contractAddress);
+} else if (cmd === 'emit') {
+  const [address, txs, seed] = args;
+  const next = rng(Number(seed));
+  let total = 0, last;
+  for (let i = 0; i < Number(txs); i++) {
+    // Mostly one or a few events, sometimes a burst of up to 20.
+    const n = next() < 0.15 ? 10 + Math.floor(next() * 11) : 1 + Math.floor(next() * 5);
+    last = await send({ to: address, data: '0x' + contract.methods['burn(uint256,uint256)'] + word(n) + word(total) });
+    total += n;
+  }
+  if (last) await receipt(url, last);
+  console.log(total);
+} else if (cmd === 'count') {
+  const [address, to] = args;
+  const logs = await rpc(url, 'eth_getLogs', [{ fromBlock: '0x0', toBlock: hex(to), address, topics: [BURNED_TOPIC] }]);
+  console.log(logs.length);
+} else if (cmd === 'mine') {
+  await rpc(url, 'anvil_mine', [hex(args[0])]);
+} else if (cmd === 'head') {
+  console.log(Number(await rpc(url, 'eth_blockNumber', [])));
+} else {
+  console.error('usage: demo-chain.mjs deploy|emit|count|mine|head RPC …');
+  process.exit(64);
+}
