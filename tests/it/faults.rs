@@ -17,8 +17,8 @@ async fn a_log_that_does_not_decode_fails_the_tick_naming_it_and_the_cursor_stay
     let emitter = chain.deploy_emitter().await; // block 1
     let first_bad = chain.burn(&emitter, 1, 0).await; // block 2
     chain.burn(&emitter, 2, 0).await; // block 3: must not be reached past block 2
-                                                   // Same topic0 (indexing is not part of the signature hash), but this ABI
-                                                   // expects one topic and two data words, so the real logs cannot decode.
+                                      // Same topic0 (indexing is not part of the signature hash), but this ABI
+                                      // expects one topic and two data words, so the real logs cannot decode.
     let wrong_abi = "events = [\"event Burned(address from, uint256 amount)\"]\nmax_block_range = 1";
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, wrong_abi, ""));
     let app = App::build(&cfg, "r", BuildOptions { migrate: true }, &CancellationToken::new())
@@ -45,7 +45,10 @@ async fn a_log_that_does_not_decode_fails_the_tick_naming_it_and_the_cursor_stay
             "{msg}"
         );
         assert!(msg.contains("expected 1 topics, log has 2"), "{msg}");
-        assert!(msg.contains(&first_bad) && msg.contains("log 0"), "names tx hash and log index: {msg}");
+        assert!(
+            msg.contains(&first_bad) && msg.contains("log 0"),
+            "names tx hash and log index: {msg}"
+        );
     }
     let pg = db.client().await;
     assert_eq!(
