@@ -42,6 +42,16 @@ pub enum Command {
     },
     /// Apply the migrations in sql/ and exit.
     Migrate,
+    /// Move a stream's cursor back to block N (deleting its events above N,
+    /// audited in cursor_rewinds); resumes a stream halted by a deep reorg.
+    Rewind {
+        /// The stream (its name in the configuration).
+        #[arg(long)]
+        stream: String,
+        /// The block to rewind to: every block above it is ingested again.
+        #[arg(long)]
+        to: i64,
+    },
     /// Print each stream's cursor, heads, lag and event count.
     Status {
         /// JSON instead of a table.
@@ -102,6 +112,14 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
                 } else {
                     format!("applied migrations {applied:?}")
                 }
+            );
+            Ok(())
+        }
+        Command::Rewind { stream, to } => {
+            let r = crate::admin::rewind(cfg, replica_id, stream, *to).await?;
+            println!(
+                "rewound stream {} from block {} to {}; deleted {} events above it",
+                r.stream, r.from, r.to, r.events_deleted
             );
             Ok(())
         }

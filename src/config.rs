@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::chain::{abi::EventSet, Address};
+use crate::chain::{abi::EventSet, Address, EndpointConfig};
 use crate::redact::Secret;
 
 /// The whole configuration of one `logcursor` process.
@@ -63,8 +63,9 @@ pub struct StreamConfig {
     pub name: String,
     /// Must equal every endpoint's `eth_chainId`; part of the event key.
     pub chain_id: u64,
-    /// JSON-RPC endpoints, tried in order. Secret: URLs often carry API keys.
-    pub rpc_urls: Vec<Secret>,
+    /// JSON-RPC endpoints, preferred in order. Their URLs are secrets:
+    /// they often carry API keys.
+    pub rpc: Vec<EndpointConfig>,
     /// Contracts whose logs are ingested.
     pub addresses: Vec<Address>,
     /// Human-readable event signatures, as written in the file.
@@ -79,6 +80,47 @@ pub struct StreamConfig {
     pub poll_interval: Duration,
     /// Deadline for one JSON-RPC request.
     pub rpc_timeout: Duration,
+    /// Tries per request on retryable errors (1 = no retry).
+    pub rpc_attempts: u32,
+    /// How long a failing endpoint is passed over.
+    pub rpc_cooldown: Duration,
+    /// Which block tag, if any, also bounds the safe head.
+    pub finality: Finality,
+    /// What to do when a block at or below the cursor was reorganised away.
+    pub on_deep_reorg: DeepReorgPolicy,
+    /// How far back a rewind may look for the common ancestor; also how
+    /// many processed block hashes are kept.
+    pub max_reorg_depth: u64,
+}
+
+/// The safe head: `latest − confirmations`, and optionally no higher than
+/// the node's `safe` or `finalized` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finality {
+    Latest,
+    Safe,
+    Finalized,
+}
+
+impl Finality {
+    /// The JSON-RPC block tag, if any.
+    pub fn tag(self) -> Option<&'static str> {
+        match self {
+            Finality::Latest => None,
+            Finality::Safe => Some("safe"),
+            Finality::Finalized => Some("finalized"),
+        }
+    }
+}
+
+/// Policy for a reorg deeper than the safe head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeepReorgPolicy {
+    /// Stop the stream (others go on) until an operator runs `logcursor rewind`.
+    Halt,
+    /// Find the common ancestor, delete orphaned events, move the cursor
+    /// back to it (audited in `cursor_rewinds`), and re-ingest.
+    Rewind,
 }
 
 /// One thing wrong with the configuration, naming its key.
@@ -203,7 +245,7 @@ fn parse_database(
     let connect_retry_for = f.duration("connect_retry_for", "60s");
     let lock_timeout = f.duration("lock_timeout", "5s");
     let statement_timeout = f.duration("statement_timeout", "30s");
-    let idle = f.duration("idle_in_transaction_timeout", "30s");
+    let idle = f.duration("idle_in_transaction_timeout", "60s");
     let url = match env.database_url.clone().or(file_url) {
         None => {
             f.problem("url", "required (or set DATABASE_URL)".into());
@@ -254,13 +296,7 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         ok
     });
     let chain_id = f.int_in("chain_id", None, 1..=i64::MAX);
-    let rpc_urls = f.list("rpc_urls", "at least one endpoint", |u: String| {
-        match url::Url::parse(&u) {
-            Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => Ok(Secret::new(u.trim())),
-            // The message never repeats the URL: it may hold an API key.
-            _ => Err("must be an http:// or https:// URL with a host".to_string()),
-        }
-    });
+    let rpc = f.list("rpc_urls", "at least one endpoint", endpoint);
     let addresses = f.list("addresses", "at least one contract address", |a: String| {
         a.parse::<Address>().map_err(|e| e.to_string())
     });
@@ -286,11 +322,28 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
     let max_block_range = f.int_in("max_block_range", Some(2000), 1..=1_000_000);
     let poll_interval = f.positive_duration("poll_interval", "1s");
     let rpc_timeout = f.positive_duration("rpc_timeout", "10s");
+    let rpc_attempts = f.int_in("rpc_attempts", Some(3), 1..=20);
+    let rpc_cooldown = f.duration("rpc_cooldown", "30s");
+    let finality = f.choice(
+        "finality",
+        "latest",
+        &[
+            ("latest", Finality::Latest),
+            ("safe", Finality::Safe),
+            ("finalized", Finality::Finalized),
+        ],
+    );
+    let on_deep_reorg = f.choice(
+        "on_deep_reorg",
+        "halt",
+        &[("halt", DeepReorgPolicy::Halt), ("rewind", DeepReorgPolicy::Rewind)],
+    );
+    let max_reorg_depth = f.int_in("max_reorg_depth", Some(128), 1..=100_000);
     f.finish();
     Some(StreamConfig {
         name: name?,
         chain_id: chain_id?,
-        rpc_urls: rpc_urls?,
+        rpc: rpc?,
         addresses: addresses?,
         events: events?,
         start_block: start_block?,
@@ -298,7 +351,45 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         max_block_range: max_block_range?,
         poll_interval: poll_interval?,
         rpc_timeout: rpc_timeout?,
+        rpc_attempts: u32::try_from(rpc_attempts?).ok()?,
+        rpc_cooldown: rpc_cooldown?,
+        finality: finality?,
+        on_deep_reorg: on_deep_reorg?,
+        max_reorg_depth: max_reorg_depth?,
     })
+}
+
+/// One `rpc_urls` entry: a URL, or `{ url = "…", max_requests_per_second = N }`.
+fn endpoint(value: toml::Value) -> Result<EndpointConfig, String> {
+    const USAGE: &str = "must be an http(s) URL or { url = \"…\", max_requests_per_second = N }";
+    let (url, rate) = match value {
+        toml::Value::String(u) => (u, None),
+        toml::Value::Table(mut t) => {
+            let url = match t.remove("url") {
+                Some(toml::Value::String(u)) => u,
+                _ => return Err(USAGE.into()),
+            };
+            let rate = match t.remove("max_requests_per_second") {
+                None => None,
+                Some(toml::Value::Integer(n)) if n > 0 => Some(n as f64),
+                Some(toml::Value::Float(x)) if x > 0.0 => Some(x),
+                Some(_) => return Err("max_requests_per_second must be a positive number".into()),
+            };
+            if let Some(k) = t.keys().next() {
+                return Err(format!("unknown key {k:?} in endpoint table"));
+            }
+            (url, rate)
+        }
+        _ => return Err(USAGE.into()),
+    };
+    match url::Url::parse(url.trim()) {
+        Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => Ok(EndpointConfig {
+            url: Secret::new(url.trim()),
+            max_requests_per_second: rate,
+        }),
+        // The message never repeats the URL: it may hold an API key.
+        _ => Err("must be an http:// or https:// URL with a host".into()),
+    }
 }
 
 /// Rules that involve more than one stream.
@@ -355,12 +446,15 @@ fn check_timeouts(db: &DatabaseConfig, streams: &[StreamConfig], problems: &mut 
         });
     }
     for (i, s) in streams.iter().enumerate() {
-        if s.rpc_timeout >= db.idle_in_transaction_timeout {
+        let worst = s.rpc_timeout.saturating_mul(s.rpc_attempts);
+        if worst >= db.idle_in_transaction_timeout {
             problems.push(Problem {
                 key: format!("streams[{i}].rpc_timeout"),
                 message: format!(
-                    "({}) must be shorter than database.idle_in_transaction_timeout ({}): the transaction is idle while an RPC request runs",
+                    "({}) × rpc_attempts ({}) = {} must be shorter than database.idle_in_transaction_timeout ({}): the transaction is idle while RPC requests run",
                     humantime::format_duration(s.rpc_timeout),
+                    s.rpc_attempts,
+                    humantime::format_duration(worst),
                     humantime::format_duration(db.idle_in_transaction_timeout)
                 ),
             });
@@ -486,6 +580,17 @@ impl<'a> Fields<'a> {
             }
         }
         ok.then_some(out)
+    }
+
+    /// One of `choices` (by name); `default` when absent.
+    fn choice<T: Copy>(&mut self, key: &'static str, default: &str, choices: &[(&str, T)]) -> Option<T> {
+        let text = self.optional::<String>(key).unwrap_or_else(|| default.to_string());
+        let found = choices.iter().find(|(name, _)| *name == text).map(|(_, v)| *v);
+        if found.is_none() {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            self.problem(key, format!("must be one of {names:?}, got {text:?}"));
+        }
+        found
     }
 
     fn table(&mut self, key: &'static str) -> Option<toml::Table> {

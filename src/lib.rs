@@ -14,6 +14,7 @@
 //! | [`poller`]   | the tick (one transaction) and the per-stream loop            |
 //! | [`app`]      | build (connect, migrate, verify chain, seed) and run (drain)  |
 //! | [`status`]   | `logcursor status`                                            |
+//! | [`admin`]    | `logcursor rewind`                                            |
 //! | [`cli`]      | command line                                                  |
 //! | [`shutdown`] | SIGTERM/SIGINT → cancellation token                           |
 //! | [`telemetry`]| tracing subscriber and OTLP export                            |
@@ -27,9 +28,11 @@
 //! - **I1** every canonical log at or below the cursor is stored exactly
 //!   once, keyed by (chain_id, tx_hash, log_index) — [`store::events`].
 //! - **I2** no stored row comes from an orphaned block at or below the safe
-//!   head — only blocks at or below `latest − confirmations` are read
-//!   ([`poller::tick`]); deeper reorgs are detected by later work.
-//! - **I3** the cursor never moves backward — [`store::cursor::advance`].
+//!   head — only blocks at or below the safe head are read, and every tick
+//!   first checks the stored hash of the cursor's block ([`poller::tick`],
+//!   [`store::reorg`]).
+//! - **I3** the cursor never moves backward — [`store::cursor::advance`];
+//!   the one exception is an audited rewind ([`store::reorg::rewind`]).
 //! - **I4** no gaps: the chain's logs for (start, cursor] equal the stored
 //!   rows — events and cursor commit in one transaction ([`poller::tick`]).
 //! - **I5** after faults stop, the cursor reaches the safe head within a
@@ -37,6 +40,7 @@
 //! - **I6** no session stays idle in transaction longer than the configured
 //!   bound — [`poller::tick`] and [`config`] (RPC deadline < idle timeout).
 
+pub mod admin;
 pub mod app;
 pub mod chain;
 pub mod cli;

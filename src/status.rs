@@ -25,6 +25,8 @@ pub struct StreamStatus {
     pub updated_secs_ago: Option<u64>,
     /// Why the head is unknown, when it is.
     pub rpc_error: Option<String>,
+    /// Why the stream is halted, when it is (e.g. a deep reorg under `halt`).
+    pub halted: Option<String>,
 }
 
 /// Reads every configured stream's status.
@@ -35,9 +37,9 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
     for s in &cfg.streams {
         let row = cursor::get(&**client, &s.name).await?;
         let stored = events::count(&**client, &s.name).await?;
-        let chain = ChainClient::new(&s.rpc_urls, s.rpc_timeout);
+        let chain = ChainClient::new(&s.rpc, crate::poller::client_options(s));
         let head = match chain {
-            Ok(c) => c.block_number().await.map_err(|e| e.to_string()),
+            Ok(c) => c.pick().block_number().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let safe_head = head.as_ref().ok().map(|h| h.saturating_sub(s.confirmations));
@@ -59,6 +61,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
                 .and_then(|r| r.updated_at.elapsed().ok())
                 .map(|d| d.as_secs()),
             rpc_error: head.err(),
+            halted: row.as_ref().and_then(|r| r.halted_reason.clone()),
         });
     }
     db.close();

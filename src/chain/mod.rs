@@ -4,6 +4,7 @@
 //! - [`client`]: JSON-RPC over HTTP with a deadline on every request (ethers'
 //!   own `Http` transport has none) and errors typed by kind, so callers
 //!   decide what is retryable from the variant, never from message text.
+//! - [`range`]: providers' "range too large" answers and the adaptive span.
 //! - [`abi`]: human-readable event signatures → topic0 filter and decoder
 //!   into the `events.params` JSON encoding.
 //!
@@ -12,11 +13,12 @@
 
 pub mod abi;
 pub mod client;
+pub mod range;
 
 use std::fmt;
 use std::str::FromStr;
 
-pub use client::{ChainClient, ChainError, ChainErrorKind};
+pub use client::{ChainClient, ChainError, ChainErrorKind, ClientOptions, EndpointConfig, Rpc};
 
 /// A 20-byte account or contract address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

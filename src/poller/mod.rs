@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::abi::{DecodeError, EventSet};
-use crate::chain::{ChainClient, ChainError, Hash32, LogFilter};
+use crate::chain::{ChainClient, ChainError, ClientOptions, Hash32, LogFilter};
 use crate::config::{DatabaseConfig, StreamConfig};
 use crate::store::pool::Database;
 use crate::store::StoreError;
@@ -48,13 +48,23 @@ impl Stream {
             addresses: cfg.addresses.clone(),
             topic0s: events.topic0s(),
         };
-        let chain = ChainClient::new(&cfg.rpc_urls, cfg.rpc_timeout).map_err(|e| e.to_string())?;
+        let chain = ChainClient::new(&cfg.rpc, client_options(&cfg)).map_err(|e| e.to_string())?;
         Ok(Stream {
             cfg,
             events,
             filter,
             chain,
         })
+    }
+}
+
+/// The RPC client settings of a stream.
+pub fn client_options(cfg: &StreamConfig) -> ClientOptions {
+    ClientOptions {
+        timeout: cfg.rpc_timeout,
+        attempts: cfg.rpc_attempts,
+        cooldown: cfg.rpc_cooldown,
+        max_block_range: cfg.max_block_range,
     }
 }
 
@@ -120,6 +130,10 @@ pub enum TickOutcome {
         lock_wait: Duration,
         lock_hold: Duration,
     },
+    /// A reorg below the safe head: events above `to` were deleted and the
+    /// cursor moved back from `from` to `to`, the newest stored block that
+    /// is still canonical (audited in `cursor_rewinds`).
+    Rewound { from: i64, to: i64, events_deleted: u64 },
 }
 
 /// Why a tick rolled back.
@@ -137,8 +151,13 @@ pub enum TickError {
         log_index: u64,
         source: DecodeError,
     },
-    #[error("the node has no block {block} although it reports head {head}")]
-    MissingBlock { block: u64, head: u64 },
+    /// A reorg below the safe head that the stream's policy does not rewind:
+    /// the stream is halted (recorded in `block_cursors.halted_reason`).
+    #[error("stream {stream} halted: {reason}")]
+    DeepReorg { stream: String, reason: String },
+    /// The RPC work of one tick took longer than its share of the idle timeout.
+    #[error("RPC requests of this tick took longer than {budget:?} (90% of idle_in_transaction_timeout); rolled back before the server would end the session")]
+    RpcBudget { budget: Duration },
     /// Shutdown interrupted the wait for the lock; nothing was done.
     #[error("cancelled while waiting for the cursor lock")]
     Cancelled,
@@ -185,6 +204,7 @@ impl Poller {
                     consecutive_failures = 0;
                     self.stream.cfg.poll_interval
                 }
+                Ok(TickOutcome::Rewound { .. }) => Duration::ZERO,
                 Err(TickError::Cancelled) => break,
                 Err(e) if e.is_lock_timeout() => {
                     self.stats.lock_timeouts.fetch_add(1, Ordering::Relaxed);

@@ -5,11 +5,15 @@
 //! BEGIN ISOLATION LEVEL READ COMMITTED
 //! set_config(lock_timeout / statement_timeout / idle_in_transaction_session_timeout, local)
 //! SELECT … FROM block_cursors WHERE id = $stream FOR UPDATE   -- replicas queue here
-//! range := [cursor+1, min(latest − confirmations, cursor + max_block_range)]
+//! pick one endpoint for the whole tick
+//! head ≥ cursor?  (else: the endpoint lags; fail, pass it over)
+//! header(cursor).hash = stored hash?  (else: deep reorg → halt or rewind)
+//! range := [cursor+1, min(latest − confirmations, [finalized], cursor + max_block_range)]
 //!   empty → COMMIT (nothing changed), caller waits poll_interval
-//! eth_getLogs(range) ∥ header(range end)
+//! eth_getLogs(range) in adaptive spans; headers of every block with logs + the
+//!   range end in one batch; every log's block hash must match its header
 //! decode every log (any failure fails the tick: nothing is skipped)
-//! INSERT … ON CONFLICT DO NOTHING (duplicates counted)
+//! INSERT … ON CONFLICT DO NOTHING (duplicates counted); remember block hashes
 //! UPDATE block_cursors … WHERE last_processed_block = $old   -- exactly 1 row
 //! COMMIT
 //! ```
@@ -34,9 +38,28 @@ use tracing::{field, info_span, Instrument};
 
 use super::{Poller, TickError, TickOutcome};
 use crate::chain::abi::DecodeError;
-use crate::chain::{Header, RawLog};
+use crate::chain::{ChainErrorKind, Hash32, RawLog, Rpc};
+use crate::config::DeepReorgPolicy;
 use crate::store::events::NewEvent;
-use crate::store::{cursor, events, StoreError};
+use crate::store::{cursor, events, reorg, StoreError};
+
+/// What the RPC phase of a tick found, before anything is written.
+enum Fetched {
+    /// The cursor is at the safe head.
+    Idle { head: u64, safe_head: u64 },
+    /// The block under the cursor is no longer canonical.
+    Reorged { canonical: Hash32 },
+    /// A range to store: its logs, and the hashes of its last block and of
+    /// every block with logs (all checked against headers).
+    Range {
+        from: u64,
+        to: u64,
+        head: u64,
+        logs: Vec<RawLog>,
+        hashes: Vec<(u64, Hash32)>,
+        last_hash: Hash32,
+    },
+}
 
 impl Poller {
     /// Runs one tick. `cancel` interrupts only the wait for the row lock
@@ -49,6 +72,7 @@ impl Poller {
             stream = %self.stream.cfg.name,
             chain_id = self.stream.cfg.chain_id,
             replica = %self.replica_id,
+            endpoint = field::Empty,
             from_block = field::Empty,
             to_block = field::Empty,
             events_inserted = field::Empty,
@@ -58,14 +82,15 @@ impl Poller {
     )]
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
         let result = self.tick_inner(cancel).await;
-        let span = tracing::Span::current();
-        match &result {
-            Ok(TickOutcome::Idle { .. }) => span.record("outcome", "idle"),
-            Ok(TickOutcome::Advanced { .. }) => span.record("outcome", "advanced"),
-            Err(TickError::Cancelled) => span.record("outcome", "cancelled"),
-            Err(e) if e.is_lock_timeout() => span.record("outcome", "lock_timeout"),
-            Err(_) => span.record("outcome", "error"),
+        let outcome = match &result {
+            Ok(TickOutcome::Idle { .. }) => "idle",
+            Ok(TickOutcome::Advanced { .. }) => "advanced",
+            Ok(TickOutcome::Rewound { .. }) => "rewound",
+            Err(TickError::Cancelled) => "cancelled",
+            Err(e) if e.is_lock_timeout() => "lock_timeout",
+            Err(_) => "error",
         };
+        tracing::Span::current().record("outcome", outcome);
         result
     }
 
@@ -105,36 +130,40 @@ impl Poller {
         let lock_wait = wait_started.elapsed();
         let locked_at = Instant::now();
 
-        let head = s.chain.block_number().await?;
-        let safe_head = head.saturating_sub(s.cfg.confirmations);
-        let Some((from, to)) = plan_range(current.last_processed_block, safe_head, s.cfg.max_block_range) else {
-            tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
-            return Ok(TickOutcome::Idle {
-                cursor: current.last_processed_block,
+        let rpc = s.chain.pick();
+        tracing::Span::current().record("endpoint", rpc.endpoint());
+        let fetched = match self.within_budget(self.fetch(&rpc, &current)).await {
+            Err(e) => {
+                if matches!(&e, TickError::Chain(c) if c.is_endpoint_fault()) {
+                    rpc.cool_down();
+                }
+                return Err(e);
+            }
+            Ok(f) => f,
+        };
+        let (from, to, head, logs, hashes, last_hash) = match fetched {
+            Fetched::Idle { head, safe_head } => {
+                tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
+                return Ok(TickOutcome::Idle {
+                    cursor: current.last_processed_block,
+                    head,
+                    safe_head,
+                    lock_wait,
+                });
+            }
+            Fetched::Reorged { canonical } => return self.deep_reorg(tx, &rpc, current, canonical).await,
+            Fetched::Range {
+                from,
+                to,
                 head,
-                safe_head,
-                lock_wait,
-            });
+                logs,
+                hashes,
+                last_hash,
+            } => (from, to, head, logs, hashes, last_hash),
         };
         let span = tracing::Span::current();
         span.record("from_block", from);
         span.record("to_block", to);
-
-        let (logs, last_header) = tokio::try_join!(
-            s.chain.get_logs(from, to, &s.filter).instrument(info_span!(
-                "rpc.eth_getLogs",
-                rpc.method = "eth_getLogs",
-                from,
-                to
-            )),
-            s.chain.header(to).instrument(info_span!(
-                "rpc.eth_getBlockByNumber",
-                rpc.method = "eth_getBlockByNumber",
-                block = to
-            )),
-        )?;
-        let last_header = last_header.ok_or(TickError::MissingBlock { block: to, head })?;
-        check_last_block(&logs, &last_header).map_err(|reason| s.chain.inconsistent("eth_getLogs", reason))?;
 
         let rows = info_span!("decode", logs = logs.len()).in_scope(|| self.decode_all(&logs))?;
         let outcome = events::insert(&*tx, name, s.cfg.chain_id, &rows)
@@ -145,12 +174,14 @@ impl Poller {
                 rows = rows.len()
             ))
             .await?;
+        let hashes: Vec<(i64, Hash32)> = hashes.into_iter().map(|(n, h)| (to_i64(n), h)).collect();
+        reorg::remember_hashes(&*tx, name, &hashes, to_i64(to), s.cfg.max_reorg_depth).await?;
         cursor::advance(
             &*tx,
             name,
             current.last_processed_block,
             to_i64(to),
-            last_header.hash,
+            last_hash,
             &self.replica_id,
         )
         .instrument(info_span!(
@@ -179,6 +210,179 @@ impl Poller {
             duplicates: outcome.duplicates,
             lock_wait,
             lock_hold: locked_at.elapsed(),
+        })
+    }
+
+    /// The RPC work of a tick must end before the server's idle-in-transaction
+    /// timeout would end the session (I6): give up a little earlier, cleanly.
+    async fn within_budget<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, TickError>>,
+    ) -> Result<T, TickError> {
+        let budget = self.limits.idle_in_transaction_timeout.mul_f64(0.9);
+        tokio::time::timeout(budget, work)
+            .await
+            .unwrap_or(Err(TickError::RpcBudget { budget }))
+    }
+
+    /// Everything the tick needs from the chain, from one endpoint, checked
+    /// for consistency: the head is not behind the cursor, the cursor's block
+    /// still has its stored hash, every log carries its header's hash.
+    async fn fetch(&self, rpc: &Rpc<'_>, current: &cursor::Cursor) -> Result<Fetched, TickError> {
+        let cfg = &self.stream.cfg;
+        let head = rpc
+            .block_number()
+            .instrument(info_span!(
+                "rpc.eth_blockNumber",
+                rpc.system = "jsonrpc",
+                rpc.method = "eth_blockNumber"
+            ))
+            .await?;
+        let cursor_block = u64::try_from(current.last_processed_block).ok();
+        if let Some(c) = cursor_block.filter(|c| *c > head) {
+            return Err(rpc
+                .error("eth_blockNumber", ChainErrorKind::Lagging { head, needed: c })
+                .into());
+        }
+        if let (Some(c), Some(stored)) = (cursor_block, current.last_block_hash) {
+            let canonical = self.canonical_hashes(rpc, &[c]).await?[0];
+            if canonical != stored {
+                return Ok(Fetched::Reorged { canonical });
+            }
+        }
+        let mut safe_head = head.saturating_sub(cfg.confirmations);
+        if let Some(tag) = cfg.finality.tag() {
+            // A node without the tag (pre-merge, some L2s) has nothing final yet.
+            let tagged = rpc.tagged_header(tag).await?.map_or(0, |h| h.number);
+            safe_head = safe_head.min(tagged);
+        }
+        let Some((from, to)) = plan_range(current.last_processed_block, safe_head, cfg.max_block_range) else {
+            return Ok(Fetched::Idle { head, safe_head });
+        };
+        let (logs, to) = rpc
+            .get_logs(from, to, &self.stream.filter)
+            .instrument(info_span!(
+                "rpc.eth_getLogs",
+                rpc.system = "jsonrpc",
+                rpc.method = "eth_getLogs",
+                from,
+                to
+            ))
+            .await?;
+        let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
+        blocks.dedup();
+        let hashes: Vec<(u64, Hash32)> = blocks
+            .iter()
+            .copied()
+            .zip(self.canonical_hashes(rpc, &blocks).await?)
+            .collect();
+        for log in &logs {
+            let header = hashes.iter().find(|(n, _)| *n == log.block_number).map(|(_, h)| *h);
+            if header != Some(log.block_hash) {
+                let reason = format!(
+                    "log {} of tx {} names block {} as {}, but its header says {}",
+                    log.log_index,
+                    log.tx_hash,
+                    log.block_number,
+                    log.block_hash,
+                    header.map_or("nothing".into(), |h| h.to_string())
+                );
+                return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
+            }
+        }
+        let last_hash = hashes.last().map(|(_, h)| *h).unwrap_or(Hash32([0; 32]));
+        Ok(Fetched::Range {
+            from,
+            to,
+            head,
+            logs,
+            hashes,
+            last_hash,
+        })
+    }
+
+    /// The canonical hashes of `blocks` (one batched request); a block the
+    /// node does not have means it is lagging.
+    async fn canonical_hashes(&self, rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Hash32>, TickError> {
+        let headers = rpc
+            .headers(blocks)
+            .instrument(info_span!(
+                "rpc.eth_getBlockByNumber",
+                rpc.system = "jsonrpc",
+                rpc.method = "eth_getBlockByNumber",
+                blocks = blocks.len()
+            ))
+            .await?;
+        blocks
+            .iter()
+            .zip(headers)
+            .map(|(n, h)| {
+                h.map(|h| h.hash).ok_or_else(|| {
+                    let head = blocks.iter().copied().min().unwrap_or(0).saturating_sub(1);
+                    rpc.error("eth_getBlockByNumber", ChainErrorKind::Lagging { head, needed: *n })
+                        .into()
+                })
+            })
+            .collect()
+    }
+
+    /// The block under the cursor was reorganised away: halt the stream, or
+    /// rewind it to the newest stored block that is still canonical.
+    async fn deep_reorg(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        rpc: &Rpc<'_>,
+        current: cursor::Cursor,
+        canonical: Hash32,
+    ) -> Result<TickOutcome, TickError> {
+        let cfg = &self.stream.cfg;
+        let name = cfg.name.as_str();
+        let height = current.last_processed_block;
+        let stored = current.last_block_hash.unwrap_or(Hash32([0; 32]));
+        let found = format!("block {height} was {stored} when processed, the chain now has {canonical}");
+        let ancestor = match cfg.on_deep_reorg {
+            DeepReorgPolicy::Halt => None,
+            DeepReorgPolicy::Rewind => {
+                let candidates = reorg::recent_hashes(&*tx, name, height, cfg.max_reorg_depth).await?;
+                let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
+                let now = self.within_budget(self.canonical_hashes(rpc, &numbers)).await?;
+                candidates
+                    .into_iter()
+                    .zip(now)
+                    .find(|((_, was), is)| was == is)
+                    .map(|((n, h), _)| (n, h))
+            }
+        };
+        let Some((to, to_hash)) = ancestor else {
+            let reason = match cfg.on_deep_reorg {
+                DeepReorgPolicy::Halt => format!("reorg below the safe head: {found}; on_deep_reorg = \"halt\": run `logcursor rewind --stream {name} --to N`"),
+                DeepReorgPolicy::Rewind => format!("reorg below the safe head: {found}; no stored block within max_reorg_depth = {} is still canonical", cfg.max_reorg_depth),
+            };
+            reorg::halt(&*tx, name, &reason).await?;
+            tx.commit().await.map_err(StoreError::db("commit halt"))?;
+            return Err(TickError::DeepReorg {
+                stream: name.to_string(),
+                reason,
+            });
+        };
+        let reason = format!("reorg below the safe head: {found}");
+        let deleted = reorg::rewind(
+            &*tx,
+            name,
+            height,
+            to,
+            Some(stored),
+            Some(to_hash),
+            &reason,
+            &self.replica_id,
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::db("commit rewind"))?;
+        tracing::warn!(stream = name, from = height, to, events_deleted = deleted, %stored, %canonical, "deep reorg: rewound the cursor to the common ancestor");
+        Ok(TickOutcome::Rewound {
+            from: height,
+            to,
+            events_deleted: deleted,
         })
     }
 
@@ -222,22 +426,6 @@ pub fn plan_range(cursor: i64, safe_head: u64, max_range: u64) -> Option<(u64, u
     let from = u64::try_from(cursor + 1).ok()?;
     let to = safe_head.min(from.saturating_add(max_range.max(1) - 1));
     (to >= from).then_some((from, to))
-}
-
-/// Logs of the range's last block must carry that block's hash; otherwise
-/// the node answered the two calls from different forks (a reorg between
-/// them, or a load balancer in front of nodes that disagree).
-fn check_last_block(logs: &[RawLog], last: &Header) -> Result<(), String> {
-    match logs
-        .iter()
-        .find(|l| l.block_number == last.number && l.block_hash != last.hash)
-    {
-        None => Ok(()),
-        Some(l) => Err(format!(
-            "log {} of tx {} names block {} as {}, but the header says {}",
-            l.log_index, l.tx_hash, l.block_number, l.block_hash, last.hash
-        )),
-    }
 }
 
 fn millis(d: Duration) -> String {

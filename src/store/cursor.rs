@@ -26,6 +26,8 @@ pub struct CursorRow {
     pub cursor: Cursor,
     pub updated_at: std::time::SystemTime,
     pub updated_by: Option<String>,
+    /// Why the stream is halted, when it is.
+    pub halted_reason: Option<String>,
 }
 
 /// Creates the stream's row at `start_block - 1` unless it exists; returns
@@ -71,7 +73,8 @@ pub async fn advance<C: GenericClient>(c: &C, stream: &str, old: i64, new: i64, 
     let rows = c
         .execute_typed(
             "UPDATE block_cursors
-                SET last_processed_block = $3, last_block_hash = $4, updated_at = now(), updated_by = $5
+                SET last_processed_block = $3, last_block_hash = $4, updated_at = now(), updated_by = $5,
+                    halted_at = NULL, halted_reason = NULL
               WHERE id = $1 AND last_processed_block = $2 AND $3 > $2",
             &[
                 (&stream, Type::TEXT),
@@ -97,7 +100,8 @@ pub async fn advance<C: GenericClient>(c: &C, stream: &str, old: i64, new: i64, 
 pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorRow>> {
     let row = c
         .query_typed_opt(
-            "SELECT last_processed_block, last_block_hash, updated_at, updated_by FROM block_cursors WHERE id = $1",
+            "SELECT last_processed_block, last_block_hash, updated_at, updated_by, halted_reason
+               FROM block_cursors WHERE id = $1",
             &[(&stream, Type::TEXT)],
         )
         .await
@@ -109,6 +113,7 @@ pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorR
         },
         updated_at: r.get(2),
         updated_by: r.get(3),
+        halted_reason: r.get(4),
     }))
 }
 

@@ -20,11 +20,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../sql/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../sql/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "reorgs",
+        sql: include_str!("../../sql/0002_reorgs.sql"),
+    },
+];
 
 /// Advisory lock key that serializes migrations ("logcurso" in ASCII).
 pub const MIGRATION_LOCK_KEY: i64 = 0x6c6f_6763_7572_736f;

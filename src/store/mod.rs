@@ -11,6 +11,7 @@ pub mod cursor;
 pub mod events;
 pub mod migrate;
 pub mod pool;
+pub mod reorg;
 
 pub use tokio_postgres::GenericClient;
 

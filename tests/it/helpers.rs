@@ -225,6 +225,34 @@ impl Chain {
         total
     }
 
+    /// Replaces the last `depth` blocks; each `(count, base)` becomes a burn
+    /// in the first replacement block. Resyncs the nonce afterwards.
+    pub async fn reorg(&self, emitter: &str, depth: u64, burns: &[(u64, u64)]) {
+        let txs: Vec<Value> = burns
+            .iter()
+            .map(|(count, base)| {
+                let data = format!(
+                    "0x{}{}{}",
+                    method_id("burn(uint256,uint256)"),
+                    word(*count),
+                    word(*base)
+                );
+                json!([{"from": self.from, "to": emitter, "data": data, "gas": "0xf4240"}, 0])
+            })
+            .collect();
+        self.rpc("anvil_reorg", json!([depth, txs])).await;
+        let next = self.rpc("eth_getTransactionCount", json!([self.from, "pending"])).await;
+        self.nonce.store(hex_i64(&next) as u64, Ordering::SeqCst);
+    }
+
+    /// The canonical hash of block `n`.
+    pub async fn block_hash(&self, n: i64) -> String {
+        let b = self
+            .rpc("eth_getBlockByNumber", json!([format!("{n:#x}"), false]))
+            .await;
+        b["hash"].as_str().expect("block hash").to_string()
+    }
+
     pub async fn mine(&self, blocks: u64) {
         self.rpc("anvil_mine", json!([format!("{blocks:#x}")])).await;
     }
@@ -334,12 +362,12 @@ where
 pub fn config_toml(db_url: &str, rpc: &str, emitter: &str, stream_extra: &str, db_extra: &str) -> String {
     let database = format!(
         "url = \"{db_url}\"\npool_size = 4\nlock_timeout = \"2s\"\nstatement_timeout = \"10s\"\n\
-         idle_in_transaction_timeout = \"10s\"\nconnect_retry_for = \"5s\""
+         idle_in_transaction_timeout = \"20s\"\nconnect_retry_for = \"5s\""
     );
     let stream = format!(
         "name = \"burns\"\nchain_id = 31337\nrpc_urls = [\"{rpc}\"]\naddresses = [\"{emitter}\"]\n\
          events = [\"{BURNED}\"]\nstart_block = 0\nconfirmations = 0\nmax_block_range = 50\n\
-         poll_interval = \"50ms\"\nrpc_timeout = \"5s\""
+         poll_interval = \"50ms\"\nrpc_timeout = \"2s\""
     );
     format!(
         "[database]\n{}\n\n[service]\nshutdown_grace = \"10s\"\n\n[[streams]]\n{}\n",

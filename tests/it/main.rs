@@ -8,7 +8,9 @@
     reason = "test helpers: a failed expectation is a failed test"
 )]
 
+mod chain;
 mod faults;
 mod helpers;
 mod ingest;
 mod process;
+mod proxy;

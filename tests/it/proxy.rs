@@ -1,0 +1,171 @@
+//! A fault-injecting JSON-RPC proxy in front of anvil: each request goes
+//! through a rule that forwards it, answers with an error, rewrites the
+//! answer, sends a broken body, or never answers. Every request is recorded.
+//! HTTP/1.1 with `Connection: close`: one request per connection keeps it
+//! small, and reqwest simply opens a new connection each time.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What to do with one request.
+pub enum Action {
+    Forward,
+    /// Answer with this HTTP status and body, without asking anvil.
+    Reply(u16, String),
+    /// Forward, then rewrite anvil's JSON answer.
+    Rewrite(Box<dyn FnOnce(Value) -> Value + Send>),
+    /// Never answer (the client's deadline fires).
+    Hang,
+}
+
+type Rule = Box<dyn FnMut(&Value) -> Action + Send>;
+
+pub struct Proxy {
+    pub url: String,
+    rule: Arc<Mutex<Rule>>,
+    seen: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The method of a request (of its first element, for a batch).
+pub fn method_of(request: &Value) -> &str {
+    let first = request.as_array().and_then(|a| a.first()).unwrap_or(request);
+    first["method"].as_str().unwrap_or("")
+}
+
+/// `(from, to)` of an eth_getLogs request.
+pub fn log_range(request: &Value) -> Option<(u64, u64)> {
+    if method_of(request) != "eth_getLogs" {
+        return None;
+    }
+    let filter = &request["params"][0];
+    let num = |k: &str| u64::from_str_radix(filter[k].as_str()?.trim_start_matches("0x"), 16).ok();
+    Some((num("fromBlock")?, num("toBlock")?))
+}
+
+/// A JSON-RPC error answer to `request`.
+pub fn rpc_error(request: &Value, code: i64, message: &str, data: Option<Value>) -> Action {
+    let mut error = serde_json::json!({"code": code, "message": message});
+    if let Some(d) = data {
+        error["data"] = d;
+    }
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": request["id"], "error": error});
+    Action::Reply(200, body.to_string())
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("proxy addr"));
+        let rule: Arc<Mutex<Rule>> = Arc::new(Mutex::new(Box::new(|_| Action::Forward)));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let http = reqwest::Client::new();
+        let (r, s, upstream) = (rule.clone(), seen.clone(), upstream.to_string());
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let (r, s, http, upstream) = (r.clone(), s.clone(), http.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let _ = serve(conn, r, s, http, upstream).await;
+                });
+            }
+        });
+        Proxy { url, rule, seen, task }
+    }
+
+    /// Replaces the rule.
+    pub fn set(&self, rule: impl FnMut(&Value) -> Action + Send + 'static) {
+        *self.rule.lock().expect("rule lock") = Box::new(rule);
+    }
+
+    /// Forwards everything from now on.
+    pub fn pass(&self) {
+        self.set(|_| Action::Forward);
+    }
+
+    /// Every request seen so far, in arrival order.
+    pub fn seen(&self) -> Vec<Value> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+
+    pub fn forget(&self) {
+        self.seen.lock().expect("seen lock").clear();
+    }
+}
+
+async fn serve(
+    mut conn: TcpStream,
+    rule: Arc<Mutex<Rule>>,
+    seen: Arc<Mutex<Vec<Value>>>,
+    http: reqwest::Client,
+    upstream: String,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (header_end, length) = loop {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while buf.len() < header_end + length {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[header_end..header_end + length].to_vec();
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    seen.lock().expect("seen lock").push(request.clone());
+    let action = (rule.lock().expect("rule lock"))(&request);
+    let forward = || async {
+        let resp = http
+            .post(&upstream)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("upstream");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("upstream body"))
+    };
+    let (status, text) = match action {
+        Action::Forward => forward().await,
+        Action::Reply(status, text) => (status, text),
+        Action::Rewrite(f) => {
+            let (status, text) = forward().await;
+            let v: Value = serde_json::from_str(&text).expect("upstream json");
+            (status, f(v).to_string())
+        }
+        Action::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return Ok(());
+        }
+    };
+    let response = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    conn.write_all(response.as_bytes()).await?;
+    conn.shutdown().await
+}
