@@ -536,3 +536,31 @@ async fn a_deep_reorg_under_rewind_leaves_exactly_the_canonical_logs_and_one_aud
         "the replacement blocks' events are stored: {amounts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finality_tags_bound_the_safe_head_and_the_lower_bound_wins() {
+    let anvil = Anvil::start().await;
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 30, |_| 1).await;
+    chain.mine(70).await;
+    let tag_number = |tag: &'static str| {
+        let chain = chain.clone();
+        async move { hex_i64(&chain.rpc("eth_getBlockByNumber", json!([tag, false])).await["number"]) }
+    };
+    for (finality, confirmations) in [("finalized", 0), ("safe", 0), ("safe", 60)] {
+        let db = TestDb::new().await;
+        let extra = format!("finality = \"{finality}\"\nconfirmations = {confirmations}");
+        let app = build(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")).await;
+        drive_until_idle(&app).await;
+        let expected = tag_number(if finality == "finalized" { "finalized" } else { "safe" })
+            .await
+            .min(chain.block_number().await - confirmations);
+        let cursor = cursor_of(&db.client().await, "burns").await;
+        assert_eq!(
+            cursor,
+            Some(expected),
+            "finality = {finality}, confirmations = {confirmations}"
+        );
+    }
+}
