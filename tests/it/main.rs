@@ -9,6 +9,7 @@
 )]
 
 mod chain;
+mod deploy;
 mod faults;
 mod helpers;
 mod ingest;

@@ -1,0 +1,106 @@
+//! The deploy manifests cannot be applied here (no cluster, no Docker
+//! engine), so they are checked by construction: every YAML file parses, the
+//! config they ship passes the binary's own validation, and the Deployment
+//! has what operating N replicas needs.
+
+use std::path::{Path, PathBuf};
+
+use logcursor::config::{Config, EnvOverrides};
+use serde_yaml::Value;
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read deploy dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(yaml_files(&path));
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn documents() -> Vec<(PathBuf, Value)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut docs = Vec::new();
+    for path in yaml_files(&root) {
+        let text = std::fs::read_to_string(&path).expect("read yaml");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::with::singleton_map_recursive::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+            docs.push((path.clone(), v));
+        }
+    }
+    docs
+}
+
+fn kind<'a>(docs: &'a [(PathBuf, Value)], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|(_, d)| d["kind"] == kind).map(|(_, d)| d).collect()
+}
+
+#[test]
+fn the_kubernetes_manifests_parse_and_ship_a_valid_config_for_three_graceful_replicas() {
+    let docs = documents();
+    assert!(docs.len() >= 4, "found {} YAML documents", docs.len());
+
+    let maps = kind(&docs, "ConfigMap");
+    let toml = maps[0]["data"]["logcursor.toml"]
+        .as_str()
+        .expect("logcursor.toml in the ConfigMap");
+    let env = EnvOverrides {
+        database_url: Some("postgres://u@db:5432/logcursor".into()),
+    };
+    let config = Config::parse(toml, "deploy/kubernetes/configmap.yaml", &env).unwrap_or_else(|e| panic!("{e}"));
+
+    let deployment = kind(&docs, "Deployment")[0];
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    let needed = config.service.shutdown_grace + config.database.lock_timeout;
+    assert!(
+        grace > needed.as_secs(),
+        "grace {grace}s must exceed shutdown_grace + lock_timeout ({needed:?})"
+    );
+    let container = &pod["containers"][0];
+    assert!(container["image"].as_str().is_some_and(|i| i.starts_with("logcursor")));
+    assert_eq!(container["args"][0], "run");
+    let env_names: Vec<&str> = container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for name in ["LOGCURSOR_CONFIG", "DATABASE_URL", "LOGCURSOR_REPLICA_ID"] {
+        assert!(env_names.contains(&name), "{name} missing from {env_names:?}");
+    }
+    let db_url = container["env"]
+        .as_sequence()
+        .and_then(|s| s.iter().find(|e| e["name"] == "DATABASE_URL"))
+        .expect("DATABASE_URL");
+    assert!(
+        db_url["valueFrom"]["secretKeyRef"]["name"].is_string(),
+        "DATABASE_URL comes from a Secret"
+    );
+    let sc = &container["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+}
+
+#[test]
+fn the_dockerfile_builds_the_binary_and_runs_it_unprivileged() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).expect("Dockerfile");
+    let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
+    assert!(stages >= 2, "multi-stage");
+    assert!(text.contains("cargo build --release --locked"));
+    assert!(
+        text.contains("COPY sql sql"),
+        "migrations are compiled in (include_str!)"
+    );
+    let user = text.lines().rev().find(|l| l.starts_with("USER ")).expect("USER");
+    assert!(!user.contains("root") && !user.contains(" 0"), "{user}");
+    assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/logcursor\"]"));
+}
