@@ -52,11 +52,41 @@ pub enum Command {
         #[arg(long)]
         to: i64,
     },
+    /// Dead letters: logs that did not decode, kept whole.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Print each stream's cursor, heads, lag and event count.
     Status {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this stream's.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Show one dead letter whole: topics, data, error, attempts.
+    Show { id: i64 },
+    /// Fetch again, decode with the current config, store what decodes.
+    Replay {
+        /// Dead letter ids (or --all).
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Discard {
+        #[arg(required = true)]
+        ids: Vec<i64>,
     },
 }
 
@@ -123,6 +153,7 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
             );
             Ok(())
         }
+        Command::Dlq { action } => dlq(action, cfg, replica_id).await,
         Command::Status { json } => {
             let rows = crate::status::collect(cfg, replica_id).await?;
             if *json {
@@ -133,4 +164,70 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
             Ok(())
         }
     }
+}
+
+async fn dlq(action: &DlqAction, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+    use crate::admin;
+    match action {
+        DlqAction::List { stream } => {
+            let rows = admin::dlq_list(cfg, replica_id, stream.as_deref(), &[]).await?;
+            println!(
+                "{:>6}  {:<12} {:>10}  {:<68} {:>5}  {:>8}  ERROR",
+                "ID", "STREAM", "BLOCK", "TX", "LOG", "ATTEMPTS"
+            );
+            for d in &rows {
+                println!(
+                    "{:>6}  {:<12} {:>10}  {:<68} {:>5}  {:>8}  {}",
+                    d.id,
+                    d.stream,
+                    d.log.block_number,
+                    d.log.tx_hash.to_string(),
+                    d.log.log_index,
+                    d.attempts,
+                    d.error
+                );
+            }
+            println!("{} dead letters", rows.len());
+        }
+        DlqAction::Show { id } => {
+            let rows = admin::dlq_list(cfg, replica_id, None, &[*id]).await?;
+            let Some(d) = rows.first() else {
+                return Err(AppError::Stream {
+                    stream: "-".into(),
+                    reason: format!("no dead letter with id {id}"),
+                });
+            };
+            println!(
+                "id:           {}\nstream:       {}\nchain id:     {}",
+                d.id, d.stream, d.chain_id
+            );
+            println!(
+                "block:        {} ({})\ntx:           {}\nlog index:    {}",
+                d.log.block_number, d.log.block_hash, d.log.tx_hash, d.log.log_index
+            );
+            println!("address:      {}", d.log.address);
+            for (i, t) in d.log.topics.iter().enumerate() {
+                println!("topic[{i}]:     {t}");
+            }
+            println!("data:         0x{}", hex::encode(&d.log.data));
+            println!("error:        {}\nattempts:     {}", d.error, d.attempts);
+        }
+        DlqAction::Replay { ids, all } => {
+            let ids: &[i64] = if *all { &[] } else { ids };
+            let r = admin::dlq_replay(cfg, replica_id, ids).await?;
+            for (id, why) in &r.still_failing {
+                println!("dead letter {id} still fails: {why}");
+            }
+            println!(
+                "replayed: {} stored, {} still failing",
+                r.stored.len(),
+                r.still_failing.len()
+            );
+        }
+        DlqAction::Discard { ids } => {
+            let n = admin::dlq_discard(cfg, replica_id, ids).await?;
+            println!("discarded {n} dead letters");
+        }
+    }
+    Ok(())
 }

@@ -91,6 +91,17 @@ pub struct StreamConfig {
     /// How far back a rewind may look for the common ancestor; also how
     /// many processed block hashes are kept.
     pub max_reorg_depth: u64,
+    /// What to do with a log that does not decode.
+    pub on_bad_event: BadEventPolicy,
+}
+
+/// Policy for a log that does not decode under the configured events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadEventPolicy {
+    /// Park it whole in `dead_letters` (same transaction) and move on.
+    DeadLetter,
+    /// Stop the stream before it, naming tx hash and log index.
+    Halt,
 }
 
 /// The safe head: `latest − confirmations`, and optionally no higher than
@@ -339,6 +350,14 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         &[("halt", DeepReorgPolicy::Halt), ("rewind", DeepReorgPolicy::Rewind)],
     );
     let max_reorg_depth = f.int_in("max_reorg_depth", Some(128), 1..=100_000);
+    let on_bad_event = f.choice(
+        "on_bad_event",
+        "dead_letter",
+        &[
+            ("dead_letter", BadEventPolicy::DeadLetter),
+            ("halt", BadEventPolicy::Halt),
+        ],
+    );
     f.finish();
     Some(StreamConfig {
         name: name?,
@@ -356,6 +375,7 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         finality: finality?,
         on_deep_reorg: on_deep_reorg?,
         max_reorg_depth: max_reorg_depth?,
+        on_bad_event: on_bad_event?,
     })
 }
 

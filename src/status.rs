@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::chain::ChainClient;
 use crate::config::Config;
 use crate::store::pool::Database;
-use crate::store::{cursor, events, StoreError};
+use crate::store::{cursor, dead_letters, events, StoreError};
 
 /// One stream's state as seen from the database and its first endpoint.
 #[derive(Debug, Clone, Serialize)]
@@ -20,6 +20,8 @@ pub struct StreamStatus {
     /// Blocks between the cursor and the safe head.
     pub lag_blocks: Option<u64>,
     pub events_stored: i64,
+    /// Logs of this stream parked in `dead_letters`.
+    pub dead_letters: i64,
     pub updated_by: Option<String>,
     /// Seconds since the cursor last moved.
     pub updated_secs_ago: Option<u64>,
@@ -37,6 +39,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
     for s in &cfg.streams {
         let row = cursor::get(&**client, &s.name).await?;
         let stored = events::count(&**client, &s.name).await?;
+        let parked = dead_letters::count(&**client, &s.name).await?;
         let chain = ChainClient::new(&s.rpc, crate::poller::client_options(s));
         let head = match chain {
             Ok(c) => c.pick().block_number().await.map_err(|e| e.to_string()),
@@ -55,6 +58,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
                 u64::try_from(i64::try_from(sh).unwrap_or(i64::MAX).saturating_sub(done).max(0)).unwrap_or(0)
             }),
             events_stored: stored,
+            dead_letters: parked,
             updated_by: row.as_ref().and_then(|r| r.updated_by.clone()),
             updated_secs_ago: row
                 .as_ref()
@@ -79,6 +83,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
         "SAFE HEAD".into(),
         "LAG".into(),
         "EVENTS".into(),
+        "DEAD".into(),
         "LAST BY".into(),
     ]];
     for r in rows {
@@ -90,6 +95,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
             opt(r.safe_head.map(|c| c.to_string())),
             opt(r.lag_blocks.map(|c| c.to_string())),
             r.events_stored.to_string(),
+            r.dead_letters.to_string(),
             match (&r.updated_by, r.updated_secs_ago) {
                 (Some(by), Some(ago)) => format!("{by} ({ago}s ago)"),
                 (Some(by), None) => by.clone(),
@@ -97,7 +103,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -17,8 +17,9 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::abi::{DecodeError, EventSet};
-use crate::chain::{ChainClient, ChainError, ClientOptions, Hash32, LogFilter};
+use crate::chain::{ChainClient, ChainError, ClientOptions, Hash32, LogFilter, RawLog};
 use crate::config::{DatabaseConfig, StreamConfig};
+use crate::store::events::NewEvent;
 use crate::store::pool::Database;
 use crate::store::StoreError;
 
@@ -125,6 +126,8 @@ pub enum TickOutcome {
         head: u64,
         /// Logs the node returned for the range.
         logs: usize,
+        /// Of those, logs that did not decode and went to `dead_letters`.
+        dead_lettered: usize,
         inserted: u64,
         duplicates: u64,
         lock_wait: Duration,
@@ -235,6 +238,21 @@ impl Poller {
         s.events_inserted.fetch_add(inserted, Ordering::Relaxed);
         s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
     }
+}
+
+/// A log decoded under `events`, as the row it becomes.
+pub fn decode_log(events: &EventSet, log: &RawLog) -> Result<NewEvent, DecodeError> {
+    let decoded = events.decode(log)?;
+    Ok(NewEvent {
+        block_number: i64::try_from(log.block_number).unwrap_or(i64::MAX),
+        block_hash: log.block_hash,
+        tx_hash: log.tx_hash,
+        // The client rejects log indexes above i32::MAX.
+        log_index: i32::try_from(log.log_index).unwrap_or(i32::MAX),
+        address: log.address,
+        event_name: decoded.event_name,
+        params: decoded.params,
+    })
 }
 
 /// Exponential backoff from 500 ms, capped at [`MAX_BACKOFF`], with jitter

@@ -36,12 +36,12 @@ use tokio_postgres::IsolationLevel;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info_span, Instrument};
 
-use super::{Poller, TickError, TickOutcome};
+use super::{decode_log, Poller, TickError, TickOutcome};
 use crate::chain::abi::DecodeError;
 use crate::chain::{ChainErrorKind, Hash32, RawLog, Rpc};
-use crate::config::DeepReorgPolicy;
+use crate::config::{BadEventPolicy, DeepReorgPolicy};
 use crate::store::events::NewEvent;
-use crate::store::{cursor, events, reorg, StoreError};
+use crate::store::{cursor, dead_letters, events, reorg, StoreError};
 
 /// What the RPC phase of a tick found, before anything is written.
 enum Fetched {
@@ -165,7 +165,19 @@ impl Poller {
         span.record("from_block", from);
         span.record("to_block", to);
 
-        let rows = info_span!("decode", logs = logs.len()).in_scope(|| self.decode_all(&logs))?;
+        let (rows, bad) = info_span!("decode", logs = logs.len()).in_scope(|| self.decode_all(&logs));
+        if let Some((log, why)) = bad.first() {
+            if s.cfg.on_bad_event == BadEventPolicy::Halt {
+                // Stop before it: nothing of the range is stored; the halt is recorded.
+                let e = self.decode_error(log, why.clone());
+                cursor::halt(&*tx, name, &format!("{e}; on_bad_event = \"halt\"")).await?;
+                tx.commit().await.map_err(StoreError::db("commit halt"))?;
+                return Err(e);
+            }
+            let parked: Vec<(&RawLog, String)> = bad.iter().map(|(l, e)| (*l, e.to_string())).collect();
+            dead_letters::park(&*tx, name, s.cfg.chain_id, &parked).await?;
+            tracing::warn!(stream = name, count = bad.len(), first_tx = %log.tx_hash, first_log_index = log.log_index, error = %why, "logs that do not decode were parked in dead_letters");
+        }
         let outcome = events::insert(&*tx, name, s.cfg.chain_id, &rows)
             .instrument(info_span!(
                 "db.insert_events",
@@ -206,6 +218,7 @@ impl Poller {
             to,
             head,
             logs: logs.len(),
+            dead_lettered: bad.len(),
             inserted: outcome.inserted,
             duplicates: outcome.duplicates,
             lock_wait,
@@ -358,7 +371,7 @@ impl Poller {
                 DeepReorgPolicy::Halt => format!("reorg below the safe head: {found}; on_deep_reorg = \"halt\": run `logcursor rewind --stream {name} --to N`"),
                 DeepReorgPolicy::Rewind => format!("reorg below the safe head: {found}; no stored block within max_reorg_depth = {} is still canonical", cfg.max_reorg_depth),
             };
-            reorg::halt(&*tx, name, &reason).await?;
+            cursor::halt(&*tx, name, &reason).await?;
             tx.commit().await.map_err(StoreError::db("commit halt"))?;
             return Err(TickError::DeepReorg {
                 stream: name.to_string(),
@@ -386,27 +399,17 @@ impl Poller {
         })
     }
 
-    /// Decodes every log, or names the first that does not decode.
-    fn decode_all(&self, logs: &[RawLog]) -> Result<Vec<NewEvent>, TickError> {
-        logs.iter()
-            .map(|log| {
-                let decoded = self
-                    .stream
-                    .events
-                    .decode(log)
-                    .map_err(|source| self.decode_error(log, source))?;
-                Ok(NewEvent {
-                    block_number: to_i64(log.block_number),
-                    block_hash: log.block_hash,
-                    tx_hash: log.tx_hash,
-                    // The client rejects log indexes above i32::MAX.
-                    log_index: i32::try_from(log.log_index).unwrap_or(i32::MAX),
-                    address: log.address,
-                    event_name: decoded.event_name,
-                    params: decoded.params,
-                })
-            })
-            .collect()
+    /// Decodes every log: the events, and the logs that did not decode with why.
+    fn decode_all<'l>(&self, logs: &'l [RawLog]) -> (Vec<NewEvent>, Vec<(&'l RawLog, DecodeError)>) {
+        let mut good = Vec::with_capacity(logs.len());
+        let mut bad = Vec::new();
+        for log in logs {
+            match decode_log(&self.stream.events, log) {
+                Ok(e) => good.push(e),
+                Err(e) => bad.push((log, e)),
+            }
+        }
+        (good, bad)
     }
 
     fn decode_error(&self, log: &RawLog, source: DecodeError) -> TickError {

@@ -120,3 +120,14 @@ pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorR
 fn hash_from(bytes: Option<Vec<u8>>) -> Option<Hash32> {
     bytes.and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok()).map(Hash32)
 }
+
+/// Marks the stream halted with `reason` (shown by `status`).
+pub async fn halt<C: GenericClient>(c: &C, stream: &str, reason: &str) -> Result<()> {
+    c.execute_typed(
+        "UPDATE block_cursors SET halted_at = coalesce(halted_at, now()), halted_reason = $2 WHERE id = $1",
+        &[(&stream, Type::TEXT), (&reason, Type::TEXT)],
+    )
+    .await
+    .map_err(StoreError::db("record halt"))?;
+    Ok(())
+}

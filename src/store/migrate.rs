@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "reorgs",
         sql: include_str!("../../sql/0002_reorgs.sql"),
     },
+    Migration {
+        version: 3,
+        name: "dead_letters",
+        sql: include_str!("../../sql/0003_dead_letters.sql"),
+    },
 ];
 
 /// Advisory lock key that serializes migrations ("logcurso" in ASCII).

@@ -8,6 +8,7 @@
 //! what a transaction-mode PgBouncer requires.
 
 pub mod cursor;
+pub mod dead_letters;
 pub mod events;
 pub mod migrate;
 pub mod pool;

@@ -78,17 +78,6 @@ pub async fn recent_hashes<C: GenericClient>(
         .collect())
 }
 
-/// Marks the stream halted with `reason` (shown by `status`).
-pub async fn halt<C: GenericClient>(c: &C, stream: &str, reason: &str) -> Result<()> {
-    c.execute_typed(
-        "UPDATE block_cursors SET halted_at = coalesce(halted_at, now()), halted_reason = $2 WHERE id = $1",
-        &[(&stream, Type::TEXT), (&reason, Type::TEXT)],
-    )
-    .await
-    .map_err(StoreError::db("record halt"))?;
-    Ok(())
-}
-
 /// One audited move of the cursor back to `to` (from `from`, the value
 /// read under the row lock): deletes the stream's events and block hashes
 /// above `to`, moves the cursor, clears any halt, and records the rewind.

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_log_that_does_not_decode_fails_the_tick_naming_it_and_the_cursor_stays_before_it() {
+async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_the_cursor_stays_before_it() {
     let (anvil, db) = (Anvil::start().await, TestDb::new().await);
     let chain = Chain::new(&anvil.url).await;
     let emitter = chain.deploy_emitter().await; // block 1
@@ -19,7 +19,8 @@ async fn a_log_that_does_not_decode_fails_the_tick_naming_it_and_the_cursor_stay
     chain.burn(&emitter, 2, 0).await; // block 3: must not be reached past block 2
                                       // Same topic0 (indexing is not part of the signature hash), but this ABI
                                       // expects one topic and two data words, so the real logs cannot decode.
-    let wrong_abi = "events = [\"event Burned(address from, uint256 amount)\"]\nmax_block_range = 1";
+    let wrong_abi =
+        "events = [\"event Burned(address from, uint256 amount)\"]\nmax_block_range = 1\non_bad_event = \"halt\"";
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, wrong_abi, ""));
     let app = App::build(&cfg, "r", BuildOptions { migrate: true }, &CancellationToken::new())
         .await
@@ -62,6 +63,15 @@ async fn a_log_that_does_not_decode_fails_the_tick_naming_it_and_the_cursor_stay
         .expect("count")
         .get(0);
     assert_eq!(stored, 0, "nothing of the failed range is stored");
+    let halted: Option<String> = pg
+        .query_one("SELECT halted_reason FROM block_cursors", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert!(
+        halted.is_some_and(|h| h.contains(&first_bad)),
+        "status shows why the stream stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,5 +13,6 @@ mod deploy;
 mod faults;
 mod helpers;
 mod ingest;
+mod nothing_lost;
 mod process;
 mod proxy;
