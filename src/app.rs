@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::ChainError;
 use crate::config::Config;
+use crate::poller::gapfill::GapFiller;
 use crate::poller::{Poller, Stream, TxLimits};
 use crate::store::pool::Database;
 use crate::store::{cursor, migrate, StoreError};
@@ -48,6 +49,8 @@ pub struct BuildOptions {
 pub struct App {
     db: Database,
     pollers: Vec<Arc<Poller>>,
+    /// Fills the ranges that `skip_and_backfill` streams skipped, if any do.
+    gap_filler: Option<Arc<GapFiller>>,
     grace: Duration,
 }
 
@@ -60,6 +63,8 @@ pub struct StreamSummary {
     pub events_inserted: u64,
     pub duplicates: u64,
     pub failures: u64,
+    /// Lock waits that timed out (another replica held the lock): not failures.
+    pub lock_timeouts: u64,
 }
 
 impl App {
@@ -105,9 +110,12 @@ impl App {
                 TxLimits::from(&cfg.database),
             )));
         }
+        let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
+        let gap_filler = GapFiller::new(&streams, db.clone(), replica_id.to_string()).map(Arc::new);
         Ok(App {
             db,
             pollers,
+            gap_filler,
             grace: cfg.service.shutdown_grace,
         })
     }
@@ -115,6 +123,11 @@ impl App {
     /// The pollers, e.g. for a test that steps one tick at a time.
     pub fn pollers(&self) -> &[Arc<Poller>] {
         &self.pollers
+    }
+
+    /// The gap-fill worker, when a stream uses `skip_and_backfill`.
+    pub fn gap_filler(&self) -> Option<&Arc<GapFiller>> {
+        self.gap_filler.as_ref()
     }
 
     /// Runs every stream until `shutdown` fires, then drains.
@@ -127,6 +140,13 @@ impl App {
             tasks.spawn(async move {
                 p.run(token).await;
                 p.stream.cfg.name.clone()
+            });
+        }
+        if let Some(g) = &self.gap_filler {
+            let (g, token) = (Arc::clone(g), stop.clone());
+            tasks.spawn(async move {
+                g.run(token).await;
+                "gap-fill worker".to_string()
             });
         }
         tracing::info!(streams = self.pollers.len(), "running");
@@ -189,6 +209,7 @@ impl App {
                     events_inserted: s.events_inserted.load(Ordering::Relaxed),
                     duplicates: s.duplicates.load(Ordering::Relaxed),
                     failures: s.failures.load(Ordering::Relaxed),
+                    lock_timeouts: s.lock_timeouts.load(Ordering::Relaxed),
                 }
             })
             .collect()

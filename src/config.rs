@@ -93,6 +93,37 @@ pub struct StreamConfig {
     pub max_reorg_depth: u64,
     /// What to do with a log that does not decode.
     pub on_bad_event: BadEventPolicy,
+    /// What to do with a range the provider will not serve.
+    pub on_unfetchable_range: UnfetchablePolicy,
+    /// Failed attempts at one range before `skip_and_backfill` skips it.
+    pub range_attempts: u32,
+    /// A stream failing this long reports itself as stuck.
+    pub stuck_after: Duration,
+    /// The gap-fill worker's settings for this stream's skipped ranges.
+    pub gapfill: GapFillConfig,
+}
+
+/// Policy for a range that keeps failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnfetchablePolicy {
+    /// Keep retrying it with backoff; the cursor waits.
+    Retry,
+    /// After `range_attempts` failures, record it in `failed_ranges`, move
+    /// the cursor past it, and let the gap-fill worker fetch it later.
+    SkipAndBackfill,
+}
+
+/// How the gap-fill worker retries a skipped range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GapFillConfig {
+    /// Attempts before a range is marked dead.
+    pub max_attempts: u32,
+    /// How long a claim holds a range.
+    pub lease: Duration,
+    /// Wait before the first retry; doubles each time.
+    pub backoff: Duration,
+    /// The longest wait between retries.
+    pub backoff_max: Duration,
 }
 
 /// Policy for a log that does not decode under the configured events.
@@ -350,6 +381,20 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         &[("halt", DeepReorgPolicy::Halt), ("rewind", DeepReorgPolicy::Rewind)],
     );
     let max_reorg_depth = f.int_in("max_reorg_depth", Some(128), 1..=100_000);
+    let on_unfetchable_range = f.choice(
+        "on_unfetchable_range",
+        "retry",
+        &[
+            ("retry", UnfetchablePolicy::Retry),
+            ("skip_and_backfill", UnfetchablePolicy::SkipAndBackfill),
+        ],
+    );
+    let range_attempts = f.int_in("range_attempts", Some(5), 1..=1000);
+    let stuck_after = f.positive_duration("stuck_after", "2m");
+    let gapfill_max_attempts = f.int_in("gapfill_max_attempts", Some(10), 1..=1000);
+    let gapfill_lease = f.positive_duration("gapfill_lease", "60s");
+    let gapfill_backoff = f.positive_duration("gapfill_backoff", "5s");
+    let gapfill_backoff_max = f.positive_duration("gapfill_backoff_max", "10m");
     let on_bad_event = f.choice(
         "on_bad_event",
         "dead_letter",
@@ -376,6 +421,15 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         on_deep_reorg: on_deep_reorg?,
         max_reorg_depth: max_reorg_depth?,
         on_bad_event: on_bad_event?,
+        on_unfetchable_range: on_unfetchable_range?,
+        range_attempts: u32::try_from(range_attempts?).ok()?,
+        stuck_after: stuck_after?,
+        gapfill: GapFillConfig {
+            max_attempts: u32::try_from(gapfill_max_attempts?).ok()?,
+            lease: gapfill_lease?,
+            backoff: gapfill_backoff?,
+            backoff_max: gapfill_backoff_max?,
+        },
     })
 }
 

@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::chain::ChainClient;
 use crate::config::Config;
 use crate::store::pool::Database;
-use crate::store::{cursor, dead_letters, events, StoreError};
+use crate::store::{cursor, dead_letters, events, failed_ranges, StoreError};
 
 /// One stream's state as seen from the database and its first endpoint.
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +29,13 @@ pub struct StreamStatus {
     pub rpc_error: Option<String>,
     /// Why the stream is halted, when it is (e.g. a deep reorg under `halt`).
     pub halted: Option<String>,
+    /// The last error, when the stream has been failing for longer than
+    /// `stuck_after`.
+    pub stuck: Option<String>,
+    /// Skipped ranges waiting for the gap-fill worker.
+    pub failed_ranges_pending: i64,
+    /// Skipped ranges that failed `gapfill_max_attempts` times.
+    pub failed_ranges_dead: i64,
 }
 
 /// Reads every configured stream's status.
@@ -40,6 +47,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
         let row = cursor::get(&**client, &s.name).await?;
         let stored = events::count(&**client, &s.name).await?;
         let parked = dead_letters::count(&**client, &s.name).await?;
+        let (pending, dead) = failed_ranges::counts(&**client, &s.name).await?;
         let chain = ChainClient::new(&s.rpc, crate::poller::client_options(s));
         let head = match chain {
             Ok(c) => c.pick().block_number().await.map_err(|e| e.to_string()),
@@ -66,6 +74,18 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
                 .map(|d| d.as_secs()),
             rpc_error: head.err(),
             halted: row.as_ref().and_then(|r| r.halted_reason.clone()),
+            stuck: row.as_ref().and_then(|r| {
+                let since = r.failing_since?.elapsed().ok()?;
+                (since >= s.stuck_after).then(|| {
+                    format!(
+                        "failing for {}s: {}",
+                        since.as_secs(),
+                        r.last_error.as_deref().unwrap_or("?")
+                    )
+                })
+            }),
+            failed_ranges_pending: pending,
+            failed_ranges_dead: dead,
         });
     }
     db.close();

@@ -7,6 +7,7 @@
 //! successful tick resets it; a lock timeout (another replica is working) is
 //! retried after a short jittered pause and is not a failure.
 
+pub mod gapfill;
 pub mod tick;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,6 +108,9 @@ pub struct Poller {
     replica_id: String,
     limits: TxLimits,
     pub stats: PollerStats,
+    /// Consecutive ticks whose range could not be fetched (reset by any
+    /// success); `skip_and_backfill` skips after `range_attempts`.
+    range_failures: std::sync::atomic::AtomicU32,
 }
 
 /// What a successful tick did.
@@ -137,6 +141,9 @@ pub enum TickOutcome {
     /// cursor moved back from `from` to `to`, the newest stored block that
     /// is still canonical (audited in `cursor_rewinds`).
     Rewound { from: i64, to: i64, events_deleted: u64 },
+    /// `[from, to]` kept failing: recorded in `failed_ranges` for the
+    /// gap-fill worker, and the cursor moved past it.
+    Skipped { from: u64, to: u64, error: String },
 }
 
 /// Why a tick rolled back.
@@ -181,6 +188,7 @@ impl Poller {
             replica_id,
             limits,
             stats: PollerStats::default(),
+            range_failures: Default::default(),
         }
     }
 
@@ -207,7 +215,7 @@ impl Poller {
                     consecutive_failures = 0;
                     self.stream.cfg.poll_interval
                 }
-                Ok(TickOutcome::Rewound { .. }) => Duration::ZERO,
+                Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. }) => Duration::ZERO,
                 Err(TickError::Cancelled) => break,
                 Err(e) if e.is_lock_timeout() => {
                     self.stats.lock_timeouts.fetch_add(1, Ordering::Relaxed);

@@ -29,6 +29,7 @@
 //! deadline shorter than it (checked by config validation), so a replica
 //! that freezes while holding the lock is cut off by the server.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
@@ -38,10 +39,10 @@ use tracing::{field, info_span, Instrument};
 
 use super::{decode_log, Poller, TickError, TickOutcome};
 use crate::chain::abi::DecodeError;
-use crate::chain::{ChainErrorKind, Hash32, RawLog, Rpc};
-use crate::config::{BadEventPolicy, DeepReorgPolicy};
+use crate::chain::{ChainErrorKind, Hash32, LogFilter, RawLog, Rpc};
+use crate::config::{BadEventPolicy, DeepReorgPolicy, UnfetchablePolicy};
 use crate::store::events::NewEvent;
-use crate::store::{cursor, dead_letters, events, reorg, StoreError};
+use crate::store::{cursor, dead_letters, events, failed_ranges, reorg, StoreError};
 
 /// What the RPC phase of a tick found, before anything is written.
 enum Fetched {
@@ -49,6 +50,8 @@ enum Fetched {
     Idle { head: u64, safe_head: u64 },
     /// The block under the cursor is no longer canonical.
     Reorged { canonical: Hash32 },
+    /// `[from, to]` failed again and the policy says skip it.
+    Unfetchable { from: u64, to: u64, error: String },
     /// A range to store: its logs, and the hashes of its last block and of
     /// every block with logs (all checked against headers).
     Range {
@@ -82,10 +85,23 @@ impl Poller {
     )]
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
         let result = self.tick_inner(cancel).await;
+        match &result {
+            Ok(_) => self.range_failures.store(0, Ordering::Relaxed),
+            Err(e) if is_unfetchable(e) => {
+                self.range_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        if let Err(e) = &result {
+            if !(e.is_lock_timeout() || matches!(e, TickError::Cancelled)) {
+                self.record_failure(e).await;
+            }
+        }
         let outcome = match &result {
             Ok(TickOutcome::Idle { .. }) => "idle",
             Ok(TickOutcome::Advanced { .. }) => "advanced",
             Ok(TickOutcome::Rewound { .. }) => "rewound",
+            Ok(TickOutcome::Skipped { .. }) => "skipped",
             Err(TickError::Cancelled) => "cancelled",
             Err(e) if e.is_lock_timeout() => "lock_timeout",
             Err(_) => "error",
@@ -132,7 +148,9 @@ impl Poller {
 
         let rpc = s.chain.pick();
         tracing::Span::current().record("endpoint", rpc.endpoint());
-        let fetched = match self.within_budget(self.fetch(&rpc, &current)).await {
+        let skip_on_failure = s.cfg.on_unfetchable_range == UnfetchablePolicy::SkipAndBackfill
+            && self.range_failures.load(Ordering::Relaxed) + 1 >= s.cfg.range_attempts;
+        let fetched = match self.within_budget(self.fetch(&rpc, &current, skip_on_failure)).await {
             Err(e) => {
                 if matches!(&e, TickError::Chain(c) if c.is_endpoint_fault()) {
                     rpc.cool_down();
@@ -152,6 +170,27 @@ impl Poller {
                 });
             }
             Fetched::Reorged { canonical } => return self.deep_reorg(tx, &rpc, current, canonical).await,
+            Fetched::Unfetchable { from, to, error } => {
+                // Best effort: the header may be served when the logs are not.
+                let hash = self
+                    .within_budget(canonical_hashes(&rpc, &[to]))
+                    .await
+                    .ok()
+                    .map(|h| h[0]);
+                failed_ranges::record(&*tx, name, to_i64(from), to_i64(to), &error).await?;
+                cursor::advance(
+                    &*tx,
+                    name,
+                    current.last_processed_block,
+                    to_i64(to),
+                    hash,
+                    &self.replica_id,
+                )
+                .await?;
+                tx.commit().await.map_err(StoreError::db("commit skipped range"))?;
+                tracing::warn!(stream = name, from, to, %error, "skipped a range the provider will not serve; the gap-fill worker will fetch it");
+                return Ok(TickOutcome::Skipped { from, to, error });
+            }
             Fetched::Range {
                 from,
                 to,
@@ -193,7 +232,7 @@ impl Poller {
             name,
             current.last_processed_block,
             to_i64(to),
-            last_hash,
+            Some(last_hash),
             &self.replica_id,
         )
         .instrument(info_span!(
@@ -226,6 +265,14 @@ impl Poller {
         })
     }
 
+    /// Notes the failure on the cursor row, for `status` (best effort: the
+    /// error is logged by the loop either way).
+    async fn record_failure(&self, e: &TickError) {
+        if let Ok(client) = self.db.get().await {
+            let _ = cursor::record_failure(&**client, &self.stream.cfg.name, &e.to_string()).await;
+        }
+    }
+
     /// The RPC work of a tick must end before the server's idle-in-transaction
     /// timeout would end the session (I6): give up a little earlier, cleanly.
     async fn within_budget<T>(
@@ -241,7 +288,12 @@ impl Poller {
     /// Everything the tick needs from the chain, from one endpoint, checked
     /// for consistency: the head is not behind the cursor, the cursor's block
     /// still has its stored hash, every log carries its header's hash.
-    async fn fetch(&self, rpc: &Rpc<'_>, current: &cursor::Cursor) -> Result<Fetched, TickError> {
+    async fn fetch(
+        &self,
+        rpc: &Rpc<'_>,
+        current: &cursor::Cursor,
+        skip_on_failure: bool,
+    ) -> Result<Fetched, TickError> {
         let cfg = &self.stream.cfg;
         let head = rpc
             .block_number()
@@ -258,7 +310,7 @@ impl Poller {
                 .into());
         }
         if let (Some(c), Some(stored)) = (cursor_block, current.last_block_hash) {
-            let canonical = self.canonical_hashes(rpc, &[c]).await?[0];
+            let canonical = canonical_hashes(rpc, &[c]).await?[0];
             if canonical != stored {
                 return Ok(Fetched::Reorged { canonical });
             }
@@ -272,73 +324,113 @@ impl Poller {
         let Some((from, to)) = plan_range(current.last_processed_block, safe_head, cfg.max_block_range) else {
             return Ok(Fetched::Idle { head, safe_head });
         };
-        let (logs, to) = rpc
-            .get_logs(from, to, &self.stream.filter)
-            .instrument(info_span!(
-                "rpc.eth_getLogs",
-                rpc.system = "jsonrpc",
-                rpc.method = "eth_getLogs",
+        match fetch_range(rpc, &self.stream.filter, from, to).await {
+            Ok(r) => Ok(Fetched::Range {
                 from,
-                to
-            ))
-            .await?;
-        let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
-        blocks.dedup();
-        let hashes: Vec<(u64, Hash32)> = blocks
-            .iter()
-            .copied()
-            .zip(self.canonical_hashes(rpc, &blocks).await?)
-            .collect();
-        for log in &logs {
-            let header = hashes.iter().find(|(n, _)| *n == log.block_number).map(|(_, h)| *h);
-            if header != Some(log.block_hash) {
-                let reason = format!(
-                    "log {} of tx {} names block {} as {}, but its header says {}",
-                    log.log_index,
-                    log.tx_hash,
-                    log.block_number,
-                    log.block_hash,
-                    header.map_or("nothing".into(), |h| h.to_string())
-                );
-                return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
-            }
-        }
-        let last_hash = hashes.last().map(|(_, h)| *h).unwrap_or(Hash32([0; 32]));
-        Ok(Fetched::Range {
-            from,
-            to,
-            head,
-            logs,
-            hashes,
-            last_hash,
-        })
-    }
-
-    /// The canonical hashes of `blocks` (one batched request); a block the
-    /// node does not have means it is lagging.
-    async fn canonical_hashes(&self, rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Hash32>, TickError> {
-        let headers = rpc
-            .headers(blocks)
-            .instrument(info_span!(
-                "rpc.eth_getBlockByNumber",
-                rpc.system = "jsonrpc",
-                rpc.method = "eth_getBlockByNumber",
-                blocks = blocks.len()
-            ))
-            .await?;
-        blocks
-            .iter()
-            .zip(headers)
-            .map(|(n, h)| {
-                h.map(|h| h.hash).ok_or_else(|| {
-                    let head = blocks.iter().copied().min().unwrap_or(0).saturating_sub(1);
-                    rpc.error("eth_getBlockByNumber", ChainErrorKind::Lagging { head, needed: *n })
-                        .into()
+                to: r.to,
+                head,
+                last_hash: r.hashes.last().map(|(_, h)| *h).unwrap_or(Hash32([0; 32])),
+                logs: r.logs,
+                hashes: r.hashes,
+            }),
+            Err(e) if skip_on_failure && is_unfetchable(&e) => {
+                // A single block that overflows is skipped alone.
+                let (from, to) = match &e {
+                    TickError::Chain(c) => match c.kind {
+                        ChainErrorKind::BlockTooLarge { block, .. } => (block, block),
+                        _ => (from, to),
+                    },
+                    _ => (from, to),
+                };
+                Ok(Fetched::Unfetchable {
+                    from,
+                    to,
+                    error: e.to_string(),
                 })
-            })
-            .collect()
+            }
+            Err(e) => Err(e),
+        }
     }
+}
 
+/// A range's logs, checked: every log's block hash equals its header's.
+pub(crate) struct RangeData {
+    pub logs: Vec<RawLog>,
+    /// The last block covered: `to`, or the block before a single block
+    /// that overflows the provider (see `Rpc::get_logs`).
+    pub to: u64,
+    /// Hashes of every block with logs and of `to`, in block order.
+    pub hashes: Vec<(u64, Hash32)>,
+}
+
+/// Fetches `[from, to]` and checks it against the headers (one batch).
+pub(crate) async fn fetch_range(rpc: &Rpc<'_>, filter: &LogFilter, from: u64, to: u64) -> Result<RangeData, TickError> {
+    let (logs, to) = rpc
+        .get_logs(from, to, filter)
+        .instrument(info_span!(
+            "rpc.eth_getLogs",
+            rpc.system = "jsonrpc",
+            rpc.method = "eth_getLogs",
+            from,
+            to
+        ))
+        .await?;
+    let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
+    blocks.dedup();
+    let hashes: Vec<(u64, Hash32)> = blocks
+        .iter()
+        .copied()
+        .zip(canonical_hashes(rpc, &blocks).await?)
+        .collect();
+    for log in &logs {
+        let header = hashes.iter().find(|(n, _)| *n == log.block_number).map(|(_, h)| *h);
+        if header != Some(log.block_hash) {
+            let reason = format!(
+                "log {} of tx {} names block {} as {}, but its header says {}",
+                log.log_index,
+                log.tx_hash,
+                log.block_number,
+                log.block_hash,
+                header.map_or("nothing".into(), |h| h.to_string())
+            );
+            return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
+        }
+    }
+    Ok(RangeData { logs, to, hashes })
+}
+
+/// A failure of the range itself (the provider will not serve it), as
+/// opposed to a lagging node or the database.
+fn is_unfetchable(e: &TickError) -> bool {
+    matches!(e, TickError::Chain(c) if !matches!(c.kind, ChainErrorKind::Lagging { .. }))
+}
+
+/// The canonical hashes of `blocks` (one batched request); a block the
+/// node does not have means it is lagging.
+pub(crate) async fn canonical_hashes(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Hash32>, TickError> {
+    let headers = rpc
+        .headers(blocks)
+        .instrument(info_span!(
+            "rpc.eth_getBlockByNumber",
+            rpc.system = "jsonrpc",
+            rpc.method = "eth_getBlockByNumber",
+            blocks = blocks.len()
+        ))
+        .await?;
+    blocks
+        .iter()
+        .zip(headers)
+        .map(|(n, h)| {
+            h.map(|h| h.hash).ok_or_else(|| {
+                let head = blocks.iter().copied().min().unwrap_or(0).saturating_sub(1);
+                rpc.error("eth_getBlockByNumber", ChainErrorKind::Lagging { head, needed: *n })
+                    .into()
+            })
+        })
+        .collect()
+}
+
+impl Poller {
     /// The block under the cursor was reorganised away: halt the stream, or
     /// rewind it to the newest stored block that is still canonical.
     async fn deep_reorg(
@@ -358,7 +450,7 @@ impl Poller {
             DeepReorgPolicy::Rewind => {
                 let candidates = reorg::recent_hashes(&*tx, name, height, cfg.max_reorg_depth).await?;
                 let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
-                let now = self.within_budget(self.canonical_hashes(rpc, &numbers)).await?;
+                let now = self.within_budget(canonical_hashes(rpc, &numbers)).await?;
                 candidates
                     .into_iter()
                     .zip(now)

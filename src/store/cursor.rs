@@ -28,6 +28,9 @@ pub struct CursorRow {
     pub updated_by: Option<String>,
     /// Why the stream is halted, when it is.
     pub halted_reason: Option<String>,
+    /// Since when ticks keep failing (cleared by the next committed range).
+    pub failing_since: Option<std::time::SystemTime>,
+    pub last_error: Option<String>,
 }
 
 /// Creates the stream's row at `start_block - 1` unless it exists; returns
@@ -66,15 +69,22 @@ pub async fn lock<C: GenericClient>(c: &C, stream: &str) -> Result<Cursor> {
     })
 }
 
-/// Moves the cursor from `old` to `new` (> `old`), recording `hash` and who
-/// did it. Exactly one row must change.
-pub async fn advance<C: GenericClient>(c: &C, stream: &str, old: i64, new: i64, hash: Hash32, by: &str) -> Result<()> {
-    let hash_bytes: &[u8] = &hash.0;
+/// Moves the cursor from `old` to `new` (> `old`), recording `hash` (of
+/// block `new`, when known) and who did it. Exactly one row must change.
+pub async fn advance<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    old: i64,
+    new: i64,
+    hash: Option<Hash32>,
+    by: &str,
+) -> Result<()> {
+    let hash_bytes: Option<&[u8]> = hash.as_ref().map(|h| &h.0[..]);
     let rows = c
         .execute_typed(
             "UPDATE block_cursors
                 SET last_processed_block = $3, last_block_hash = $4, updated_at = now(), updated_by = $5,
-                    halted_at = NULL, halted_reason = NULL
+                    halted_at = NULL, halted_reason = NULL, failing_since = NULL, last_error = NULL
               WHERE id = $1 AND last_processed_block = $2 AND $3 > $2",
             &[
                 (&stream, Type::TEXT),
@@ -100,7 +110,7 @@ pub async fn advance<C: GenericClient>(c: &C, stream: &str, old: i64, new: i64, 
 pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorRow>> {
     let row = c
         .query_typed_opt(
-            "SELECT last_processed_block, last_block_hash, updated_at, updated_by, halted_reason
+            "SELECT last_processed_block, last_block_hash, updated_at, updated_by, halted_reason, failing_since, last_error
                FROM block_cursors WHERE id = $1",
             &[(&stream, Type::TEXT)],
         )
@@ -114,6 +124,8 @@ pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorR
         updated_at: r.get(2),
         updated_by: r.get(3),
         halted_reason: r.get(4),
+        failing_since: r.get(5),
+        last_error: r.get(6),
     }))
 }
 
@@ -129,5 +141,19 @@ pub async fn halt<C: GenericClient>(c: &C, stream: &str, reason: &str) -> Result
     )
     .await
     .map_err(StoreError::db("record halt"))?;
+    Ok(())
+}
+
+/// Notes that the stream's last tick failed (for `status`: a stream failing
+/// for long is stuck). Skipped when another replica holds the row: then
+/// the stream is being worked on, and waiting here would stall this one.
+pub async fn record_failure<C: GenericClient>(c: &C, stream: &str, error: &str) -> Result<()> {
+    c.execute_typed(
+        "UPDATE block_cursors SET failing_since = coalesce(failing_since, now()), last_error = $2
+          WHERE id = (SELECT id FROM block_cursors WHERE id = $1 FOR UPDATE SKIP LOCKED)",
+        &[(&stream, Type::TEXT), (&error, Type::TEXT)],
+    )
+    .await
+    .map_err(StoreError::db("record failure"))?;
     Ok(())
 }

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dead_letters",
         sql: include_str!("../../sql/0003_dead_letters.sql"),
     },
+    Migration {
+        version: 4,
+        name: "failed_ranges",
+        sql: include_str!("../../sql/0004_failed_ranges.sql"),
+    },
 ];
 
 /// Advisory lock key that serializes migrations ("logcurso" in ASCII).

@@ -10,6 +10,7 @@
 pub mod cursor;
 pub mod dead_letters;
 pub mod events;
+pub mod failed_ranges;
 pub mod migrate;
 pub mod pool;
 pub mod reorg;

@@ -51,7 +51,7 @@ fn totals(outcomes: &[TickOutcome]) -> (u64, u64) {
         TickOutcome::Advanced {
             inserted, duplicates, ..
         } => (i + inserted, d + duplicates),
-        TickOutcome::Idle { .. } | TickOutcome::Rewound { .. } => (i, d),
+        _ => (i, d),
     })
 }
 

@@ -141,3 +141,337 @@ async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_
         "every event exactly once"
     );
 }
+
+/// Answers HTTP 500 to every eth_getLogs whose range contains `block`.
+fn refuse_block(proxy: &Proxy, block: u64) {
+    proxy.set(move |r| match crate::proxy::log_range(r) {
+        Some((f, t)) if (f..=t).contains(&block) => Action::Reply(500, "internal error".into()),
+        _ => Action::Forward,
+    });
+}
+
+async fn app(toml: &str, replica: &str) -> App {
+    App::build(
+        &config(toml),
+        replica,
+        BuildOptions { migrate: true },
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("build")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports_itself_stuck() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 12, |_| 1).await;
+    let proxy = Proxy::start(&anvil.url).await;
+    refuse_block(&proxy, 6);
+    let toml = config_toml(
+        &db.url,
+        &proxy.url,
+        &emitter,
+        "rpc_attempts = 1\nmax_block_range = 4\nstuck_after = \"1ms\"",
+        "",
+    );
+    let app = app(&toml, "r").await;
+    let poller = &app.pollers()[0];
+    let mut errors = 0;
+    for _ in 0..6 {
+        if poller.tick(&CancellationToken::new()).await.is_err() {
+            errors += 1;
+        }
+    }
+    assert!(errors >= 4, "the refused range keeps failing");
+    let pg = db.client().await;
+    assert_eq!(
+        cursor_of(&pg, "burns").await,
+        Some(3),
+        "the cursor waits before the range"
+    );
+    let status = logcursor::status::collect(&config(&toml), "status")
+        .await
+        .expect("status");
+    assert!(
+        status[0].stuck.as_deref().is_some_and(|s| s.contains("HTTP 500")),
+        "{:?}",
+        status[0].stuck
+    );
+    proxy.pass();
+    tick_until_idle(&app).await;
+    let status = logcursor::status::collect(&config(&toml), "status")
+        .await
+        .expect("status");
+    assert_eq!(status[0].stuck, None, "a committed range clears it");
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    let head = chain.block_number().await;
+    assert_eq!(
+        stored,
+        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_stores_the_range_once() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 20, |_| 2).await;
+    let proxy = Proxy::start(&anvil.url).await;
+    refuse_block(&proxy, 9);
+    let extra =
+        "rpc_attempts = 1\nmax_block_range = 4\non_unfetchable_range = \"skip_and_backfill\"\nrange_attempts = 3\n\
+                 gapfill_backoff = \"10s\"\ngapfill_backoff_max = \"1h\"\ngapfill_max_attempts = 4";
+    let toml = config_toml(&db.url, &proxy.url, &emitter, extra, "");
+    let app = app(&toml, "r").await;
+    let poller = &app.pollers()[0];
+    let mut outcomes = Vec::new();
+    for _ in 0..100 {
+        match poller.tick(&CancellationToken::new()).await {
+            Ok(TickOutcome::Idle { .. }) => break,
+            other => outcomes.push(other.is_ok()),
+        }
+    }
+    assert_eq!(
+        outcomes.iter().filter(|ok| !**ok).count(),
+        2,
+        "two failures, then the third attempt skips"
+    );
+    let pg = db.client().await;
+    let head = chain.block_number().await;
+    assert_eq!(cursor_of(&pg, "burns").await, Some(head), "the cursor passed the range");
+    let row = pg
+        .query_one("SELECT id, from_block, to_block, attempts FROM failed_ranges", &[])
+        .await
+        .expect("one failed range");
+    let (id, from, to): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(
+        from <= 9 && 9 <= to,
+        "the recorded range holds the refused block: {from}..={to}"
+    );
+    let on_chain = chain.burned_logs(&emitter, head).await;
+    let missing = on_chain.iter().filter(|l| (from..=to).contains(&l.2)).count();
+    assert_eq!(stored_logs(&pg).await.len(), on_chain.len() - missing);
+
+    // Failing attempts back off exponentially, in database time.
+    let filler = app.gap_filler().expect("gap-fill worker");
+    let mut delays = Vec::new();
+    for attempt in 1..=4 {
+        pg.execute("UPDATE failed_ranges SET next_attempt_at = now()", &[])
+            .await
+            .expect("make due");
+        let outcome = filler.work_once().await.expect("pass");
+        let dead = matches!(
+            outcome,
+            logcursor::poller::gapfill::GapOutcome::Failed { dead: true, .. }
+        );
+        assert!(
+            matches!(outcome, logcursor::poller::gapfill::GapOutcome::Failed { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(dead, attempt == 4, "dead after gapfill_max_attempts");
+        let secs: f64 = pg
+            .query_one(
+                "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM failed_ranges",
+                &[],
+            )
+            .await
+            .expect("delay")
+            .get(0);
+        delays.push(secs);
+    }
+    for (i, d) in delays.iter().enumerate() {
+        let want = 10.0 * 2f64.powi(i as i32);
+        assert!(
+            (want - 1.0..=want).contains(d),
+            "attempt {}: next try in {d:.1}s, want ~{want}s ({delays:?})",
+            i + 1
+        );
+    }
+    let status = logcursor::status::collect(&config(&toml), "status")
+        .await
+        .expect("status");
+    assert_eq!((status[0].failed_ranges_pending, status[0].failed_ranges_dead), (0, 1));
+
+    // The provider serves it again and an operator revives the row: filled once.
+    proxy.pass();
+    pg.execute("UPDATE failed_ranges SET dead = false, next_attempt_at = now()", &[])
+        .await
+        .expect("revive");
+    let filled = filler.work_once().await.expect("pass");
+    assert!(
+        matches!(filled, logcursor::poller::gapfill::GapOutcome::Filled { id: i, .. } if i == id),
+        "{filled:?}"
+    );
+    assert_eq!(
+        filler.work_once().await.expect("pass"),
+        logcursor::poller::gapfill::GapOutcome::Idle
+    );
+    let left: i64 = pg
+        .query_one("SELECT count(*) FROM failed_ranges", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0);
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(
+        stored,
+        on_chain.into_iter().collect::<Vec<_>>(),
+        "every event exactly once"
+    );
+}
+
+/// Ingests everything, then turns `ranges` back into gaps: their events are
+/// deleted and each is recorded as a failed range, due now.
+async fn with_gaps(ranges: &[(i64, i64)]) -> (Anvil, TestDb, Chain, String, tokio_postgres::Client) {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
+    let toml = config_toml(
+        &db.url,
+        &anvil.url,
+        &emitter,
+        "on_unfetchable_range = \"skip_and_backfill\"",
+        "",
+    );
+    tick_until_idle(&app(&toml, "seed").await).await;
+    let pg = db.client().await;
+    for (f, t) in ranges {
+        pg.execute("DELETE FROM events WHERE block_number BETWEEN $1 AND $2", &[f, t])
+            .await
+            .expect("gap");
+        pg.execute(
+            "INSERT INTO failed_ranges (stream, from_block, to_block, last_error) VALUES ('burns', $1, $2, 'test gap')",
+            &[f, t],
+        )
+        .await
+        .expect("failed range");
+    }
+    (anvil, db, chain, emitter, pg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_gap_fill_workers_never_process_the_same_range() {
+    let ranges: Vec<(i64, i64)> = (0..8).map(|i| (2 + i * 3, 4 + i * 3)).collect();
+    let (anvil, db, chain, emitter, pg) = with_gaps(&ranges).await;
+    let toml = config_toml(
+        &db.url,
+        &anvil.url,
+        &emitter,
+        "on_unfetchable_range = \"skip_and_backfill\"",
+        "",
+    );
+    let (a, b) = (app(&toml, "worker-a").await, app(&toml, "worker-b").await);
+    let work = |app: App| async move {
+        let filler = app.gap_filler().expect("worker");
+        let mut filled = Vec::new();
+        loop {
+            match filler.work_once().await.expect("pass") {
+                logcursor::poller::gapfill::GapOutcome::Filled { id, .. } => filled.push(id),
+                logcursor::poller::gapfill::GapOutcome::Idle => return filled,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let (fa, fb) = tokio::join!(work(a), work(b));
+    let mut all: Vec<i64> = fa.iter().chain(&fb).copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), fa.len() + fb.len(), "no range filled by both: {fa:?} {fb:?}");
+    assert_eq!(all.len(), ranges.len(), "every range filled");
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    let head = chain.block_number().await;
+    assert_eq!(
+        stored,
+        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once() {
+    let (anvil, db, chain, emitter, pg) = with_gaps(&[(5, 9)]).await;
+    let hanging = Proxy::start(&anvil.url).await;
+    hanging.set(|r| {
+        if method_of(r) == "eth_getLogs" {
+            Action::Hang
+        } else {
+            Action::Forward
+        }
+    });
+    let extra =
+        "on_unfetchable_range = \"skip_and_backfill\"\ngapfill_lease = \"3s\"\nrpc_timeout = \"5s\"\nrpc_attempts = 1";
+    let doomed_cfg = tempfile::Builder::new().suffix(".toml").tempfile().expect("tmp");
+    std::fs::write(
+        doomed_cfg.path(),
+        config_toml(&db.url, &hanging.url, &emitter, extra, ""),
+    )
+    .expect("write");
+    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_logcursor"))
+        .args(["run", "--replica-id", "doomed", "--config"])
+        .arg(doomed_cfg.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start");
+    wait_for(
+        "the doomed replica to claim the range",
+        std::time::Duration::from_secs(30),
+        || async {
+            let n: i64 = pg
+                .query_one("SELECT count(*) FROM failed_ranges WHERE claimed_by = 'doomed'", &[])
+                .await
+                .expect("claim")
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    doomed.kill().await.expect("SIGKILL");
+
+    let toml = config_toml(
+        &db.url,
+        &anvil.url,
+        &emitter,
+        "on_unfetchable_range = \"skip_and_backfill\"",
+        "",
+    );
+    let survivor = app(&toml, "survivor").await;
+    let filler = survivor.gap_filler().expect("worker");
+    use logcursor::poller::gapfill::GapOutcome;
+    assert_eq!(
+        filler.work_once().await.expect("pass"),
+        GapOutcome::Idle,
+        "the lease still holds the range"
+    );
+    wait_for(
+        "the lease to end and the range to be reclaimed",
+        std::time::Duration::from_secs(15),
+        || async {
+            match filler.work_once().await.expect("pass") {
+                GapOutcome::Filled { .. } => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        filler.work_once().await.expect("pass"),
+        GapOutcome::Idle,
+        "filled once, nothing left"
+    );
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    let head = chain.block_number().await;
+    assert_eq!(
+        stored,
+        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>(),
+        "every event exactly once"
+    );
+}

@@ -195,3 +195,109 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
     assert_eq!(rows[0]["events_stored"], serde_json::json!(emitted));
     assert_eq!(rows[0]["lag_blocks"], serde_json::json!(0));
 }
+
+/// Sends a signal by name (STOP, CONT, TERM) to a child.
+fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("running child");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_idle_timeout() {
+    use crate::proxy::{method_of, Action, Proxy};
+    use logcursor::app::{App, BuildOptions};
+    use tokio_util::sync::CancellationToken;
+
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
+    let pg = db.migrate_with_history().await;
+    let proxy = Proxy::start(&anvil.url).await;
+    // The frozen replica's node hangs on eth_getLogs: it is inside a tick,
+    // holding the cursor lock, when it is stopped.
+    proxy.set(|r| {
+        if method_of(r) == "eth_getLogs" {
+            Action::Hang
+        } else {
+            Action::Forward
+        }
+    });
+    let limits = "lock_timeout = \"500ms\"\nstatement_timeout = \"5s\"\nidle_in_transaction_timeout = \"3s\"";
+    let rpc = "rpc_timeout = \"1s\"\nrpc_attempts = 2";
+    let frozen_cfg = write_config(&config_toml(&db.url, &proxy.url, &emitter, rpc, limits));
+    let frozen = logcursor(&["run"], frozen_cfg.path(), "frozen").spawn().expect("start");
+    wait_for("the first replica inside a tick", Duration::from_secs(30), || async {
+        proxy.seen().iter().any(|r| method_of(r) == "eth_getLogs").then_some(())
+    })
+    .await;
+    signal(&frozen, "STOP");
+    let stopped_at = std::time::Instant::now();
+
+    let other_cfg = config(&config_toml(&db.url, &anvil.url, &emitter, rpc, limits));
+    let token = CancellationToken::new();
+    let other = App::build(&other_cfg, "other", BuildOptions { migrate: true }, &token)
+        .await
+        .expect("build");
+    let run = tokio::spawn(other.run(token.clone()));
+    wait_for(
+        "the other replica to advance the cursor",
+        Duration::from_secs(15),
+        || async { cursor_of(&pg, "burns").await.filter(|c| *c >= 0).map(|_| ()) },
+    )
+    .await;
+    let stalled = stopped_at.elapsed();
+    assert!(
+        stalled < Duration::from_secs(3 + 3),
+        "stalled {stalled:?}: more than the idle timeout plus a margin"
+    );
+
+    // Wake the frozen replica: its transaction is gone; it must carry on harmlessly.
+    proxy.pass();
+    signal(&frozen, "CONT");
+    chain.emit_burns(&emitter, 10, |_| 2).await;
+    let head = chain.block_number().await;
+    wait_for("both replicas caught up", Duration::from_secs(30), || async {
+        (cursor_of(&pg, "burns").await == Some(head)).then_some(())
+    })
+    .await;
+    let frozen_ticks_after = wait_for("the woken replica to commit again", Duration::from_secs(30), || async {
+        chain.emit_burns(&emitter, 1, |_| 1).await;
+        let mine: i64 = pg
+            .query_one("SELECT count(*) FROM cursor_history WHERE moved_by = 'frozen'", &[])
+            .await
+            .expect("history")
+            .get(0);
+        (mine > 0).then_some(mine)
+    })
+    .await;
+    assert!(frozen_ticks_after > 0);
+    signal(&frozen, "TERM");
+    let out = finish(frozen, Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    token.cancel();
+    let summary = run.await.expect("join").expect("run");
+    assert!(
+        summary[0].lock_timeouts > 0,
+        "the other replica met the held lock and backed off"
+    );
+
+    let head = chain.block_number().await;
+    wait_for("the cursor at the head", Duration::from_secs(5), || async {
+        (cursor_of(&pg, "burns").await >= Some(head - 1)).then_some(())
+    })
+    .await;
+    let at = cursor_of(&pg, "burns").await.expect("cursor");
+    let mut stored = stored_logs(&pg).await;
+    stored.sort();
+    assert_eq!(
+        stored,
+        chain.burned_logs(&emitter, at).await.into_iter().collect::<Vec<_>>(),
+        "nothing lost or duplicated"
+    );
+    assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, at);
+}

@@ -22,5 +22,7 @@ END
 $$;
 
 DROP TRIGGER IF EXISTS cursor_history ON block_cursors;
+-- Only moves: other updates (halt and failure bookkeeping) leave the cursor as it is.
 CREATE TRIGGER cursor_history AFTER UPDATE ON block_cursors
-    FOR EACH ROW EXECUTE FUNCTION record_cursor_move();
+    FOR EACH ROW WHEN (OLD.last_processed_block IS DISTINCT FROM NEW.last_processed_block)
+    EXECUTE FUNCTION record_cursor_move();
