@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::ChainError;
 use crate::config::Config;
+use crate::http::HttpState;
+use crate::metrics::Registry;
 use crate::poller::gapfill::GapFiller;
 use crate::poller::{Poller, Stream, TxLimits};
 use crate::store::pool::Database;
@@ -48,6 +50,11 @@ pub struct BuildOptions {
 /// A built application, ready to run.
 pub struct App {
     db: Database,
+    registry: Arc<Registry>,
+    /// The bound HTTP listener, served by `run`.
+    http: Option<tokio::net::TcpListener>,
+    max_lag_blocks: u64,
+    replica_id: String,
     pollers: Vec<Arc<Poller>>,
     /// Fills the ranges that `skip_and_backfill` streams skipped, if any do.
     gap_filler: Option<Arc<GapFiller>>,
@@ -77,6 +84,19 @@ impl App {
         cancel: &CancellationToken,
     ) -> Result<App, AppError> {
         let db = Database::new(&cfg.database, replica_id)?;
+        let registry = Registry::new(replica_id);
+        // Bound first: a port clash is a start-up error, not a later surprise.
+        let http = match cfg.telemetry.http_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| AppError::Stream {
+                        stream: "-".into(),
+                        reason: format!("cannot listen on telemetry.http_listen = {addr}: {e}"),
+                    })?,
+            ),
+            None => None,
+        };
         db.wait_until_reachable(cfg.database.connect_retry_for, cancel).await?;
         if cancel.is_cancelled() {
             return Err(AppError::Interrupted);
@@ -91,7 +111,8 @@ impl App {
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
             let name = sc.name.clone();
-            let stream = Stream::new(sc.clone()).map_err(|reason| AppError::Stream {
+            let observer: Arc<dyn crate::chain::client::RpcObserver> = registry.clone();
+            let stream = Stream::new(sc.clone(), Some(observer)).map_err(|reason| AppError::Stream {
                 stream: name.clone(),
                 reason,
             })?;
@@ -108,12 +129,18 @@ impl App {
                 db.clone(),
                 replica_id.to_string(),
                 TxLimits::from(&cfg.database),
+                registry.stream(&name, sc.chain_id),
             )));
         }
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
         let gap_filler = GapFiller::new(&streams, db.clone(), replica_id.to_string()).map(Arc::new);
+        crate::telemetry::export_metrics(&registry);
         Ok(App {
             db,
+            registry,
+            http,
+            max_lag_blocks: cfg.telemetry.max_lag_blocks,
+            replica_id: replica_id.to_string(),
             pollers,
             gap_filler,
             grace: cfg.service.shutdown_grace,
@@ -125,15 +152,39 @@ impl App {
         &self.pollers
     }
 
+    /// The address the HTTP endpoints listen on, when enabled.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// This replica's metrics.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
     /// The gap-fill worker, when a stream uses `skip_and_backfill`.
     pub fn gap_filler(&self) -> Option<&Arc<GapFiller>> {
         self.gap_filler.as_ref()
     }
 
     /// Runs every stream until `shutdown` fires, then drains.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<Vec<StreamSummary>, AppError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Vec<StreamSummary>, AppError> {
         let stop = shutdown.child_token();
         let mut tasks = JoinSet::new();
+        // The HTTP server outlives the drain (it answers /livez while
+        // stopping) and ends with the process.
+        let http_stop = CancellationToken::new();
+        let http_task = self.http.take().map(|listener| {
+            let state = Arc::new(HttpState {
+                registry: Arc::clone(&self.registry),
+                db: self.db.clone(),
+                streams: self.pollers.iter().map(|p| p.stream.cfg.name.clone()).collect(),
+                max_lag_blocks: self.max_lag_blocks,
+                replica_id: self.replica_id.clone(),
+                stopping: stop.clone(),
+            });
+            tokio::spawn(crate::http::serve(listener, state, http_stop.clone()))
+        });
         for p in &self.pollers {
             let p = Arc::clone(p);
             let token = stop.clone();
@@ -165,6 +216,10 @@ impl App {
             }
         }
         self.drain(&mut tasks).await;
+        http_stop.cancel();
+        if let Some(t) = http_task {
+            let _ = t.await;
+        }
         self.db.close();
         let summaries = self.summaries();
         for s in &summaries {

@@ -23,6 +23,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Process-level behaviour (shutdown).
     pub service: ServiceConfig,
+    /// The HTTP endpoints (health, metrics, status).
+    pub telemetry: TelemetryConfig,
     /// The event streams; each one is a `block_cursors` row.
     pub streams: Vec<StreamConfig>,
 }
@@ -48,6 +50,15 @@ pub struct DatabaseConfig {
     /// `SET LOCAL idle_in_transaction_session_timeout`: the server ends a
     /// tick's session that sits idle (e.g. a frozen replica) this long (I6).
     pub idle_in_transaction_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Where `/livez`, `/readyz`, `/metrics` and `/status` are served;
+    /// `None` (an empty string in the file) turns the server off.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails while a stream is more blocks than this behind its safe head.
+    pub max_lag_blocks: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -197,12 +208,16 @@ impl fmt::Display for ConfigError {
 pub struct EnvOverrides {
     /// `DATABASE_URL`.
     pub database_url: Option<String>,
+    /// `LOGCURSOR_HTTP_LISTEN`: overrides `telemetry.http_listen`, so that
+    /// replicas sharing one file can each have their own port.
+    pub http_listen: Option<String>,
 }
 
 impl EnvOverrides {
     pub fn from_process() -> Self {
         Self {
             database_url: std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()),
+            http_listen: std::env::var("LOGCURSOR_HTTP_LISTEN").ok(),
         }
     }
 }
@@ -240,11 +255,13 @@ impl Config {
         let mut root = Fields::new(&table, "", &mut problems);
         let database_table = root.table("database");
         let service_table = root.table("service");
+        let telemetry_table = root.table("telemetry");
         let stream_tables = root.array_of_tables("streams");
         root.finish();
 
         let database = parse_database(database_table.as_ref(), env, &mut problems);
         let service = parse_service(service_table.as_ref(), &mut problems);
+        let telemetry = parse_telemetry(telemetry_table.as_ref(), env, &mut problems);
         let mut streams = Vec::new();
         match stream_tables {
             Some(ts) if !ts.is_empty() => {
@@ -263,10 +280,11 @@ impl Config {
         if let Some(db) = &database {
             check_timeouts(db, &streams, &mut problems);
         }
-        match (database, service) {
-            (Some(database), Some(service)) if problems.is_empty() => Ok(Config {
+        match (database, service, telemetry) {
+            (Some(database), Some(service), Some(telemetry)) if problems.is_empty() => Ok(Config {
                 database,
                 service,
+                telemetry,
                 streams,
             }),
             _ => Err(fail(problems)),
@@ -321,6 +339,41 @@ fn parse_service(table: Option<&toml::Table>, problems: &mut Vec<Problem>) -> Op
     f.finish();
     Some(ServiceConfig {
         shutdown_grace: shutdown_grace?,
+    })
+}
+
+fn parse_telemetry(
+    table: Option<&toml::Table>,
+    env: &EnvOverrides,
+    problems: &mut Vec<Problem>,
+) -> Option<TelemetryConfig> {
+    let empty = toml::Table::new();
+    let mut f = Fields::new(table.unwrap_or(&empty), "telemetry", problems);
+    let in_file = f.optional::<String>("http_listen");
+    let listen = env
+        .http_listen
+        .clone()
+        .or(in_file)
+        .unwrap_or_else(|| "0.0.0.0:9464".into());
+    let http_listen = if listen.is_empty() {
+        Some(None)
+    } else {
+        match listen.parse() {
+            Ok(a) => Some(Some(a)),
+            Err(_) => {
+                f.problem(
+                    "http_listen",
+                    format!("not an address like \"0.0.0.0:9464\": {listen:?}"),
+                );
+                None
+            }
+        }
+    };
+    let max_lag_blocks = f.int_in("max_lag_blocks", Some(100), 0..=i64::MAX);
+    f.finish();
+    Some(TelemetryConfig {
+        http_listen: http_listen?,
+        max_lag_blocks: max_lag_blocks?,
     })
 }
 

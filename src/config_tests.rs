@@ -124,6 +124,7 @@ fn unknown_top_level_keys_and_missing_sections_are_errors() {
 fn database_url_comes_from_the_environment_over_the_file() {
     let env = EnvOverrides {
         database_url: Some("postgres://env-host/envdb".into()),
+        ..Default::default()
     };
     let c = Config::parse(GOOD, "t", &env).expect("valid");
     assert_eq!(c.database.url.expose(), "postgres://env-host/envdb");

@@ -18,6 +18,8 @@
 //! | [`cli`]      | command line                                                  |
 //! | [`shutdown`] | SIGTERM/SIGINT → cancellation token                           |
 //! | [`telemetry`]| tracing subscriber and OTLP export                            |
+//! | [`metrics`]  | per-stream and per-endpoint metrics, Prometheus text          |
+//! | [`http`]     | `/livez`, `/readyz`, `/metrics`, `/status`                    |
 //! | [`redact`]   | secrets that never print, URLs with keys removed              |
 //!
 //! # Invariants
@@ -45,6 +47,8 @@ pub mod app;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod poller;
 pub mod redact;
 pub mod shutdown;

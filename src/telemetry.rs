@@ -18,6 +18,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// on the way out (dropping it does the same).
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl TelemetryGuard {
@@ -30,6 +31,11 @@ impl TelemetryGuard {
         if let Some(p) = self.provider.take() {
             if let Err(e) = p.shutdown() {
                 eprintln!("telemetry: flushing spans failed: {e}");
+            }
+        }
+        if let Some(m) = self.meters.take() {
+            if let Err(e) = m.shutdown() {
+                eprintln!("telemetry: flushing metrics failed: {e}");
             }
         }
     }
@@ -62,9 +68,17 @@ pub fn init(replica_id: &str) -> Result<TelemetryGuard, TelemetryError> {
     } else {
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
     };
-    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(tracer_provider(replica_id)?),
-        _ => None,
+    let (provider, meters) = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => {
+            let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "http/protobuf".into());
+            if !matches!(protocol.as_str(), "grpc" | "http/protobuf") {
+                return Err(TelemetryError::Protocol(protocol));
+            }
+            let meters = meter_provider(replica_id, &protocol)?;
+            opentelemetry::global::set_meter_provider(meters.clone());
+            (Some(tracer_provider(replica_id, &protocol)?), Some(meters))
+        }
+        _ => (None, None),
     };
     let otel = provider
         .as_ref()
@@ -75,21 +89,79 @@ pub fn init(replica_id: &str) -> Result<TelemetryGuard, TelemetryError> {
         .with(fmt)
         .with(otel)
         .try_init();
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
-fn tracer_provider(replica_id: &str) -> Result<SdkTracerProvider, TelemetryError> {
-    use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "http/protobuf".into());
-    let exporter = match protocol.as_str() {
-        "grpc" => SpanExporter::builder().with_tonic().build(),
-        "http/protobuf" => SpanExporter::builder()
+/// Exports `registry`'s gauges and counters over OTLP when an endpoint is
+/// configured (histograms are on `/metrics`). Idempotent per registry.
+pub fn export_metrics(registry: &std::sync::Arc<crate::metrics::Registry>) {
+    use std::sync::atomic::Ordering;
+    if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").map_or(true, |e| e.is_empty()) {
+        return;
+    }
+    let meter = opentelemetry::global::meter("logcursor");
+    type Pick = fn(&crate::metrics::StreamMetrics) -> u64;
+    let gauges: [(&'static str, Pick); 5] = [
+        ("logcursor.cursor_block", |m| {
+            u64::try_from(m.cursor_block.load(Ordering::Relaxed)).unwrap_or(0)
+        }),
+        ("logcursor.chain_head_block", |m| m.chain_head.load(Ordering::Relaxed)),
+        ("logcursor.safe_head_block", |m| m.safe_head.load(Ordering::Relaxed)),
+        ("logcursor.lag_blocks", |m| m.lag_blocks()),
+        ("logcursor.block_range", |m| m.block_range.load(Ordering::Relaxed)),
+    ];
+    for (name, pick) in gauges {
+        let r = std::sync::Arc::clone(registry);
+        let _ = meter
+            .u64_observable_gauge(name)
+            .with_callback(move |o| {
+                for (s, m) in r.streams() {
+                    o.observe(pick(&m), &[KeyValue::new("stream", s)]);
+                }
+            })
+            .build();
+    }
+    let counters: [(&'static str, Pick); 4] = [
+        ("logcursor.events_inserted", |m| {
+            m.events_inserted.load(Ordering::Relaxed)
+        }),
+        ("logcursor.duplicates", |m| m.duplicates.load(Ordering::Relaxed)),
+        ("logcursor.reorgs", |m| m.reorgs.load(Ordering::Relaxed)),
+        ("logcursor.lock_timeouts", |m| m.lock_timeouts.load(Ordering::Relaxed)),
+    ];
+    for (name, pick) in counters {
+        let r = std::sync::Arc::clone(registry);
+        let _ = meter
+            .u64_observable_counter(name)
+            .with_callback(move |o| {
+                for (s, m) in r.streams() {
+                    o.observe(pick(&m), &[KeyValue::new("stream", s)]);
+                }
+            })
+            .build();
+    }
+}
+
+fn meter_provider(
+    replica_id: &str,
+    protocol: &str,
+) -> Result<opentelemetry_sdk::metrics::SdkMeterProvider, TelemetryError> {
+    use opentelemetry_otlp::{MetricExporter, WithExportConfig as _};
+    let exporter = match protocol {
+        "grpc" => MetricExporter::builder().with_tonic().build(),
+        _ => MetricExporter::builder()
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
             .build(),
-        other => return Err(TelemetryError::Protocol(other.to_string())),
     }
     .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    Ok(opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter)
+        .with_resource(resource(replica_id))
+        .build())
+}
+
+fn resource(replica_id: &str) -> Resource {
     let mut resource = Resource::builder().with_attribute(KeyValue::new("service.instance.id", replica_id.to_string()));
     let named_by_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.is_empty())
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
@@ -97,8 +169,21 @@ fn tracer_provider(replica_id: &str) -> Result<SdkTracerProvider, TelemetryError
     if !named_by_env {
         resource = resource.with_service_name("logcursor");
     }
+    resource.build()
+}
+
+fn tracer_provider(replica_id: &str, protocol: &str) -> Result<SdkTracerProvider, TelemetryError> {
+    use opentelemetry_otlp::{SpanExporter, WithExportConfig as _};
+    let exporter = match protocol {
+        "grpc" => SpanExporter::builder().with_tonic().build(),
+        _ => SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build(),
+    }
+    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(resource.build())
+        .with_resource(resource(replica_id))
         .build())
 }

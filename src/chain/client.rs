@@ -51,11 +51,18 @@ pub struct ClientOptions {
     pub max_block_range: u64,
 }
 
+/// Told about every request attempt (for metrics).
+pub trait RpcObserver: Send + Sync {
+    /// `endpoint` is the redacted URL.
+    fn observe(&self, endpoint: &str, method: &'static str, result: Result<(), &ChainErrorKind>, latency: Duration);
+}
+
 /// A stream's endpoints.
 pub struct ChainClient {
     http: reqwest::Client,
     endpoints: Vec<Endpoint>,
     opts: ClientOptions,
+    observer: Option<std::sync::Arc<dyn RpcObserver>>,
     /// JSON-RPC request ids; only for matching answers in a capture.
     next_id: AtomicU64,
 }
@@ -244,8 +251,15 @@ impl ChainClient {
             http,
             endpoints,
             opts,
+            observer: None,
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// Reports every request attempt to `observer`.
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn RpcObserver>) -> ChainClient {
+        self.observer = Some(observer);
+        self
     }
 
     /// Redacted URLs of the endpoints, in order.
@@ -454,10 +468,12 @@ impl Rpc<'_> {
         let mut attempt = 1;
         loop {
             let body = json!({"jsonrpc": "2.0", "id": self.client.next_id.fetch_add(1, Ordering::Relaxed), "method": method, "params": params});
+            let started = Instant::now();
             let result = match self.post(method, &body).await {
                 Ok(bytes) => parse_envelope(&bytes).map_err(|k| self.error(method, k)),
                 Err(e) => Err(e),
             };
+            self.observe(method, result.as_ref().map(|_| ()), started);
             match result {
                 Err(e) if attempt < self.client.opts.attempts && retry(&e) => {
                     let delay = retry_delay(attempt);
@@ -484,10 +500,12 @@ impl Rpc<'_> {
                 .enumerate()
                 .map(|(i, p)| json!({"jsonrpc": "2.0", "id": first_id + i as u64, "method": method, "params": p}))
                 .collect();
+            let started = Instant::now();
             let result = match self.post(method, &Value::Array(body)).await {
                 Ok(bytes) => parse_batch(&bytes, first_id, params.len()).map_err(|k| self.error(method, k)),
                 Err(e) => Err(e),
             };
+            self.observe(method, result.as_ref().map(|_| ()), started);
             match result {
                 Err(e) if attempt < self.client.opts.attempts && e.is_retryable() => {
                     tokio::time::sleep(retry_delay(attempt)).await;
@@ -495,6 +513,12 @@ impl Rpc<'_> {
                 }
                 other => return other,
             }
+        }
+    }
+
+    fn observe(&self, method: &'static str, result: Result<(), &ChainError>, started: Instant) {
+        if let Some(o) = &self.client.observer {
+            o.observe(&self.ep.display, method, result.map_err(|e| &e.kind), started.elapsed());
         }
     }
 

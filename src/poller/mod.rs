@@ -12,7 +12,7 @@ pub mod tick;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::abi::{DecodeError, EventSet};
 use crate::chain::{ChainClient, ChainError, ClientOptions, Hash32, LogFilter, RawLog};
 use crate::config::{DatabaseConfig, StreamConfig};
+use crate::metrics::{now_secs, StreamMetrics};
 use crate::store::events::NewEvent;
 use crate::store::pool::Database;
 use crate::store::StoreError;
@@ -38,8 +39,12 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// Builds the decoder, filter and RPC client of a validated stream config.
-    pub fn new(cfg: StreamConfig) -> Result<Stream, String> {
+    /// Builds the decoder, filter and RPC client of a validated stream
+    /// config; `observer` is told about every RPC request.
+    pub fn new(
+        cfg: StreamConfig,
+        observer: Option<Arc<dyn crate::chain::client::RpcObserver>>,
+    ) -> Result<Stream, String> {
         let events = EventSet::parse(&cfg.events).map_err(|errs| {
             errs.into_iter()
                 .map(|(i, e)| format!("events[{i}]: {e}"))
@@ -50,7 +55,10 @@ impl Stream {
             addresses: cfg.addresses.clone(),
             topic0s: events.topic0s(),
         };
-        let chain = ChainClient::new(&cfg.rpc, client_options(&cfg)).map_err(|e| e.to_string())?;
+        let mut chain = ChainClient::new(&cfg.rpc, client_options(&cfg)).map_err(|e| e.to_string())?;
+        if let Some(o) = observer {
+            chain = chain.with_observer(o);
+        }
         Ok(Stream {
             cfg,
             events,
@@ -108,6 +116,8 @@ pub struct Poller {
     replica_id: String,
     limits: TxLimits,
     pub stats: PollerStats,
+    /// What `/metrics` and `/status` show of this stream.
+    pub metrics: Arc<StreamMetrics>,
     /// Consecutive ticks whose range could not be fetched (reset by any
     /// success); `skip_and_backfill` skips after `range_attempts`.
     range_failures: std::sync::atomic::AtomicU32,
@@ -128,6 +138,9 @@ pub enum TickOutcome {
         from: u64,
         to: u64,
         head: u64,
+        safe_head: u64,
+        /// Timestamp of block `to` (seconds since the epoch).
+        to_timestamp: u64,
         /// Logs the node returned for the range.
         logs: usize,
         /// Of those, logs that did not decode and went to `dead_letters`.
@@ -181,14 +194,83 @@ impl TickError {
 }
 
 impl Poller {
-    pub fn new(stream: Arc<Stream>, db: Database, replica_id: String, limits: TxLimits) -> Poller {
+    pub fn new(
+        stream: Arc<Stream>,
+        db: Database,
+        replica_id: String,
+        limits: TxLimits,
+        metrics: Arc<StreamMetrics>,
+    ) -> Poller {
         Poller {
             stream,
             db,
             replica_id,
             limits,
+            metrics,
             stats: PollerStats::default(),
             range_failures: Default::default(),
+        }
+    }
+
+    /// Updates the metrics after a tick.
+    fn record(&self, result: &Result<TickOutcome, TickError>, outcome: &'static str, took: Duration) {
+        let m = &self.metrics;
+        let error = result.as_ref().err().map(|e| e.to_string());
+        m.tick(outcome, error, took);
+        m.block_range
+            .store(self.stream.chain.pick().log_span(), Ordering::Relaxed);
+        match result {
+            Ok(TickOutcome::Advanced {
+                to,
+                head,
+                safe_head,
+                to_timestamp,
+                inserted,
+                duplicates,
+                dead_lettered,
+                lock_wait,
+                lock_hold,
+                ..
+            }) => {
+                m.cursor_block
+                    .store(i64::try_from(*to).unwrap_or(i64::MAX), Ordering::Relaxed);
+                m.cursor_block_time.store(*to_timestamp, Ordering::Relaxed);
+                m.chain_head.store(*head, Ordering::Relaxed);
+                m.safe_head.store(*safe_head, Ordering::Relaxed);
+                m.events_inserted.fetch_add(*inserted, Ordering::Relaxed);
+                m.duplicates.fetch_add(*duplicates, Ordering::Relaxed);
+                m.dead_letters.fetch_add(*dead_lettered as u64, Ordering::Relaxed);
+                m.last_advance.store(now_secs(), Ordering::Relaxed);
+                m.lock_wait.observe(*lock_wait);
+                m.lock_hold.observe(*lock_hold);
+            }
+            Ok(TickOutcome::Idle {
+                cursor,
+                head,
+                safe_head,
+                lock_wait,
+            }) => {
+                m.cursor_block.store(*cursor, Ordering::Relaxed);
+                m.chain_head.store(*head, Ordering::Relaxed);
+                m.safe_head.store(*safe_head, Ordering::Relaxed);
+                m.lock_wait.observe(*lock_wait);
+            }
+            Ok(TickOutcome::Rewound { to, .. }) => {
+                m.reorgs.fetch_add(1, Ordering::Relaxed);
+                m.cursor_block.store(*to, Ordering::Relaxed);
+            }
+            Ok(TickOutcome::Skipped { to, .. }) => {
+                m.ranges_skipped.fetch_add(1, Ordering::Relaxed);
+                m.cursor_block
+                    .store(i64::try_from(*to).unwrap_or(i64::MAX), Ordering::Relaxed);
+            }
+            Err(TickError::DeepReorg { .. }) => {
+                m.reorgs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.is_lock_timeout() => {
+                m.lock_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
         }
     }
 
@@ -196,6 +278,7 @@ impl Poller {
     pub async fn run(&self, cancel: CancellationToken) {
         let name = &self.stream.cfg.name;
         let mut consecutive_failures = 0u32;
+        let mut progress = Progress::default();
         while !cancel.is_cancelled() {
             let result = self.tick(&cancel).await;
             self.stats.ticks.fetch_add(1, Ordering::Relaxed);
@@ -205,10 +288,18 @@ impl Poller {
                     to,
                     inserted,
                     duplicates,
+                    safe_head,
                     ..
                 }) => {
                     consecutive_failures = 0;
                     self.record_advance(to - from + 1, inserted, duplicates);
+                    progress.advanced(
+                        name,
+                        to - from + 1,
+                        inserted,
+                        safe_head.saturating_sub(to),
+                        self.stream.cfg.max_block_range,
+                    );
                     Duration::ZERO
                 }
                 Ok(TickOutcome::Idle { .. }) => {
@@ -245,6 +336,45 @@ impl Poller {
         s.blocks_committed.fetch_add(blocks, Ordering::Relaxed);
         s.events_inserted.fetch_add(inserted, Ordering::Relaxed);
         s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    }
+}
+
+/// Backfill progress: logged at most every [`Progress::EVERY`] while a
+/// stream is far behind, so a long backfill says how long it will take.
+#[derive(Default)]
+struct Progress {
+    window_start: Option<Instant>,
+    blocks: u64,
+    events: u64,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn advanced(&mut self, stream: &str, blocks: u64, events: u64, remaining: u64, max_range: u64) {
+        if remaining <= max_range {
+            // Caught up (or nearly): live mode, nothing to report.
+            *self = Progress::default();
+            return;
+        }
+        let started = *self.window_start.get_or_insert_with(Instant::now);
+        self.blocks += blocks;
+        self.events += events;
+        let elapsed = started.elapsed();
+        if elapsed >= Self::EVERY {
+            let secs = elapsed.as_secs_f64();
+            let blocks_per_sec = self.blocks as f64 / secs;
+            let eta = (blocks_per_sec > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / blocks_per_sec));
+            tracing::info!(
+                stream,
+                blocks_per_sec = format!("{blocks_per_sec:.1}"),
+                events_per_sec = format!("{:.1}", self.events as f64 / secs),
+                blocks_remaining = remaining,
+                eta = eta.map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()),
+                "backfill progress"
+            );
+            *self = Progress::default();
+        }
     }
 }
 

@@ -39,7 +39,7 @@ use tracing::{field, info_span, Instrument};
 
 use super::{decode_log, Poller, TickError, TickOutcome};
 use crate::chain::abi::DecodeError;
-use crate::chain::{ChainErrorKind, Hash32, LogFilter, RawLog, Rpc};
+use crate::chain::{ChainErrorKind, Hash32, Header, LogFilter, RawLog, Rpc};
 use crate::config::{BadEventPolicy, DeepReorgPolicy, UnfetchablePolicy};
 use crate::store::events::NewEvent;
 use crate::store::{cursor, dead_letters, events, failed_ranges, reorg, StoreError};
@@ -61,6 +61,9 @@ enum Fetched {
         logs: Vec<RawLog>,
         hashes: Vec<(u64, Hash32)>,
         last_hash: Hash32,
+        /// Timestamp of block `to`.
+        last_time: u64,
+        safe_head: u64,
     },
 }
 
@@ -81,9 +84,12 @@ impl Poller {
             events_inserted = field::Empty,
             duplicates = field::Empty,
             outcome = field::Empty,
+            otel.status_code = field::Empty,
+            error.message = field::Empty,
         )
     )]
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
+        let started = Instant::now();
         let result = self.tick_inner(cancel).await;
         match &result {
             Ok(_) => self.range_failures.store(0, Ordering::Relaxed),
@@ -106,7 +112,15 @@ impl Poller {
             Err(e) if e.is_lock_timeout() => "lock_timeout",
             Err(_) => "error",
         };
-        tracing::Span::current().record("outcome", outcome);
+        let span = tracing::Span::current();
+        span.record("outcome", outcome);
+        if let Err(e) = &result {
+            if outcome == "error" {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.message", e.to_string());
+            }
+        }
+        self.record(&result, outcome, started.elapsed());
         result
     }
 
@@ -159,7 +173,7 @@ impl Poller {
             }
             Ok(f) => f,
         };
-        let (from, to, head, logs, hashes, last_hash) = match fetched {
+        let (from, to, head, safe_head, logs, hashes, last_hash, last_time) = match fetched {
             Fetched::Idle { head, safe_head } => {
                 tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
                 return Ok(TickOutcome::Idle {
@@ -198,7 +212,9 @@ impl Poller {
                 logs,
                 hashes,
                 last_hash,
-            } => (from, to, head, logs, hashes, last_hash),
+                last_time,
+                safe_head,
+            } => (from, to, head, safe_head, logs, hashes, last_hash, last_time),
         };
         let span = tracing::Span::current();
         span.record("from_block", from);
@@ -256,6 +272,8 @@ impl Poller {
             from,
             to,
             head,
+            safe_head,
+            to_timestamp: last_time,
             logs: logs.len(),
             dead_lettered: bad.len(),
             inserted: outcome.inserted,
@@ -330,6 +348,8 @@ impl Poller {
                 to: r.to,
                 head,
                 last_hash: r.hashes.last().map(|(_, h)| *h).unwrap_or(Hash32([0; 32])),
+                last_time: r.last_time,
+                safe_head,
                 logs: r.logs,
                 hashes: r.hashes,
             }),
@@ -361,6 +381,8 @@ pub(crate) struct RangeData {
     pub to: u64,
     /// Hashes of every block with logs and of `to`, in block order.
     pub hashes: Vec<(u64, Hash32)>,
+    /// Timestamp of block `to`.
+    pub last_time: u64,
 }
 
 /// Fetches `[from, to]` and checks it against the headers (one batch).
@@ -377,11 +399,9 @@ pub(crate) async fn fetch_range(rpc: &Rpc<'_>, filter: &LogFilter, from: u64, to
         .await?;
     let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
     blocks.dedup();
-    let hashes: Vec<(u64, Hash32)> = blocks
-        .iter()
-        .copied()
-        .zip(canonical_hashes(rpc, &blocks).await?)
-        .collect();
+    let headers = canonical_headers(rpc, &blocks).await?;
+    let last_time = headers.last().map_or(0, |h| h.timestamp);
+    let hashes: Vec<(u64, Hash32)> = blocks.iter().copied().zip(headers.iter().map(|h| h.hash)).collect();
     for log in &logs {
         let header = hashes.iter().find(|(n, _)| *n == log.block_number).map(|(_, h)| *h);
         if header != Some(log.block_hash) {
@@ -396,7 +416,12 @@ pub(crate) async fn fetch_range(rpc: &Rpc<'_>, filter: &LogFilter, from: u64, to
             return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
         }
     }
-    Ok(RangeData { logs, to, hashes })
+    Ok(RangeData {
+        logs,
+        to,
+        hashes,
+        last_time,
+    })
 }
 
 /// A failure of the range itself (the provider will not serve it), as
@@ -408,6 +433,15 @@ fn is_unfetchable(e: &TickError) -> bool {
 /// The canonical hashes of `blocks` (one batched request); a block the
 /// node does not have means it is lagging.
 pub(crate) async fn canonical_hashes(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Hash32>, TickError> {
+    Ok(canonical_headers(rpc, blocks)
+        .await?
+        .into_iter()
+        .map(|h| h.hash)
+        .collect())
+}
+
+/// The canonical headers of `blocks`; see [`canonical_hashes`].
+pub(crate) async fn canonical_headers(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Header>, TickError> {
     let headers = rpc
         .headers(blocks)
         .instrument(info_span!(
@@ -421,7 +455,7 @@ pub(crate) async fn canonical_hashes(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Ve
         .iter()
         .zip(headers)
         .map(|(n, h)| {
-            h.map(|h| h.hash).ok_or_else(|| {
+            h.ok_or_else(|| {
                 let head = blocks.iter().copied().min().unwrap_or(0).saturating_sub(1);
                 rpc.error("eth_getBlockByNumber", ChainErrorKind::Lagging { head, needed: *n })
                     .into()

@@ -50,6 +50,7 @@ fn the_kubernetes_manifests_parse_and_ship_a_valid_config_for_three_graceful_rep
         .expect("logcursor.toml in the ConfigMap");
     let env = EnvOverrides {
         database_url: Some("postgres://u@db:5432/logcursor".into()),
+        ..Default::default()
     };
     let config = Config::parse(toml, "deploy/kubernetes/configmap.yaml", &env).unwrap_or_else(|e| panic!("{e}"));
 

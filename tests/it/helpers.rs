@@ -370,7 +370,7 @@ pub fn config_toml(db_url: &str, rpc: &str, emitter: &str, stream_extra: &str, d
          poll_interval = \"50ms\"\nrpc_timeout = \"2s\""
     );
     format!(
-        "[database]\n{}\n\n[service]\nshutdown_grace = \"10s\"\n\n[[streams]]\n{}\n",
+        "[database]\n{}\n\n[service]\nshutdown_grace = \"10s\"\n\n[telemetry]\nhttp_listen = \"127.0.0.1:0\"\n\n[[streams]]\n{}\n",
         with_overrides(&database, db_extra),
         with_overrides(&stream, stream_extra)
     )

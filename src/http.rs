@@ -1,0 +1,184 @@
+//! The HTTP endpoints an orchestrator and an operator use:
+//!
+//! - `/livez`: the process is running its loops (200 until shutdown starts).
+//! - `/readyz`: the database answers and every stream is within
+//!   `max_lag_blocks` of its safe head and not halted; 503 with the reasons
+//!   otherwise.
+//! - `/metrics`: Prometheus text ([`crate::metrics`]).
+//! - `/status`: JSON per stream: cursor, heads, lag, last tick outcome, and
+//!   which replica moved the cursor last.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Registry;
+use crate::store::cursor;
+use crate::store::pool::Database;
+
+/// What the handlers read.
+pub struct HttpState {
+    pub registry: Arc<Registry>,
+    pub db: Database,
+    /// Configured stream names, in order.
+    pub streams: Vec<String>,
+    pub max_lag_blocks: u64,
+    pub replica_id: String,
+    /// Fires when shutdown starts: `/livez` and `/readyz` then fail.
+    pub stopping: CancellationToken,
+}
+
+/// One stream in `/status`.
+#[derive(Debug, Serialize)]
+pub struct StreamView {
+    pub stream: String,
+    pub chain_id: u64,
+    pub cursor: Option<i64>,
+    pub head: u64,
+    pub safe_head: u64,
+    pub lag_blocks: u64,
+    pub lag_seconds: Option<u64>,
+    pub block_range: u64,
+    pub last_tick_outcome: String,
+    pub last_error: Option<String>,
+    /// The replica that moved the cursor last (from the database).
+    pub last_processed_by: Option<String>,
+    pub last_processed_secs_ago: Option<u64>,
+    pub halted: Option<String>,
+}
+
+/// The whole `/status` document.
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub replica: String,
+    pub uptime_seconds: u64,
+    pub streams: Vec<StreamView>,
+}
+
+/// Serves until `cancel` fires.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<HttpState>, cancel: CancellationToken) {
+    let app = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(state);
+    let shutdown = async move { cancel.cancelled().await };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+async fn livez(State(s): State<Arc<HttpState>>) -> Response {
+    if s.stopping.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.registry.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
+    let mut reasons = Vec::new();
+    if s.stopping.is_cancelled() {
+        reasons.push("shutting down".to_string());
+    }
+    match view(&s).await {
+        Err(e) => reasons.push(format!("database: {e}")),
+        Ok(v) => {
+            for st in &v.streams {
+                if let Some(h) = &st.halted {
+                    reasons.push(format!("{} is halted: {h}", st.stream));
+                }
+                if st.lag_blocks > s.max_lag_blocks {
+                    reasons.push(format!(
+                        "{} is {} blocks behind (max_lag_blocks = {})",
+                        st.stream, st.lag_blocks, s.max_lag_blocks
+                    ));
+                }
+            }
+        }
+    }
+    let ready = reasons.is_empty();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(serde_json::json!({ "ready": ready, "reasons": reasons }))).into_response()
+}
+
+async fn status(State(s): State<Arc<HttpState>>) -> Response {
+    match view(&s).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "error": e }))).into_response(),
+    }
+}
+
+/// Metrics joined with the cursor rows; the database part is bounded in time.
+async fn view(s: &HttpState) -> Result<StatusView, String> {
+    let read = async {
+        let client = s.db.get().await.map_err(|e| e.to_string())?;
+        let mut rows = Vec::new();
+        for name in &s.streams {
+            rows.push(cursor::get(&**client, name).await.map_err(|e| e.to_string())?);
+        }
+        Ok::<_, String>(rows)
+    };
+    let rows = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .map_err(|_| "no answer within 2s".to_string())??;
+    let metrics = s.registry.streams();
+    let streams = s
+        .streams
+        .iter()
+        .zip(rows)
+        .map(|(name, row)| {
+            let m = metrics.iter().find(|(n, _)| n == name).map(|(_, m)| Arc::clone(m));
+            let (outcome, error) = m.as_ref().map(|m| m.last_outcome()).unwrap_or_default();
+            let load = |f: fn(&crate::metrics::StreamMetrics) -> u64| m.as_deref().map_or(0, f);
+            let db_cursor = row.as_ref().map(|r| r.cursor.last_processed_block);
+            let safe_head = load(|m| m.safe_head.load(std::sync::atomic::Ordering::Relaxed));
+            StreamView {
+                stream: name.clone(),
+                chain_id: m.as_ref().map_or(0, |m| m.chain_id),
+                cursor: db_cursor,
+                head: load(|m| m.chain_head.load(std::sync::atomic::Ordering::Relaxed)),
+                safe_head,
+                // The database's cursor is the truth; this replica's view may be older.
+                lag_blocks: db_cursor.map_or(0, |c| {
+                    u64::try_from(i64::try_from(safe_head).unwrap_or(i64::MAX) - c).unwrap_or(0)
+                }),
+                lag_seconds: m.as_ref().and_then(|m| m.lag_seconds()),
+                block_range: load(|m| m.block_range.load(std::sync::atomic::Ordering::Relaxed)),
+                last_tick_outcome: if outcome.is_empty() { "none".into() } else { outcome },
+                last_error: error,
+                last_processed_by: row.as_ref().and_then(|r| r.updated_by.clone()),
+                last_processed_secs_ago: row
+                    .as_ref()
+                    .and_then(|r| r.updated_at.elapsed().ok())
+                    .map(|d| d.as_secs()),
+                halted: row.as_ref().and_then(|r| r.halted_reason.clone()),
+            }
+        })
+        .collect();
+    Ok(StatusView {
+        replica: s.replica_id.clone(),
+        uptime_seconds: s.registry.uptime().as_secs(),
+        streams,
+    })
+}
