@@ -318,7 +318,8 @@ impl Poller {
             .instrument(info_span!(
                 "rpc.eth_blockNumber",
                 rpc.system = "jsonrpc",
-                rpc.method = "eth_blockNumber"
+                rpc.method = "eth_blockNumber",
+                server.address = rpc.endpoint()
             ))
             .await?;
         let cursor_block = u64::try_from(current.last_processed_block).ok();
@@ -387,16 +388,17 @@ pub(crate) struct RangeData {
 
 /// Fetches `[from, to]` and checks it against the headers (one batch).
 pub(crate) async fn fetch_range(rpc: &Rpc<'_>, filter: &LogFilter, from: u64, to: u64) -> Result<RangeData, TickError> {
-    let (logs, to) = rpc
-        .get_logs(from, to, filter)
-        .instrument(info_span!(
-            "rpc.eth_getLogs",
-            rpc.system = "jsonrpc",
-            rpc.method = "eth_getLogs",
-            from,
-            to
-        ))
-        .await?;
+    let span = info_span!(
+        "rpc.eth_getLogs",
+        rpc.system = "jsonrpc",
+        rpc.method = "eth_getLogs",
+        server.address = rpc.endpoint(),
+        from,
+        to,
+        rpc.result_count = field::Empty,
+    );
+    let (logs, to) = rpc.get_logs(from, to, filter).instrument(span.clone()).await?;
+    span.record("rpc.result_count", logs.len());
     let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
     blocks.dedup();
     let headers = canonical_headers(rpc, &blocks).await?;
@@ -448,6 +450,7 @@ pub(crate) async fn canonical_headers(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<V
             "rpc.eth_getBlockByNumber",
             rpc.system = "jsonrpc",
             rpc.method = "eth_getBlockByNumber",
+            server.address = rpc.endpoint(),
             blocks = blocks.len()
         ))
         .await?;

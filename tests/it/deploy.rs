@@ -27,8 +27,10 @@ fn documents() -> Vec<(PathBuf, Value)> {
     for path in yaml_files(&root) {
         let text = std::fs::read_to_string(&path).expect("read yaml");
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::with::singleton_map_recursive::deserialize(doc)
+            let mut v: Value = serde_yaml::with::singleton_map_recursive::deserialize(doc)
                 .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+            v.apply_merge()
+                .unwrap_or_else(|e| panic!("{}: merge keys: {e}", path.display()));
             docs.push((path.clone(), v));
         }
     }
@@ -85,10 +87,72 @@ fn the_kubernetes_manifests_parse_and_ship_a_valid_config_for_three_graceful_rep
         db_url["valueFrom"]["secretKeyRef"]["name"].is_string(),
         "DATABASE_URL comes from a Secret"
     );
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert!(
+        container["resources"]["limits"]["memory"].is_string() && container["resources"]["requests"]["cpu"].is_string()
+    );
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    let service = kind(&docs, "Service")[0];
+    assert_eq!(service["spec"]["ports"][0]["port"], 9464);
+    let pdb = kind(&docs, "PodDisruptionBudget")[0];
+    assert!(pdb["spec"]["minAvailable"]
+        .as_u64()
+        .is_some_and(|n| (1..3).contains(&n)));
     let sc = &container["securityContext"];
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+}
+
+#[test]
+fn the_compose_stack_wires_three_replicas_to_postgres_anvil_and_the_collector() {
+    let docs = documents();
+    let compose = docs
+        .iter()
+        .find(|(p, _)| p.ends_with("compose/docker-compose.yaml"))
+        .map(|(_, d)| d)
+        .expect("deploy/compose/docker-compose.yaml");
+    let services = &compose["services"];
+    for name in ["postgres", "anvil", "otel-collector", "jaeger"] {
+        assert!(services[name].is_mapping(), "service {name}");
+    }
+    let replicas: Vec<&str> = ["replica-1", "replica-2", "replica-3"]
+        .into_iter()
+        .filter(|r| services[*r].is_mapping())
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    for r in replicas {
+        let svc = &services[r];
+        assert_eq!(svc["image"], "logcursor:latest", "{r}");
+        assert_eq!(svc["command"][0], "run", "{r}");
+        assert_eq!(svc["stop_grace_period"], "40s", "{r}");
+        let env = &svc["environment"];
+        for var in [
+            "LOGCURSOR_CONFIG",
+            "DATABASE_URL",
+            "LOGCURSOR_REPLICA_ID",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(env[var].is_string(), "{r} lacks {var}");
+        }
+        assert_eq!(env["LOGCURSOR_REPLICA_ID"], r);
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/compose");
+    let toml = std::fs::read_to_string(dir.join("logcursor.toml")).expect("compose logcursor.toml");
+    let env = EnvOverrides {
+        database_url: Some("postgres://logcursor:logcursor@postgres:5432/logcursor".into()),
+        ..Default::default()
+    };
+    Config::parse(&toml, "deploy/compose/logcursor.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+    let collector = docs
+        .iter()
+        .find(|(p, _)| p.ends_with("compose/otel-collector.yaml"))
+        .map(|(_, d)| d)
+        .expect("otel-collector.yaml");
+    assert!(collector["service"]["pipelines"]["traces"]["exporters"]
+        .as_sequence()
+        .is_some_and(|e| !e.is_empty()));
 }
 
 #[test]

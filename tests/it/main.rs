@@ -14,5 +14,6 @@ mod faults;
 mod helpers;
 mod ingest;
 mod nothing_lost;
+mod observe;
 mod process;
 mod proxy;
