@@ -111,14 +111,9 @@ pub fn export_metrics(registry: &std::sync::Arc<crate::metrics::Registry>) {
         ("logcursor.block_range", |m| m.block_range.load(Ordering::Relaxed)),
     ];
     for (name, pick) in gauges {
-        let r = std::sync::Arc::clone(registry);
         let _ = meter
             .u64_observable_gauge(name)
-            .with_callback(move |o| {
-                for (s, m) in r.streams() {
-                    o.observe(pick(&m), &[KeyValue::new("stream", s)]);
-                }
-            })
+            .with_callback(per_stream(registry, pick))
             .build();
     }
     let counters: [(&'static str, Pick); 4] = [
@@ -130,15 +125,23 @@ pub fn export_metrics(registry: &std::sync::Arc<crate::metrics::Registry>) {
         ("logcursor.lock_timeouts", |m| m.lock_timeouts.load(Ordering::Relaxed)),
     ];
     for (name, pick) in counters {
-        let r = std::sync::Arc::clone(registry);
         let _ = meter
             .u64_observable_counter(name)
-            .with_callback(move |o| {
-                for (s, m) in r.streams() {
-                    o.observe(pick(&m), &[KeyValue::new("stream", s)]);
-                }
-            })
+            .with_callback(per_stream(registry, pick))
             .build();
+    }
+}
+
+/// A callback observing `pick` of every stream, labelled by stream.
+fn per_stream(
+    registry: &std::sync::Arc<crate::metrics::Registry>,
+    pick: fn(&crate::metrics::StreamMetrics) -> u64,
+) -> impl Fn(&dyn opentelemetry::metrics::AsyncInstrument<u64>) + Send + Sync + 'static {
+    let r = std::sync::Arc::clone(registry);
+    move |o| {
+        for (s, m) in r.streams() {
+            o.observe(pick(&m), &[KeyValue::new("stream", s)]);
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use logcursor::app::{App, BuildOptions};
+use logcursor::app::App;
 use logcursor::chain::ChainErrorKind;
 use logcursor::poller::{TickError, TickOutcome};
 use serde_json::{json, Value};
@@ -13,14 +13,7 @@ use crate::helpers::*;
 use crate::proxy::{log_range, method_of, rpc_error, Action, Proxy};
 
 async fn build(cfg_toml: &str) -> App {
-    App::build(
-        &config(cfg_toml),
-        "r",
-        BuildOptions { migrate: true },
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("build: {e}"))
+    build_app(&config(cfg_toml), "r").await
 }
 
 async fn tick(app: &App) -> Result<TickOutcome, TickError> {
@@ -44,17 +37,6 @@ async fn drive_until_idle(app: &App) -> (Vec<TickOutcome>, Vec<TickError>) {
         "never idle; last errors: {:?}",
         failed.iter().rev().take(3).collect::<Vec<_>>()
     )
-}
-
-async fn assert_stored_equals_chain(pg: &tokio_postgres::Client, chain: &Chain, emitter: &str) {
-    let head = chain.block_number().await;
-    let mut stored = stored_logs(pg).await;
-    stored.sort();
-    let on_chain: Vec<LogKey> = chain.burned_logs(emitter, head).await.into_iter().collect();
-    assert_eq!(
-        stored, on_chain,
-        "stored rows equal the canonical chain's logs, each once"
-    );
 }
 
 /// (span, accepted) of every eth_getLogs the proxy saw, given which it refused.
@@ -347,11 +329,7 @@ async fn malformed_answers_are_rejected_retried_and_never_stored() {
         "{err}"
     );
     assert_eq!(cursor_of(&pg, "burns").await, Some(-1), "nothing advanced");
-    let stored: i64 = pg
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let stored = count_events(&pg).await;
     assert_eq!(stored, 0, "nothing of a malformed answer is stored");
 
     proxy.pass();

@@ -57,11 +57,7 @@ async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_th
         Some(1),
         "the cursor stays before the bad log"
     );
-    let stored: i64 = pg
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let stored = count_events(&pg).await;
     assert_eq!(stored, 0, "nothing of the failed range is stored");
     let halted: Option<String> = pg
         .query_one("SELECT halted_reason FROM block_cursors", &[])

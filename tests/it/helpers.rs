@@ -8,10 +8,13 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use logcursor::app::{App, BuildOptions};
 use logcursor::config::{Config, EnvOverrides};
+use logcursor::poller::TickOutcome;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 pub const BURNED: &str = "event Burned(address indexed from, uint256 amount)";
 
@@ -297,6 +300,14 @@ pub async fn stored_logs(db: &tokio_postgres::Client) -> Vec<LogKey> {
     .collect()
 }
 
+/// Rows in `events`.
+pub async fn count_events(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT count(*) FROM events", &[])
+        .await
+        .expect("count events")
+        .get(0)
+}
+
 pub async fn cursor_of(db: &tokio_postgres::Client, stream: &str) -> Option<i64> {
     db.query_opt(
         "SELECT last_processed_block FROM block_cursors WHERE id = $1",
@@ -384,6 +395,66 @@ fn with_overrides(base: &str, extra: &str) -> String {
         .chain(extra.lines())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A replica built in process (migrating, like `logcursor run`).
+pub async fn build_app(cfg: &Config, replica: &str) -> App {
+    App::build(cfg, replica, BuildOptions { migrate: true }, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("build {replica}: {e}"))
+}
+
+/// Steps the first poller until a tick finds nothing to do; every tick must succeed.
+pub async fn tick_until_idle(app: &App) -> Vec<TickOutcome> {
+    let poller = &app.pollers()[0];
+    let mut outcomes = Vec::new();
+    for _ in 0..10_000 {
+        let o = poller.tick(&CancellationToken::new()).await.expect("tick");
+        let idle = matches!(o, TickOutcome::Idle { .. });
+        outcomes.push(o);
+        if idle {
+            return outcomes;
+        }
+    }
+    panic!("never became idle")
+}
+
+/// The stored rows equal the chain's Burned logs up to block `to`, each once.
+pub async fn assert_stored_up_to(pg: &tokio_postgres::Client, chain: &Chain, emitter: &str, to: i64) {
+    let mut stored = stored_logs(pg).await;
+    stored.sort();
+    let on_chain: Vec<LogKey> = chain.burned_logs(emitter, to).await.into_iter().collect();
+    assert_eq!(
+        stored, on_chain,
+        "stored rows equal the canonical chain's logs up to {to}, each once"
+    );
+}
+
+/// [`assert_stored_up_to`] the current head.
+pub async fn assert_stored_equals_chain(pg: &tokio_postgres::Client, chain: &Chain, emitter: &str) {
+    let head = chain.block_number().await;
+    assert_stored_up_to(pg, chain, emitter, head).await;
+}
+
+/// A config file for a `logcursor` process.
+pub fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
+    std::fs::write(file.path(), text).expect("write config");
+    file
+}
+
+/// Sends a signal by name (TERM, STOP, CONT) to a child, as an operator would.
+pub fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("running child");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 pub fn config(toml: &str) -> Config {

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use logcursor::app::{App, BuildOptions, StreamSummary};
-use logcursor::config::Config;
+use logcursor::app::{App, StreamSummary};
 use logcursor::poller::TickOutcome;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -12,12 +11,6 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 const STREAM: &str = "burns";
-
-async fn build(cfg: &Config, replica: &str) -> App {
-    App::build(cfg, replica, BuildOptions { migrate: true }, &CancellationToken::new())
-        .await
-        .unwrap_or_else(|e| panic!("build {replica}: {e}"))
-}
 
 fn spawn_run(app: App, token: &CancellationToken) -> JoinHandle<Vec<StreamSummary>> {
     let token = token.clone();
@@ -29,21 +22,6 @@ async fn wait_for_cursor(db: &tokio_postgres::Client, at: i64) {
         (cursor_of(db, STREAM).await == Some(at)).then_some(())
     })
     .await
-}
-
-/// Steps the first poller until a tick finds nothing to do; returns the outcomes.
-async fn tick_until_idle(app: &App) -> Vec<TickOutcome> {
-    let poller = &app.pollers()[0];
-    let mut outcomes = Vec::new();
-    for _ in 0..10_000 {
-        let o = poller.tick(&CancellationToken::new()).await.expect("tick");
-        let idle = matches!(o, TickOutcome::Idle { .. });
-        outcomes.push(o);
-        if idle {
-            return outcomes;
-        }
-    }
-    panic!("never became idle")
 }
 
 fn totals(outcomes: &[TickOutcome]) -> (u64, u64) {
@@ -66,7 +44,7 @@ async fn one_replica_stores_every_event_of_hundreds_of_transactions_exactly_once
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 2", ""));
 
     let token = CancellationToken::new();
-    let run = spawn_run(build(&cfg, "solo").await, &token);
+    let run = spawn_run(build_app(&cfg, "solo").await, &token);
     let safe_head = chain.block_number().await - 2;
     wait_for_cursor(&pg, safe_head).await;
     token.cancel();
@@ -97,9 +75,9 @@ async fn three_replicas_started_together_store_every_event_once_and_never_proces
 
     let token = CancellationToken::new();
     let apps = tokio::join!(
-        build(&cfg, "replica-a"),
-        build(&cfg, "replica-b"),
-        build(&cfg, "replica-c")
+        build_app(&cfg, "replica-a"),
+        build_app(&cfg, "replica-b"),
+        build_app(&cfg, "replica-c")
     );
     let runs = [apps.0, apps.1, apps.2].map(|app| spawn_run(app, &token));
     // Keep the chain moving while they run.
@@ -136,7 +114,7 @@ async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_g
     let pg = db.migrate_with_history().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 20", ""));
 
-    let first = build(&cfg, "before-restart").await;
+    let first = build_app(&cfg, "before-restart").await;
     for _ in 0..3 {
         let o = first.pollers()[0].tick(&CancellationToken::new()).await.expect("tick");
         assert!(matches!(o, TickOutcome::Advanced { .. }), "{o:?}");
@@ -144,7 +122,7 @@ async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_g
     drop(first);
     assert_eq!(cursor_of(&pg, STREAM).await, Some(59));
 
-    let second = build(&cfg, "after-restart").await;
+    let second = build_app(&cfg, "after-restart").await;
     let outcomes = tick_until_idle(&second).await;
     let first_range = outcomes.first().expect("a tick");
     assert!(
@@ -169,7 +147,7 @@ async fn rows_already_stored_are_counted_as_duplicates_and_the_cursor_still_adva
     let emitted = chain.emit_burns(&emitter, 40, |i| i % 4 + 1).await;
     let pg = db.client().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
-    let app = build(&cfg, "replica").await;
+    let app = build_app(&cfg, "replica").await;
     assert_eq!(totals(&tick_until_idle(&app).await), (emitted, 0));
     let head = chain.block_number().await;
 
@@ -191,12 +169,7 @@ async fn rows_already_stored_are_counted_as_duplicates_and_the_cursor_still_adva
         "the present rows are counted as duplicates, not errors"
     );
     assert_eq!(cursor_of(&pg, STREAM).await, Some(head));
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    assert_eq!(
-        stored,
-        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
-    );
+    assert_stored_up_to(&pg, &chain, &emitter, head).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +182,7 @@ async fn two_events_of_the_same_transaction_are_both_stored() {
     chain.unlisted(&emitter, 5).await;
     let pg = db.client().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
-    tick_until_idle(&build(&cfg, "replica").await).await;
+    tick_until_idle(&build_app(&cfg, "replica").await).await;
 
     let rows = pg
         .query(
@@ -233,11 +206,7 @@ async fn two_events_of_the_same_transaction_are_both_stored() {
         from.starts_with("0x") && from.len() == 42 && from == from.to_lowercase(),
         "{from}"
     );
-    let total: i64 = pg
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let total = count_events(&pg).await;
     assert_eq!(total, 4, "the unlisted event is not ingested");
 }
 
@@ -249,7 +218,7 @@ async fn blocks_newer_than_the_safe_head_are_not_processed() {
     chain.emit_burns(&emitter, 20, |_| 2).await;
     let pg = db.client().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 5", ""));
-    let app = build(&cfg, "replica").await;
+    let app = build_app(&cfg, "replica").await;
     let outcomes = tick_until_idle(&app).await;
     let head = chain.block_number().await;
     let safe_head = head - 5;
@@ -277,10 +246,5 @@ async fn blocks_newer_than_the_safe_head_are_not_processed() {
 
     chain.mine(5).await;
     tick_until_idle(&app).await;
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    assert_eq!(
-        stored,
-        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
-    );
+    assert_stored_up_to(&pg, &chain, &emitter, head).await;
 }

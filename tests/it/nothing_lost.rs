@@ -9,19 +9,6 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 use crate::proxy::{method_of, Action, Proxy};
 
-async fn tick_until_idle(app: &App) -> Vec<TickOutcome> {
-    let mut out = Vec::new();
-    for _ in 0..1000 {
-        let o = app.pollers()[0].tick(&CancellationToken::new()).await.expect("tick");
-        let idle = matches!(o, TickOutcome::Idle { .. });
-        out.push(o);
-        if idle {
-            return out;
-        }
-    }
-    panic!("never idle")
-}
-
 /// Corrupts, in every eth_getLogs answer, log 0 of `wrong_topics` (drops
 /// its indexed topic) and log 1 of `short_data` (cuts its data short).
 fn corrupt(proxy: &Proxy, wrong_topics: String, short_data: String) {
@@ -151,14 +138,7 @@ fn refuse_block(proxy: &Proxy, block: u64) {
 }
 
 async fn app(toml: &str, replica: &str) -> App {
-    App::build(
-        &config(toml),
-        replica,
-        BuildOptions { migrate: true },
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("build")
+    build_app(&config(toml), replica).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,13 +185,7 @@ async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports
         .await
         .expect("status");
     assert_eq!(status[0].stuck, None, "a committed range clears it");
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    let head = chain.block_number().await;
-    assert_eq!(
-        stored,
-        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
-    );
+    assert_stored_equals_chain(&pg, &chain, &emitter).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,13 +358,7 @@ async fn two_replicas_gap_fill_workers_never_process_the_same_range() {
     all.dedup();
     assert_eq!(all.len(), fa.len() + fb.len(), "no range filled by both: {fa:?} {fb:?}");
     assert_eq!(all.len(), ranges.len(), "every range filled");
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    let head = chain.block_number().await;
-    assert_eq!(
-        stored,
-        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>()
-    );
+    assert_stored_equals_chain(&pg, &chain, &emitter).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,12 +434,5 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
         GapOutcome::Idle,
         "filled once, nothing left"
     );
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    let head = chain.block_number().await;
-    assert_eq!(
-        stored,
-        chain.burned_logs(&emitter, head).await.into_iter().collect::<Vec<_>>(),
-        "every event exactly once"
-    );
+    assert_stored_equals_chain(&pg, &chain, &emitter).await;
 }

@@ -50,10 +50,6 @@ fn attrs(span: &Span) -> BTreeMap<String, String> {
     span.attributes.iter().map(|kv| (kv.key.clone(), value(kv))).collect()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn spawn(cfg: &std::path::Path, replica: &str, envs: &[(&str, String)]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_logcursor"));
     c.args(["run", "--replica-id", replica, "--config"])
@@ -67,21 +63,6 @@ fn spawn(cfg: &std::path::Path, replica: &str, envs: &[(&str, String)]) -> Child
         c.env(k, v);
     }
     c.spawn().expect("start logcursor")
-}
-
-fn term(child: &Child) {
-    let pid = child.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success());
-}
-
-fn write_config(text: &str) -> tempfile::NamedTempFile {
-    let f = tempfile::Builder::new().suffix(".toml").tempfile().expect("tmp");
-    std::fs::write(f.path(), text).expect("write");
-    f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +99,7 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
     .await;
-    term(&child);
+    signal(&child, "TERM");
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("exit in time")
@@ -326,11 +307,7 @@ async fn metrics_readyz_and_status_tell_the_truth_about_lag_and_who_processed_wh
     );
     assert_eq!(samples[&format!("logcursor_lag_blocks{labels}")], 0.0);
     assert_eq!(samples[&format!("logcursor_safe_head_block{labels}")], head as f64);
-    let stored: i64 = pg
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let stored = count_events(&pg).await;
     assert_eq!(
         samples[&format!("logcursor_events_inserted_total{labels}")],
         stored as f64
@@ -382,7 +359,7 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
         })
         .await;
         let old = replicas.remove(0);
-        term(&old);
+        signal(&old, "TERM");
         let out = tokio::time::timeout(Duration::from_secs(30), old.wait_with_output())
             .await
             .expect("exit in time")
@@ -400,7 +377,7 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
     })
     .await;
     for r in &replicas {
-        term(r);
+        signal(r, "TERM");
     }
     for r in replicas {
         let out = tokio::time::timeout(Duration::from_secs(30), r.wait_with_output())

@@ -10,12 +10,6 @@ use crate::helpers::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_logcursor");
 
-fn write_config(text: &str) -> tempfile::NamedTempFile {
-    let file = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp file");
-    std::fs::write(file.path(), text).expect("write config");
-    file
-}
-
 fn logcursor(args: &[&str], config: &std::path::Path, replica: &str) -> Command {
     let mut c = Command::new(BIN);
     c.args(args)
@@ -32,25 +26,11 @@ fn logcursor(args: &[&str], config: &std::path::Path, replica: &str) -> Command 
     c
 }
 
-/// Sends SIGTERM, as an orchestrator does.
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running child");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid}");
-}
-
 async fn finish(child: Child, within: Duration) -> Output {
     tokio::time::timeout(within, child.wait_with_output())
         .await
         .expect("process did not exit in time")
         .expect("wait for process")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +50,7 @@ async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_part
         cursor_of(&pg, "burns").await.filter(|c| *c >= 5).map(|_| ())
     })
     .await;
-    sigterm(&child);
+    signal(&child, "TERM");
     let out = finish(child, Duration::from_secs(30)).await;
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "exit status; stderr:\n{stderr}");
@@ -81,10 +61,7 @@ async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_part
         cursor < head,
         "the signal arrived mid-ingest (cursor {cursor}, head {head})"
     );
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    let expected: Vec<LogKey> = chain.burned_logs(&emitter, cursor).await.into_iter().collect();
-    assert_eq!(stored, expected, "exactly the logs up to the cursor: no partial range");
+    assert_stored_up_to(&pg, &chain, &emitter, cursor).await; // no partial range
     let lingering = wait_for("the replica's sessions to close", Duration::from_secs(10), || async {
         let n: i64 = pg
             .query_one(
@@ -159,7 +136,7 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
     })
     .await;
     for c in &children {
-        sigterm(c);
+        signal(c, "TERM");
     }
     for c in children {
         let out = finish(c, Duration::from_secs(30)).await;
@@ -177,11 +154,7 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
         .map(|m| m.version)
         .collect();
     assert_eq!(versions, known, "each migration recorded once");
-    let stored: i64 = pg
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let stored = count_events(&pg).await;
     assert_eq!(stored as u64, emitted);
 
     // `status` reads the same state back.
@@ -194,16 +167,6 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
     assert_eq!(rows[0]["cursor"], serde_json::json!(head));
     assert_eq!(rows[0]["events_stored"], serde_json::json!(emitted));
     assert_eq!(rows[0]["lag_blocks"], serde_json::json!(0));
-}
-
-/// Sends a signal by name (STOP, CONT, TERM) to a child.
-fn signal(child: &Child, name: &str) {
-    let pid = child.id().expect("running child");
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,12 +255,6 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     })
     .await;
     let at = cursor_of(&pg, "burns").await.expect("cursor");
-    let mut stored = stored_logs(&pg).await;
-    stored.sort();
-    assert_eq!(
-        stored,
-        chain.burned_logs(&emitter, at).await.into_iter().collect::<Vec<_>>(),
-        "nothing lost or duplicated"
-    );
+    assert_stored_up_to(&pg, &chain, &emitter, at).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, at);
 }
