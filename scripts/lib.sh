@@ -52,6 +52,21 @@ ensure_postgres() {
   pg_bindir >/dev/null || die "PostgreSQL server binaries not found: install the Debian package postgresql-$PG_MAJOR (initdb, pg_ctl)"
 }
 
+# PgBouncer for the transaction-pooling tests: installed with apt when
+# missing and possible; otherwise those tests say they skipped, and why.
+ensure_pgbouncer() {
+  command -v pgbouncer >/dev/null && { command -v pgbouncer; return 0; }
+  [ -x /usr/sbin/pgbouncer ] && { echo /usr/sbin/pgbouncer; return 0; }
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing pgbouncer (apt)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >&2 ||
+      { DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >&2; }; } || true
+  fi
+  [ -x /usr/sbin/pgbouncer ] && { echo /usr/sbin/pgbouncer; return 0; }
+  return 1
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

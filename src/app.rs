@@ -23,7 +23,7 @@ use crate::metrics::Registry;
 use crate::poller::gapfill::GapFiller;
 use crate::poller::{Poller, Stream, TxLimits};
 use crate::store::pool::Database;
-use crate::store::{cursor, migrate, StoreError};
+use crate::store::{cursor, migrate, privileges, StoreError};
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +108,8 @@ impl App {
                 tracing::info!(versions = ?applied, "applied migrations");
             }
         }
+        // Fail now, naming what is missing, rather than inside the first tick.
+        privileges::check(&**db.get().await?).await?;
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
             let name = sc.name.clone();

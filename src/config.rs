@@ -31,9 +31,15 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
-    /// The connection URL (`DATABASE_URL` overrides the file). Secret: it
-    /// may carry the password.
+    /// The connection URL: `DATABASE_URL`, else the content of `url_file`,
+    /// else `url`. Secret: it may carry the password.
     pub url: Secret,
+    /// From `password_file`: overrides a password in the URL.
+    pub password: Option<Secret>,
+    /// Overrides the URL's `sslmode`.
+    pub sslmode: Option<crate::store::tls::SslMode>,
+    /// Overrides the URL's `sslrootcert`.
+    pub sslrootcert: Option<std::path::PathBuf>,
     /// Connections in this replica's pool; each busy stream holds one for
     /// the length of its tick.
     pub pool_size: usize,
@@ -300,21 +306,38 @@ fn parse_database(
     let empty = toml::Table::new();
     let mut f = Fields::new(table.unwrap_or(&empty), "database", problems);
     let file_url: Option<String> = f.optional("url");
+    let url_file = f.secret_file("url_file");
+    let password = f.secret_file("password_file");
+    let sslmode = f.optional::<String>("sslmode").and_then(|m| match m.parse() {
+        Ok(mode) => Some(mode),
+        Err(e) => {
+            f.problem("sslmode", e);
+            None
+        }
+    });
+    let sslrootcert: Option<String> = f.optional("sslrootcert");
     let pool_size = f.int_in("pool_size", Some(4), 1..=1000);
     let connect_timeout = f.duration("connect_timeout", "5s");
     let connect_retry_for = f.duration("connect_retry_for", "60s");
     let lock_timeout = f.duration("lock_timeout", "5s");
     let statement_timeout = f.duration("statement_timeout", "30s");
     let idle = f.duration("idle_in_transaction_timeout", "60s");
-    let url = match env.database_url.clone().or(file_url) {
+    let url = match env
+        .database_url
+        .clone()
+        .or(url_file.map(|s| s.expose().to_string()))
+        .or(file_url)
+    {
         None => {
-            f.problem("url", "required (or set DATABASE_URL)".into());
+            f.problem("url", "required (or url_file, or set DATABASE_URL)".into());
             None
         }
-        Some(u) => match u.parse::<tokio_postgres::Config>() {
+        Some(u) => match crate::store::tls::split_url(&u)
+            .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().map_err(|e| e.to_string()))
+        {
             Ok(_) => Some(Secret::new(u)),
             Err(e) => {
-                // The parser's message never echoes the URL, so no secret leaks.
+                // The parsers' messages never echo the URL, so no secret leaks.
                 f.problem("url", format!("not a valid PostgreSQL URL: {e}"));
                 None
             }
@@ -323,6 +346,9 @@ fn parse_database(
     f.finish();
     Some(DatabaseConfig {
         url: url?,
+        password,
+        sslmode,
+        sslrootcert: sslrootcert.map(std::path::PathBuf::from),
         pool_size: usize::try_from(pool_size?).ok()?,
         connect_timeout: connect_timeout?,
         connect_retry_for: connect_retry_for?,
@@ -486,14 +512,17 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
     })
 }
 
-/// One `rpc_urls` entry: a URL, or `{ url = "…", max_requests_per_second = N }`.
+/// One `rpc_urls` entry: a URL, or `{ url = "…" | url_file = "…",
+/// max_requests_per_second = N }`.
 fn endpoint(value: toml::Value) -> Result<EndpointConfig, String> {
-    const USAGE: &str = "must be an http(s) URL or { url = \"…\", max_requests_per_second = N }";
+    const USAGE: &str =
+        "must be an http(s) URL or { url = \"…\" (or url_file = \"/path\"), max_requests_per_second = N }";
     let (url, rate) = match value {
         toml::Value::String(u) => (u, None),
         toml::Value::Table(mut t) => {
-            let url = match t.remove("url") {
-                Some(toml::Value::String(u)) => u,
+            let url = match (t.remove("url"), t.remove("url_file")) {
+                (Some(toml::Value::String(u)), None) => u,
+                (None, Some(toml::Value::String(path))) => read_secret(&path)?.expose().to_string(),
                 _ => return Err(USAGE.into()),
             };
             let rate = match t.remove("max_requests_per_second") {
@@ -517,6 +546,16 @@ fn endpoint(value: toml::Value) -> Result<EndpointConfig, String> {
         // The message never repeats the URL: it may hold an API key.
         _ => Err("must be an http:// or https:// URL with a host".into()),
     }
+}
+
+/// The trimmed content of a secret file.
+fn read_secret(path: &str) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{path} is empty"));
+    }
+    Ok(Secret::new(trimmed))
 }
 
 /// Rules that involve more than one stream.
@@ -707,6 +746,19 @@ impl<'a> Fields<'a> {
             }
         }
         ok.then_some(out)
+    }
+
+    /// The trimmed content of the file named by `key` (orchestrators mount
+    /// secrets as files). Problems name the key and the path, never the content.
+    fn secret_file(&mut self, key: &'static str) -> Option<Secret> {
+        let path: String = self.optional(key)?;
+        match read_secret(&path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.problem(key, e);
+                None
+            }
+        }
     }
 
     /// One of `choices` (by name); `default` when absent.

@@ -153,7 +153,7 @@ impl Poller {
             r = cursor::lock(&*tx, name).instrument(info_span!("cursor.lock", db.system = "postgresql", db.operation = "SELECT FOR UPDATE")) => r?,
             _ = cancel.cancelled() => {
                 // Ask the server to abandon the lock wait; dropping `tx` then rolls back.
-                let _ = cancel_query.cancel_query(tokio_postgres::NoTls).await;
+                self.db.cancel(cancel_query).await;
                 return Err(TickError::Cancelled);
             }
         };

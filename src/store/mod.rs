@@ -13,7 +13,9 @@ pub mod events;
 pub mod failed_ranges;
 pub mod migrate;
 pub mod pool;
+pub mod privileges;
 pub mod reorg;
+pub mod tls;
 
 pub use tokio_postgres::GenericClient;
 
@@ -37,6 +39,13 @@ pub enum StoreError {
     /// cursor under our lock, which the row lock should make impossible.
     #[error("cursor of stream {stream:?} is no longer at {expected}: compare-and-set touched {rows} rows")]
     CursorMoved { stream: String, expected: i64, rows: u64 },
+    /// The schema is older than this binary (or missing): migrations have
+    /// not been applied, and this role may not apply them.
+    #[error("the database schema is at version {have:?}, this binary needs {need}: run `logcursor migrate` with the owner role")]
+    SchemaBehind { have: Option<i32>, need: i32 },
+    /// The role lacks privileges the runtime needs.
+    #[error("database role {role:?} lacks {}; grant them (see sql/roles.example.sql)", missing.join(", "))]
+    Privileges { role: String, missing: Vec<String> },
     /// A migration file is not what this binary expects.
     #[error("migration {version}: {reason}")]
     Migration { version: i32, reason: String },

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::config::Host;
-use tokio_postgres::NoTls;
+use tokio_postgres::{CancelToken, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::{Result, StoreError};
@@ -21,15 +22,29 @@ pub struct Database {
     pool: Pool,
     /// `host:port/dbname`: never the user's password.
     target: String,
+    /// The TLS connector, also used for query cancellation; `None`: plaintext.
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl Database {
     /// Builds the pool; connects lazily (see [`Database::wait_until_reachable`]).
     pub fn new(cfg: &DatabaseConfig, replica_id: &str) -> Result<Database> {
-        let mut pg: tokio_postgres::Config = cfg.url.expose().parse().map_err(|e| StoreError::Pool {
+        let invalid = |reason: String| StoreError::Pool {
             target: "<database.url>".into(),
-            reason: format!("invalid URL: {e}"),
-        })?;
+            reason,
+        };
+        let (rest, mut tls) = super::tls::split_url(cfg.url.expose()).map_err(invalid)?;
+        if let Some(mode) = cfg.sslmode {
+            tls.mode = mode;
+        }
+        if let Some(root) = &cfg.sslrootcert {
+            tls.root_cert = Some(root.clone());
+        }
+        let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| invalid(format!("invalid URL: {e}")))?;
+        if let Some(password) = &cfg.password {
+            pg.password(password.expose());
+        }
+        pg.ssl_mode(tls.pg_mode());
         pg.application_name(replica_id)
             .connect_timeout(cfg.connect_timeout)
             .keepalives(true)
@@ -38,13 +53,18 @@ impl Database {
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(20));
         let target = describe_target(&pg);
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls_config = tls.client_config().map_err(|reason| StoreError::Pool {
+            target: target.clone(),
+            reason,
+        })?;
+        let connector = tls_config.map(MakeRustlsConnect::new);
+        let mc = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &connector {
+            Some(c) => Manager::from_config(pg, c.clone(), mc()),
+            None => Manager::from_config(pg, NoTls, mc()),
+        };
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -54,7 +74,11 @@ impl Database {
                 target: target.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Database { pool, target })
+        Ok(Database {
+            pool,
+            target,
+            tls: connector,
+        })
     }
 
     /// `host:port/dbname`, for messages.
@@ -79,13 +103,16 @@ impl Database {
             match self.get().await {
                 Ok(_) => return Ok(()),
                 Err(e) if started.elapsed() >= give_up_after || cancel.is_cancelled() => {
+                    // The inner error names the target already: keep only its cause.
+                    let cause = match e {
+                        StoreError::Pool { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    let waited = humantime::format_duration(round_secs(started.elapsed()));
                     return Err(StoreError::Pool {
                         target: self.target.clone(),
-                        reason: format!(
-                            "unreachable for {}: {e}",
-                            humantime::format_duration(round_secs(started.elapsed()))
-                        ),
-                    })
+                        reason: format!("unreachable for {waited}: {cause}"),
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(database = %self.target, error = %e, retry_in = ?delay, "database not reachable yet");
@@ -97,6 +124,15 @@ impl Database {
                 }
             }
         }
+    }
+
+    /// Asks the server to cancel what the session of `token` is running,
+    /// over the same kind of connection (TLS or not) as the pool's.
+    pub async fn cancel(&self, token: CancelToken) {
+        let _ = match &self.tls {
+            Some(t) => token.cancel_query(t.clone()).await,
+            None => token.cancel_query(NoTls).await,
+        };
     }
 
     /// Closes the pool: idle connections are dropped, new `get`s fail.

@@ -16,4 +16,5 @@ mod ingest;
 mod nothing_lost;
 mod observe;
 mod process;
+mod production;
 mod proxy;

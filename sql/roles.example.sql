@@ -1,0 +1,27 @@
+-- Least privilege for logcursor: an owner role that runs migrations (DDL) and
+-- a runtime role that replicas use (`logcursor run --no-migrate`), which can
+-- only read and write logcursor's own tables. Names and passwords are
+-- examples; replace `logcursor` (the database) as needed.
+--
+-- Part 1, as a superuser (or a role with CREATEROLE), before migrating:
+--   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 -f sql/roles.example.sql   (stops at part 2 if run whole: see below)
+
+CREATE ROLE logcursor_owner LOGIN PASSWORD 'change-me-owner';
+CREATE ROLE logcursor_app LOGIN PASSWORD 'change-me-app';
+GRANT CONNECT ON DATABASE logcursor TO logcursor_owner, logcursor_app;
+GRANT USAGE, CREATE ON SCHEMA public TO logcursor_owner;
+GRANT USAGE ON SCHEMA public TO logcursor_app;
+
+-- Then migrate as the owner:  DATABASE_URL=postgres://logcursor_owner:…@host/logcursor logcursor migrate --config …
+
+-- PART 2
+-- As logcursor_owner, after `logcursor migrate`: exactly what the runtime
+-- uses (src/store/privileges.rs checks this list at start).
+GRANT SELECT                         ON logcursor_migrations TO logcursor_app;
+GRANT SELECT, INSERT, UPDATE         ON block_cursors        TO logcursor_app;
+GRANT SELECT, INSERT, DELETE         ON events               TO logcursor_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON block_hashes         TO logcursor_app;
+GRANT INSERT                         ON cursor_rewinds       TO logcursor_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON dead_letters         TO logcursor_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON failed_ranges        TO logcursor_app;
+GRANT USAGE ON SEQUENCE events_id_seq, cursor_rewinds_id_seq, dead_letters_id_seq, failed_ranges_id_seq TO logcursor_app;
