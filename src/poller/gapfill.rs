@@ -141,7 +141,7 @@ impl GapFiller {
             u64::try_from(claim.to_block).unwrap_or(0),
         );
         let rpc = stream.chain.pick();
-        let range = fetch_range(&rpc, &stream.filter, from, to).await?;
+        let range = fetch_range(&rpc, &stream.filter, from, to, stream.cfg.fetch_concurrency).await?;
         if range.to < to {
             return Err(rpc
                 .error(

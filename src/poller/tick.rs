@@ -32,6 +32,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 use tokio_util::sync::CancellationToken;
@@ -343,7 +344,7 @@ impl Poller {
         let Some((from, to)) = plan_range(current.last_processed_block, safe_head, cfg.max_block_range) else {
             return Ok(Fetched::Idle { head, safe_head });
         };
-        match fetch_range(rpc, &self.stream.filter, from, to).await {
+        match fetch_range(rpc, &self.stream.filter, from, to, cfg.fetch_concurrency).await {
             Ok(r) => Ok(Fetched::Range {
                 from,
                 to: r.to,
@@ -387,25 +388,80 @@ pub(crate) struct RangeData {
 }
 
 /// Fetches `[from, to]` and checks it against the headers (one batch).
-pub(crate) async fn fetch_range(rpc: &Rpc<'_>, filter: &LogFilter, from: u64, to: u64) -> Result<RangeData, TickError> {
-    let span = info_span!(
-        "rpc.eth_getLogs",
-        rpc.system = "jsonrpc",
-        rpc.method = "eth_getLogs",
-        server.address = rpc.endpoint(),
-        from,
-        to,
-        rpc.result_count = field::Empty,
-    );
-    let (logs, to) = rpc.get_logs(from, to, filter).instrument(span.clone()).await?;
-    span.record("rpc.result_count", logs.len());
+///
+/// A range longer than one request is split into sub-ranges (the endpoint's
+/// learned span, or an equal share of the range, whichever is smaller) that
+/// are fetched `concurrency` at a time and reassembled in order; each keeps
+/// the adaptive span logic. If a sub-range after the first fails, the ones
+/// before it are kept (`to` then ends before it), so progress is never
+/// thrown away; a failure of the first fails the fetch.
+pub(crate) async fn fetch_range(
+    rpc: &Rpc<'_>,
+    filter: &LogFilter,
+    from: u64,
+    to: u64,
+    concurrency: usize,
+) -> Result<RangeData, TickError> {
+    let concurrency = concurrency.max(1);
+    let share = (to - from + 1).div_ceil(concurrency as u64);
+    let step = rpc.log_span().min(share).max(1);
+    let parts: Vec<(u64, u64)> = (from..=to)
+        .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+        .map(|a| (a, to.min(a + step - 1)))
+        .collect();
+    let requests = parts.iter().map(|&(a, b)| {
+        let span = info_span!(
+            "rpc.eth_getLogs",
+            rpc.system = "jsonrpc",
+            rpc.method = "eth_getLogs",
+            server.address = rpc.endpoint(),
+            from = a,
+            to = b,
+            rpc.result_count = field::Empty,
+        );
+        let fut = rpc.get_logs(a, b, filter);
+        async move {
+            let r = fut.instrument(span.clone()).await;
+            if let Ok((logs, _)) = &r {
+                span.record("rpc.result_count", logs.len());
+            }
+            (b, r)
+        }
+    });
+    // Collected first: a lazy iterator of borrowing futures trips the Send
+    // inference of the spawned poller task.
+    let requests: Vec<_> = requests.collect();
+    let mut results = futures::stream::iter(requests).buffered(concurrency);
+    let mut logs = Vec::new();
+    let mut covered: Option<u64> = None;
+    while let Some((part_end, result)) = results.next().await {
+        match result {
+            Ok((part_logs, part_covered)) => {
+                logs.extend(part_logs);
+                covered = Some(part_covered);
+                if part_covered < part_end {
+                    break; // a single overflowing block: stop right before it
+                }
+            }
+            Err(e) => match covered {
+                None => return Err(e.into()),
+                Some(c) => {
+                    tracing::warn!(error = %e, kept_to = c, "a later sub-range failed; keeping the ones before it");
+                    break;
+                }
+            },
+        }
+    }
+    drop(results); // cancels sub-ranges past a stop
+    let to = covered.unwrap_or(to);
     let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
     blocks.dedup();
     let headers = canonical_headers(rpc, &blocks).await?;
     let last_time = headers.last().map_or(0, |h| h.timestamp);
     let hashes: Vec<(u64, Hash32)> = blocks.iter().copied().zip(headers.iter().map(|h| h.hash)).collect();
+    let by_number: std::collections::HashMap<u64, Hash32> = hashes.iter().copied().collect();
     for log in &logs {
-        let header = hashes.iter().find(|(n, _)| *n == log.block_number).map(|(_, h)| *h);
+        let header = by_number.get(&log.block_number).copied();
         if header != Some(log.block_hash) {
             let reason = format!(
                 "log {} of tx {} names block {} as {}, but its header says {}",

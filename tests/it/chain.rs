@@ -141,7 +141,7 @@ async fn range_errors_in_every_provider_format_shrink_the_range_and_store_every_
             Some((f, t)) if too_big(f, t) => refuse(r, f),
             _ => Action::Forward,
         });
-        let extra = "max_block_range = 40\nrpc_timeout = \"400ms\"\nrpc_attempts = 2";
+        let extra = "max_block_range = 40\nrpc_timeout = \"400ms\"\nrpc_attempts = 2\nfetch_concurrency = 1";
         let app = build(&config_toml(&db.url, &proxy.url, &emitter, extra, "")).await;
         let (_, failed) = drive_until_idle(&app).await;
         assert!(failed.is_empty(), "{name}: a range error failed the tick: {failed:?}");
@@ -178,7 +178,14 @@ async fn the_range_grows_back_after_the_provider_stops_refusing() {
         }
         _ => Action::Forward,
     });
-    let app = build(&config_toml(&db.url, &proxy.url, &emitter, "max_block_range = 40", "")).await;
+    let app = build(&config_toml(
+        &db.url,
+        &proxy.url,
+        &emitter,
+        "max_block_range = 40\nfetch_concurrency = 1",
+        "",
+    ))
+    .await;
     drive_until_idle(&app).await;
     let accepted: Vec<u64> = proxy
         .seen()
@@ -210,7 +217,14 @@ async fn a_single_block_with_too_many_logs_is_an_alarm_not_a_skip_or_a_loop() {
         }
         _ => Action::Forward,
     });
-    let app = build(&config_toml(&db.url, &proxy.url, &emitter, "max_block_range = 64", "")).await;
+    let app = build(&config_toml(
+        &db.url,
+        &proxy.url,
+        &emitter,
+        "max_block_range = 64\nfetch_concurrency = 1",
+        "",
+    ))
+    .await;
     let first = tick(&app).await.expect("the blocks before the dense one are stored");
     assert!(
         matches!(first, TickOutcome::Advanced { from: 0, to, .. } if to == dense_block as u64 - 1),

@@ -163,8 +163,13 @@ impl Chain {
     }
 
     async fn send(&self, to: Option<&str>, data: String) -> String {
+        self.send_with_gas(to, data, 1_000_000).await
+    }
+
+    async fn send_with_gas(&self, to: Option<&str>, data: String, gas: u64) -> String {
         let nonce = self.nonce.fetch_add(1, Ordering::SeqCst);
-        let mut tx = json!({"from": self.from, "data": data, "gas": "0xf4240", "nonce": format!("{nonce:#x}")});
+        let mut tx =
+            json!({"from": self.from, "data": data, "gas": format!("{gas:#x}"), "nonce": format!("{nonce:#x}")});
         if let Some(to) = to {
             tx["to"] = json!(to);
         }
@@ -204,6 +209,15 @@ impl Chain {
     pub async fn burn(&self, emitter: &str, count: u64, base: u64) -> String {
         let data = format!("0x{}{}{}", method_id("burn(uint256,uint256)"), word(count), word(base));
         self.send(Some(emitter), data).await
+    }
+
+    /// One transaction emitting thousands of Burned events (8M gas: at most
+    /// three such fit a block), waiting for its receipt.
+    pub async fn burn_many(&self, emitter: &str, count: u64, base: u64) {
+        let data = format!("0x{}{}{}", method_id("burn(uint256,uint256)"), word(count), word(base));
+        let hash = self.send_with_gas(Some(emitter), data, 8_000_000).await;
+        let receipt = self.receipt(&hash).await;
+        assert_eq!(receipt["status"], "0x1", "burn of {count} events ran out of gas");
     }
 
     /// One transaction emitting an event that no test configures.

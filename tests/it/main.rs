@@ -15,6 +15,7 @@ mod helpers;
 mod ingest;
 mod nothing_lost;
 mod observe;
+mod perf;
 mod process;
 mod production;
 mod proxy;

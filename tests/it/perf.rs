@@ -1,0 +1,127 @@
+//! The speed features, for the failures they could introduce: a tick larger
+//! than a statement's bind-parameter limit, concurrent sub-ranges that must
+//! still cover each tick exactly once, and streams that must not wait on
+//! each other.
+
+use std::time::Duration;
+
+use logcursor::poller::TickOutcome;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+use crate::proxy::{log_range, Proxy};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    let (per_tx, txs) = (2_800u64, 24u64);
+    for i in 0..txs {
+        chain.burn_many(&emitter, per_tx, i * per_tx).await;
+    }
+    let total = per_tx * txs;
+    assert!(
+        total > 65_535,
+        "more rows than one statement could bind one parameter each for"
+    );
+    let extra = "max_block_range = 200\nrpc_timeout = \"15s\"\nrpc_attempts = 1";
+    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, extra, "")), "big").await;
+    let head = chain.block_number().await;
+    let first = app.pollers()[0]
+        .tick(&CancellationToken::new())
+        .await
+        .expect("one big tick");
+    assert!(
+        matches!(first, TickOutcome::Advanced { to, inserted, duplicates: 0, .. } if to == head as u64 && inserted == total),
+        "{first:?}"
+    );
+    let pg = db.client().await;
+    assert_eq!(count_events(&pg).await, total as i64);
+    let distinct: i64 = pg
+        .query_one("SELECT count(DISTINCT (params->>'amount')) FROM events", &[])
+        .await
+        .expect("distinct")
+        .get(0);
+    assert_eq!(distinct, total as i64, "every event once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sub_ranges_cover_every_tick_exactly_once() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 90, |i| i % 4 + 1).await;
+    let proxy = Proxy::start(&anvil.url).await;
+    let extra = "max_block_range = 40\nfetch_concurrency = 4";
+    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, extra, "")), "r").await;
+    tick_until_idle(&app).await;
+    let mut ranges: Vec<(u64, u64)> = proxy.seen().iter().filter_map(log_range).collect();
+    assert!(
+        ranges.len() >= 4 * 2,
+        "ticks were split into concurrent sub-ranges: {ranges:?}"
+    );
+    ranges.sort();
+    let head = chain.block_number().await as u64;
+    let mut next = 0;
+    for (from, to) in &ranges {
+        assert_eq!(*from, next, "no block skipped or fetched twice: {ranges:?}");
+        next = to + 1;
+    }
+    assert_eq!(next, head + 1, "the sub-ranges cover every block up to the head");
+    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_is_locked() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let (first, second) = (chain.deploy_emitter().await, chain.deploy_emitter().await);
+    let toml = format!(
+        "{}\n[[streams]]\nname = \"second\"\nchain_id = 31337\nrpc_urls = [\"{}\"]\naddresses = [\"{second}\"]\n\
+         events = [\"{BURNED}\"]\nconfirmations = 0\nmax_block_range = 10\npoll_interval = \"50ms\"\nrpc_timeout = \"2s\"\n",
+        config_toml(&db.url, &anvil.url, &first, "max_block_range = 10", ""),
+        anvil.url
+    );
+    let cfg = config(&toml);
+    let (a, b) = (build_app(&cfg, "replica-a").await, build_app(&cfg, "replica-b").await);
+    // Another holder keeps the first stream's row locked for as long as it likes.
+    let mut holder = db.client().await;
+    let hold = holder.transaction().await.expect("begin");
+    hold.execute("SELECT 1 FROM block_cursors WHERE id = 'burns' FOR UPDATE", &[])
+        .await
+        .expect("lock");
+
+    let token = CancellationToken::new();
+    let runs = [a, b].map(|app| tokio::spawn(app.run(token.clone())));
+    chain.emit_burns(&first, 20, |_| 1).await;
+    chain.emit_burns(&second, 20, |_| 2).await;
+    let head = chain.block_number().await;
+    let pg = db.client().await;
+    wait_for("the free stream at the head", Duration::from_secs(30), || async {
+        (cursor_of(&pg, "second").await == Some(head)).then_some(())
+    })
+    .await;
+    assert_eq!(cursor_of(&pg, "burns").await, Some(-1), "the locked stream waited");
+
+    hold.commit().await.expect("release");
+    wait_for("the released stream at the head", Duration::from_secs(30), || async {
+        (cursor_of(&pg, "burns").await == Some(head)).then_some(())
+    })
+    .await;
+    token.cancel();
+    for r in runs {
+        r.await.expect("join").expect("run");
+    }
+    let per_stream: Vec<(String, i64)> = pg
+        .query(
+            "SELECT stream, count(*) FROM events GROUP BY stream ORDER BY stream",
+            &[],
+        )
+        .await
+        .expect("counts")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(per_stream, vec![("burns".to_string(), 20), ("second".to_string(), 40)]);
+}
