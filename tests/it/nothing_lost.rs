@@ -168,8 +168,8 @@ async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports
     let pg = db.client().await;
     assert_eq!(
         cursor_of(&pg, "burns").await,
-        Some(3),
-        "the cursor waits before the range"
+        Some(5),
+        "the blocks before the refused one are kept; the cursor waits right before block 6"
     );
     let status = logcursor::status::collect(&config(&toml), "status")
         .await
