@@ -5,6 +5,10 @@
 //   node scripts/demo-chain.mjs count RPC ADDRESS TO       -> Burned logs in [0, TO]
 //   node scripts/demo-chain.mjs mine RPC N                 -> mines N empty blocks
 //   node scripts/demo-chain.mjs head RPC                   -> latest block number
+//   node scripts/demo-chain.mjs dense RPC ADDRESS TXS PER_TX -> TXS transactions of PER_TX events each
+//   node scripts/demo-chain.mjs getlogs RPC ADDRESS TO SPAN CONC -> "ms count": raw eth_getLogs of [0, TO]
+//   node scripts/demo-chain.mjs proxy PORT UPSTREAM DELAY_MS     -> forwards JSON-RPC, adding a delay
+//   node scripts/demo-chain.mjs live RPC ADDRESS BLOCKS INTERVAL_MS -> mines BLOCKS blocks of 3 events, CSV "block,mined_ms"
 import { readFileSync } from 'node:fs';
 
 const contract = JSON.parse(readFileSync(new URL('../tests/contracts/Emitter.json', import.meta.url)));
@@ -38,6 +42,21 @@ function rng(seed) {
 }
 
 const [cmd, url, ...args] = process.argv.slice(2);
+if (cmd === 'proxy') {
+  // url is the port here; args: upstream, delay in ms (simulates a remote provider).
+  const { createServer } = await import('node:http');
+  const [upstream, delay] = args;
+  createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => (body += c)).on('end', async () => {
+      await new Promise((ok) => setTimeout(ok, Number(delay)));
+      const r = await fetch(upstream, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+      res.writeHead(r.status, { 'content-type': 'application/json' });
+      res.end(await r.text());
+    });
+  }).listen(Number(url), '127.0.0.1');
+  await new Promise(() => {});
+}
 const [from] = await rpc(url, 'eth_accounts', []);
 let nonce = Number(await rpc(url, 'eth_getTransactionCount', [from, 'pending']));
 const send = (tx) => rpc(url, 'eth_sendTransaction', [{ from, gas: hex(1_000_000), nonce: hex(nonce++), ...tx }]);
@@ -63,6 +82,45 @@ if (cmd === 'deploy') {
   console.log(logs.length);
 } else if (cmd === 'mine') {
   await rpc(url, 'anvil_mine', [hex(args[0])]);
+} else if (cmd === 'dense') {
+  const [address, txs, perTx] = args;
+  let last;
+  for (let i = 0; i < Number(txs); i++) {
+    last = await rpc(url, 'eth_sendTransaction', [{ from, gas: hex(5_000_000), nonce: hex(nonce++), to: address,
+      data: '0x' + contract.methods['burn(uint256,uint256)'] + word(perTx) + word(i * Number(perTx)) }]);
+  }
+  if (last) await receipt(url, last);
+  console.log(Number(txs) * Number(perTx));
+} else if (cmd === 'getlogs') {
+  const [address, to, span, conc] = args.map((a, i) => (i === 0 ? a : Number(a)));
+  const started = performance.now();
+  const parts = [];
+  for (let a = 0; a <= to; a += span) parts.push([a, Math.min(to, a + span - 1)]);
+  let count = 0, next = 0;
+  const worker = async () => {
+    while (next < parts.length) {
+      const [a, b] = parts[next++];
+      const logs = await rpc(url, 'eth_getLogs', [{ fromBlock: hex(a), toBlock: hex(b), address, topics: [BURNED_TOPIC] }]);
+      count += logs.length;
+    }
+  };
+  await Promise.all(Array.from({ length: conc }, worker));
+  console.log(`${Math.round(performance.now() - started)} ${count}`);
+} else if (cmd === 'live') {
+  const [address, blocks, interval] = args.map((a, i) => (i === 0 ? a : Number(a)));
+  await rpc(url, 'evm_setAutomine', [false]);
+  const rows = ['block,mined_ms'];
+  for (let i = 0; i < blocks; i++) {
+    const tick = performance.now();
+    await rpc(url, 'eth_sendTransaction', [{ from, gas: hex(1_000_000), nonce: hex(nonce++), to: address,
+      data: '0x' + contract.methods['burn(uint256,uint256)'] + word(3) + word(i * 3) }]);
+    await rpc(url, 'evm_mine', []);
+    rows.push(`${Number(await rpc(url, 'eth_blockNumber', []))},${Date.now()}`);
+    const wait = interval - (performance.now() - tick);
+    if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
+  }
+  await rpc(url, 'evm_setAutomine', [true]);
+  console.log(rows.join('\n'));
 } else if (cmd === 'head') {
   console.log(Number(await rpc(url, 'eth_blockNumber', [])));
 } else {

@@ -88,7 +88,7 @@ start_pg() {
   pg_as_owner "$bindir/initdb" -D "$PG_DIR/data" -U postgres -A trust --no-sync -E UTF8 >"$PG_DIR/initdb.log" 2>&1 ||
     { cat "$PG_DIR/initdb.log" >&2; die "initdb failed"; }
   pg_as_owner "$bindir/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 30 start \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" >/dev/null ||
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DIR -c max_connections=300 ${PG_EXTRA_OPTS:--c fsync=off -c synchronous_commit=off -c full_page_writes=off}" >/dev/null ||
     { cat "$PG_DIR/server.log" >&2; die "PostgreSQL did not start"; }
   PG_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   log "PostgreSQL $(pg_as_owner "$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT (data in $PG_DIR)"
