@@ -457,6 +457,39 @@ pub fn write_config(text: &str) -> tempfile::NamedTempFile {
     file
 }
 
+/// `logcursor ARGS --config CONFIG --replica-id REPLICA`, with a clean
+/// environment (no DATABASE_URL, no OTLP export), info logs, piped output.
+pub fn logcursor_cmd(args: &[&str], config: &std::path::Path, replica: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_logcursor"));
+    c.args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--replica-id")
+        .arg(replica)
+        .env_remove("DATABASE_URL")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// A `logcursor run` replica process with extra environment variables.
+pub fn spawn_replica(config: &std::path::Path, replica: &str, envs: &[(&str, String)]) -> Child {
+    let mut c = logcursor_cmd(&["run"], config, replica);
+    c.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    c.spawn().expect("start logcursor")
+}
+
+/// Waits for a child to exit, within `within`, collecting its output.
+pub async fn finish(child: Child, within: Duration) -> std::process::Output {
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .expect("process did not exit in time")
+        .expect("wait for process")
+}
+
 /// Sends a signal by name (TERM, STOP, CONT) to a child, as an operator would.
 pub fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("running child");

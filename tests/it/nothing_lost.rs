@@ -374,20 +374,8 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
     });
     let extra =
         "on_unfetchable_range = \"skip_and_backfill\"\ngapfill_lease = \"3s\"\nrpc_timeout = \"5s\"\nrpc_attempts = 1";
-    let doomed_cfg = tempfile::Builder::new().suffix(".toml").tempfile().expect("tmp");
-    std::fs::write(
-        doomed_cfg.path(),
-        config_toml(&db.url, &hanging.url, &emitter, extra, ""),
-    )
-    .expect("write");
-    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_logcursor"))
-        .args(["run", "--replica-id", "doomed", "--config"])
-        .arg(doomed_cfg.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start");
+    let doomed_cfg = write_config(&config_toml(&db.url, &hanging.url, &emitter, extra, ""));
+    let mut doomed = spawn_replica(doomed_cfg.path(), "doomed", &[]);
     wait_for(
         "the doomed replica to claim the range",
         std::time::Duration::from_secs(30),

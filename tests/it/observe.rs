@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -50,21 +50,6 @@ fn attrs(span: &Span) -> BTreeMap<String, String> {
     span.attributes.iter().map(|kv| (kv.key.clone(), value(kv))).collect()
 }
 
-fn spawn(cfg: &std::path::Path, replica: &str, envs: &[(&str, String)]) -> Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_logcursor"));
-    c.args(["run", "--replica-id", replica, "--config"])
-        .arg(cfg)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in envs {
-        c.env(k, v);
-    }
-    c.spawn().expect("start logcursor")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
     let (anvil, db) = (Anvil::start().await, TestDb::new().await);
@@ -86,7 +71,7 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
     let db_url = db.url.replacen("postgres@", "postgres:hunter2@", 1);
     let rpc = format!("{}/?apikey=SECRETKEY", anvil.url);
     let cfg = write_config(&config_toml(&db_url, &rpc, &emitter, "", ""));
-    let child = spawn(
+    let child = spawn_replica(
         cfg.path(),
         "traced-replica",
         &[
@@ -100,10 +85,7 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
     })
     .await;
     signal(&child, "TERM");
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("exit in time")
-        .expect("wait");
+    let out = finish(child, Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     server.abort();
 
@@ -355,7 +337,9 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
             total
         })
     };
-    let mut replicas: Vec<Child> = (0..3).map(|i| spawn(cfg.path(), &format!("gen0-{i}"), &[])).collect();
+    let mut replicas: Vec<Child> = (0..3)
+        .map(|i| spawn_replica(cfg.path(), &format!("gen0-{i}"), &[]))
+        .collect();
     for i in 0..3 {
         // Let the fleet work a little, then replace replica i: SIGTERM, wait, start a new one.
         let at = cursor_of(&pg, "burns").await.unwrap_or(-1);
@@ -365,14 +349,11 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
         .await;
         let old = replicas.remove(0);
         signal(&old, "TERM");
-        let out = tokio::time::timeout(Duration::from_secs(30), old.wait_with_output())
-            .await
-            .expect("exit in time")
-            .expect("wait");
+        let out = finish(old, Duration::from_secs(30)).await;
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         assert!(!stderr.contains("grace period over"), "a tick was cut off: {stderr}");
-        replicas.push(spawn(cfg.path(), &format!("gen1-{i}"), &[]));
+        replicas.push(spawn_replica(cfg.path(), &format!("gen1-{i}"), &[]));
     }
     emitting.cancel();
     let emitted = emitter_task.await.expect("emitter");
@@ -385,10 +366,7 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
         signal(r, "TERM");
     }
     for r in replicas {
-        let out = tokio::time::timeout(Duration::from_secs(30), r.wait_with_output())
-            .await
-            .expect("exit in time")
-            .expect("wait");
+        let out = finish(r, Duration::from_secs(30)).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     }
     let mut stored = stored_logs(&pg).await;

@@ -1,7 +1,6 @@
 //! The `logcursor` binary as an operator runs it: signals, exit codes, and
 //! several processes starting at once.
 
-use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -9,29 +8,6 @@ use tokio::process::{Child, Command};
 use crate::helpers::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_logcursor");
-
-fn logcursor(args: &[&str], config: &std::path::Path, replica: &str) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .arg("--config")
-        .arg(config)
-        .arg("--replica-id")
-        .arg(replica)
-        .env_remove("DATABASE_URL")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    c
-}
-
-async fn finish(child: Child, within: Duration) -> Output {
-    tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .expect("process did not exit in time")
-        .expect("wait for process")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_partial_range() {
@@ -43,7 +19,7 @@ async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_part
     let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 1", ""));
     let pg = db.client().await;
 
-    let child = logcursor(&["run"], cfg.path(), "sigterm-replica")
+    let child = logcursor_cmd(&["run"], cfg.path(), "sigterm-replica")
         .spawn()
         .expect("start logcursor");
     wait_for("ingest under way", Duration::from_secs(60), || async {
@@ -94,7 +70,7 @@ events = ["event Burned(address indexed from, uint256 amount)"]
 confirmations = "two"
 "#,
     );
-    let out = logcursor(&["run"], cfg.path(), "bad").output().await.expect("run");
+    let out = logcursor_cmd(&["run"], cfg.path(), "bad").output().await.expect("run");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     for key in [
@@ -129,7 +105,7 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
 
     let children: Vec<Child> = ["r1", "r2", "r3"]
         .iter()
-        .map(|r| logcursor(&["run"], cfg.path(), r).spawn().expect("start"))
+        .map(|r| logcursor_cmd(&["run"], cfg.path(), r).spawn().expect("start"))
         .collect();
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
@@ -158,7 +134,7 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
     assert_eq!(stored as u64, emitted);
 
     // `status` reads the same state back.
-    let out = logcursor(&["status", "--json"], cfg.path(), "status")
+    let out = logcursor_cmd(&["status", "--json"], cfg.path(), "status")
         .output()
         .await
         .expect("status");
@@ -193,7 +169,9 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     let limits = "lock_timeout = \"500ms\"\nstatement_timeout = \"5s\"\nidle_in_transaction_timeout = \"3s\"";
     let rpc = "rpc_timeout = \"1s\"\nrpc_attempts = 2";
     let frozen_cfg = write_config(&config_toml(&db.url, &proxy.url, &emitter, rpc, limits));
-    let frozen = logcursor(&["run"], frozen_cfg.path(), "frozen").spawn().expect("start");
+    let frozen = logcursor_cmd(&["run"], frozen_cfg.path(), "frozen")
+        .spawn()
+        .expect("start");
     wait_for("the first replica inside a tick", Duration::from_secs(30), || async {
         proxy.seen().iter().any(|r| method_of(r) == "eth_getLogs").then_some(())
     })

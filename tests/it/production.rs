@@ -321,17 +321,7 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
     let cfg = write_config(&config_toml(&bounced, &anvil.url, &emitter, "max_block_range = 4", ""));
     let replicas: Vec<tokio::process::Child> = ["b1", "b2", "b3"]
         .iter()
-        .map(|r| {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_logcursor"))
-                .args(["run", "--replica-id", r, "--config"])
-                .arg(cfg.path())
-                .env("RUST_LOG", "info")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("start")
-        })
+        .map(|r| spawn_replica(cfg.path(), r, &[]))
         .collect();
     let pg = db.client().await;
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
@@ -342,10 +332,7 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
         signal(r, "TERM");
     }
     for r in replicas {
-        let out = tokio::time::timeout(Duration::from_secs(30), r.wait_with_output())
-            .await
-            .expect("exit")
-            .expect("wait");
+        let out = finish(r, Duration::from_secs(30)).await;
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         for bad in ["42P05", "26000", "prepared statement"] {
@@ -452,26 +439,14 @@ async fn secrets_read_from_files_work_and_never_reach_a_log_line() {
         );
     assert!(toml.contains("url_file") && !toml.contains(&db.url), "{toml}");
     let cfg = write_config(&toml);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_logcursor"))
-        .args(["run", "--replica-id", "secretive", "--config"])
-        .arg(cfg.path())
-        .env("RUST_LOG", "debug")
-        .env_remove("DATABASE_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start");
+    let child = spawn_replica(cfg.path(), "secretive", &[("RUST_LOG", "debug".to_string())]);
     let pg = db.client().await;
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
     .await;
     signal(&child, "TERM");
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("exit")
-        .expect("wait");
+    let out = finish(child, Duration::from_secs(30)).await;
     let logs = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{logs}");
     assert_stored_up_to(&pg, &chain, &emitter, head).await;
