@@ -99,6 +99,8 @@ pub struct StreamConfig {
     pub rpc_timeout: Duration,
     /// Sub-ranges of one tick fetched at once (hides a remote provider's latency).
     pub fetch_concurrency: usize,
+    /// While a backfill tick commits, fetch the next range already.
+    pub pipeline: bool,
     /// Tries per request on retryable errors (1 = no retry).
     pub rpc_attempts: u32,
     /// How long a failing endpoint is passed over.
@@ -447,6 +449,7 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
     let rpc_timeout = f.positive_duration("rpc_timeout", "10s");
     let rpc_attempts = f.int_in("rpc_attempts", Some(3), 1..=20);
     let fetch_concurrency = f.int_in("fetch_concurrency", Some(4), 1..=64);
+    let pipeline = f.optional::<bool>("pipeline").unwrap_or(true);
     let rpc_cooldown = f.duration("rpc_cooldown", "30s");
     let finality = f.choice(
         "finality",
@@ -499,6 +502,7 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         rpc_timeout: rpc_timeout?,
         rpc_attempts: u32::try_from(rpc_attempts?).ok()?,
         fetch_concurrency: usize::try_from(fetch_concurrency?).ok()?,
+        pipeline,
         rpc_cooldown: rpc_cooldown?,
         finality: finality?,
         on_deep_reorg: on_deep_reorg?,

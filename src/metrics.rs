@@ -76,6 +76,10 @@ pub struct StreamMetrics {
     pub reorgs: AtomicU64,
     pub lock_timeouts: AtomicU64,
     pub ranges_skipped: AtomicU64,
+    /// Prefetched ranges used by the next tick (pipelining).
+    pub prefetch_used: AtomicU64,
+    /// Prefetched ranges discarded because the cursor had moved.
+    pub prefetch_discarded: AtomicU64,
     /// The learned `eth_getLogs` span of the endpoint last used.
     pub block_range: AtomicU64,
     /// When this replica last committed a range of this stream (epoch seconds).
@@ -285,6 +289,20 @@ impl Registry {
             "Ranges skipped into failed_ranges.",
             "counter",
             &|m| Some(load(&m.ranges_skipped)),
+        );
+        gauge(
+            &mut out,
+            "logcursor_prefetch_used_total",
+            "Ranges fetched ahead and used by the next tick.",
+            "counter",
+            &|m| Some(load(&m.prefetch_used)),
+        );
+        gauge(
+            &mut out,
+            "logcursor_prefetch_discarded_total",
+            "Ranges fetched ahead and discarded: the cursor had moved.",
+            "counter",
+            &|m| Some(load(&m.prefetch_discarded)),
         );
 
         let _ = writeln!(

@@ -121,6 +121,24 @@ pub struct Poller {
     /// Consecutive ticks whose range could not be fetched (reset by any
     /// success); `skip_and_backfill` skips after `range_attempts`.
     range_failures: std::sync::atomic::AtomicU32,
+    /// The next range, fetched while the last tick committed (pipelining).
+    /// std Mutex: only swapped, never held across an await.
+    prefetch: std::sync::Mutex<Option<Prefetch>>,
+}
+
+/// A range being fetched ahead of its tick. Dropping it aborts the fetch.
+struct Prefetch {
+    from: u64,
+    to: u64,
+    handle: Option<tokio::task::JoinHandle<Result<tick::RangeData, TickError>>>,
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
 }
 
 /// What a successful tick did.
@@ -209,6 +227,42 @@ impl Poller {
             metrics,
             stats: PollerStats::default(),
             range_failures: Default::default(),
+            prefetch: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Starts fetching `[from, to]` in the background (replacing, and so
+    /// aborting, any earlier prefetch).
+    fn start_prefetch(&self, from: u64, to: u64) {
+        let stream = Arc::clone(&self.stream);
+        let handle = tokio::spawn(async move {
+            let rpc = stream.chain.pick();
+            tick::fetch_range(&rpc, &stream.filter, from, to, stream.cfg.fetch_concurrency).await
+        });
+        let next = Prefetch {
+            from,
+            to,
+            handle: Some(handle),
+        };
+        *self.prefetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+    }
+
+    /// The prefetched range, if it starts at `from` (the cursor read under
+    /// the lock, plus one) and ends within `to` (today's plan); anything
+    /// else was assumed on a cursor that has moved, and is discarded.
+    async fn take_prefetch(&self, from: u64, to: u64) -> Option<tick::RangeData> {
+        let mut p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        if p.from != from || p.to > to {
+            self.metrics.prefetch_discarded.fetch_add(1, Ordering::Relaxed);
+            return None; // dropped: aborted
+        }
+        match p.handle.take()?.await {
+            Ok(Ok(data)) => {
+                self.metrics.prefetch_used.fetch_add(1, Ordering::Relaxed);
+                Some(data)
+            }
+            // A failed prefetch is just fetched again, inside the tick.
+            _ => None,
         }
     }
 

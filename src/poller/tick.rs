@@ -65,6 +65,8 @@ enum Fetched {
         /// Timestamp of block `to`.
         last_time: u64,
         safe_head: u64,
+        /// `to` stops short of the planned range (a block that overflows).
+        partial: bool,
     },
 }
 
@@ -174,7 +176,7 @@ impl Poller {
             }
             Ok(f) => f,
         };
-        let (from, to, head, safe_head, logs, hashes, last_hash, last_time) = match fetched {
+        let (from, to, head, safe_head, logs, hashes, last_hash, last_time, partial) = match fetched {
             Fetched::Idle { head, safe_head } => {
                 tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
                 return Ok(TickOutcome::Idle {
@@ -215,7 +217,8 @@ impl Poller {
                 last_hash,
                 last_time,
                 safe_head,
-            } => (from, to, head, safe_head, logs, hashes, last_hash, last_time),
+                partial,
+            } => (from, to, head, safe_head, logs, hashes, last_hash, last_time, partial),
         };
         let span = tracing::Span::current();
         span.record("from_block", from);
@@ -269,6 +272,11 @@ impl Poller {
 
         span.record("events_inserted", outcome.inserted);
         span.record("duplicates", outcome.duplicates);
+        if s.cfg.pipeline && !partial && to < safe_head {
+            // Backfill: fetch the next range while this replica (or another)
+            // works on; used only if the cursor is still where it assumes.
+            self.start_prefetch(to + 1, safe_head.min(to.saturating_add(s.cfg.max_block_range)));
+        }
         Ok(TickOutcome::Advanced {
             from,
             to,
@@ -344,9 +352,14 @@ impl Poller {
         let Some((from, to)) = plan_range(current.last_processed_block, safe_head, cfg.max_block_range) else {
             return Ok(Fetched::Idle { head, safe_head });
         };
-        match fetch_range(rpc, &self.stream.filter, from, to, cfg.fetch_concurrency).await {
+        let fetched = match self.take_prefetch(from, to).await {
+            Some(r) => Ok(r),
+            None => fetch_range(rpc, &self.stream.filter, from, to, cfg.fetch_concurrency).await,
+        };
+        match fetched {
             Ok(r) => Ok(Fetched::Range {
                 from,
+                partial: r.to < to,
                 to: r.to,
                 head,
                 last_hash: r.hashes.last().map(|(_, h)| *h).unwrap_or(Hash32([0; 32])),

@@ -125,3 +125,94 @@ async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_i
         .collect();
     assert_eq!(per_stream, vec![("burns".to_string(), 20), ("second".to_string(), 40)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fresh_one_is_used() {
+    use std::sync::atomic::Ordering;
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 40, |i| i % 3 + 1).await;
+    let pg = db.migrate_with_history().await;
+    let cfg = config(&config_toml(
+        &db.url,
+        &anvil.url,
+        &emitter,
+        "max_block_range = 5\npipeline = true",
+        "",
+    ));
+    let (a, b) = (build_app(&cfg, "a").await, build_app(&cfg, "b").await);
+    let step = |app: &logcursor::app::App| {
+        let p = std::sync::Arc::clone(&app.pollers()[0]);
+        async move { p.tick(&CancellationToken::new()).await.expect("tick") }
+    };
+    let range = |o: TickOutcome| match o {
+        TickOutcome::Advanced { from, to, .. } => (from, to),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(range(step(&a).await), (0, 4)); // a prefetches 5..=9
+    assert_eq!(range(step(&b).await), (5, 9)); // b takes 5..=9 first; prefetches 10..=14
+    assert_eq!(range(step(&a).await), (10, 14)); // a's prefetch of 5..=9 is stale
+    let (am, bm) = (&a.pollers()[0].metrics, &b.pollers()[0].metrics);
+    assert_eq!(
+        am.prefetch_discarded.load(Ordering::Relaxed),
+        1,
+        "a discarded its stale prefetch"
+    );
+    assert_eq!(range(step(&a).await), (15, 19)); // a's prefetch of 15..=19 still holds
+    assert_eq!(am.prefetch_used.load(Ordering::Relaxed), 1, "a used its fresh prefetch");
+    assert_eq!(bm.prefetch_used.load(Ordering::Relaxed), 0);
+    tick_until_idle(&b).await;
+    tick_until_idle(&a).await;
+    let head = chain.block_number().await;
+    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_event_once() {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 300, |i| i % 4 + 1).await;
+    let head = chain.block_number().await;
+    let pg = db.migrate_with_history().await;
+    let cfg = write_config(&config_toml(
+        &db.url,
+        &anvil.url,
+        &emitter,
+        "max_block_range = 2\npipeline = true",
+        "",
+    ));
+    let mut replicas = vec![
+        spawn_replica(cfg.path(), "p0", &[]),
+        spawn_replica(cfg.path(), "p1", &[]),
+    ];
+    for round in 0..8 {
+        let at = cursor_of(&pg, "burns").await.unwrap_or(-1);
+        if at >= head - 10 {
+            break;
+        }
+        wait_for("some progress", Duration::from_secs(30), || async {
+            cursor_of(&pg, "burns").await.filter(|c| *c >= at + 4).map(|_| ())
+        })
+        .await;
+        let victim = (rand::random::<u8>() % 2) as usize;
+        let mut old = replicas.remove(victim);
+        old.kill().await.expect("SIGKILL");
+        replicas.insert(victim, spawn_replica(cfg.path(), &format!("p{victim}-{round}"), &[]));
+    }
+    wait_for("the cursor at the head", Duration::from_secs(60), || async {
+        (cursor_of(&pg, "burns").await == Some(head)).then_some(())
+    })
+    .await;
+    for r in &replicas {
+        signal(r, "TERM");
+    }
+    for r in replicas {
+        let out = finish(r, Duration::from_secs(30)).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
+}
