@@ -20,8 +20,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Registry;
-use crate::store::cursor;
 use crate::store::pool::Database;
+use crate::store::{cursor, failed_ranges};
 
 /// What the handlers read.
 pub struct HttpState {
@@ -85,11 +85,63 @@ async fn livez(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
+    let mut text = s.registry.render();
+    // The backlog lives in the database; a slow database does not block the rest.
+    match tokio::time::timeout(Duration::from_secs(2), database_metrics(&s.db, &s.streams)).await {
+        Ok(Ok(more)) => text.push_str(&more),
+        Ok(Err(e)) => tracing::warn!(error = %e, "metrics: backlog unavailable"),
+        Err(_) => tracing::warn!("metrics: backlog query took longer than 2s"),
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        s.registry.render(),
+        text,
     )
         .into_response()
+}
+
+/// Failed ranges (pending, dead), dead letters and the contiguous watermark
+/// per stream, as Prometheus text.
+pub async fn database_metrics(db: &Database, streams: &[String]) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let client = db.get().await.map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for name in streams {
+        rows.push((
+            name,
+            failed_ranges::backlog(&**client, name)
+                .await
+                .map_err(|e| e.to_string())?,
+        ));
+    }
+    let mut out = String::new();
+    type Pick = fn(&failed_ranges::Backlog) -> i64;
+    let series: [(&str, &str, Pick); 4] = [
+        (
+            "logcursor_failed_ranges_pending",
+            "Skipped ranges waiting for the gap-fill worker.",
+            |b| b.pending,
+        ),
+        (
+            "logcursor_failed_ranges_dead",
+            "Skipped ranges that failed gapfill_max_attempts times.",
+            |b| b.dead,
+        ),
+        ("logcursor_dead_letters", "Logs parked in dead_letters.", |b| {
+            b.dead_letters
+        }),
+        (
+            "logcursor_contiguous_watermark_block",
+            "Highest block below which nothing is pending.",
+            |b| b.watermark,
+        ),
+    ];
+    for (name, help, pick) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (stream, b) in &rows {
+            let _ = writeln!(out, "{name}{{stream=\"{stream}\"}} {}", pick(b));
+        }
+    }
+    Ok(out)
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {

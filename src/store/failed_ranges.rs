@@ -135,3 +135,35 @@ pub async fn counts<C: GenericClient>(c: &C, stream: &str) -> Result<(i64, i64)>
         .map_err(StoreError::db("count failed ranges"))?;
     Ok((row.get(0), row.get(1)))
 }
+
+/// What a stream has parked, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: i64,
+    pub dead: i64,
+    pub dead_letters: i64,
+    /// The highest block below which nothing is pending: the cursor, or the
+    /// block before the oldest skipped range that is not yet filled.
+    pub watermark: i64,
+}
+
+/// The backlog of `stream` (one round trip).
+pub async fn backlog<C: GenericClient>(c: &C, stream: &str) -> Result<Backlog> {
+    let row = c
+        .query_typed_one(
+            "SELECT (SELECT count(*) FROM failed_ranges WHERE stream = $1 AND NOT dead),
+                    (SELECT count(*) FROM failed_ranges WHERE stream = $1 AND dead),
+                    (SELECT count(*) FROM dead_letters WHERE stream = $1),
+                    least((SELECT last_processed_block FROM block_cursors WHERE id = $1),
+                          (SELECT min(from_block) - 1 FROM failed_ranges WHERE stream = $1))",
+            &[(&stream, Type::TEXT)],
+        )
+        .await
+        .map_err(StoreError::db("read backlog"))?;
+    Ok(Backlog {
+        pending: row.get(0),
+        dead: row.get(1),
+        dead_letters: row.get(2),
+        watermark: row.get::<_, Option<i64>>(3).unwrap_or(-1),
+    })
+}

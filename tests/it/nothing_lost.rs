@@ -227,6 +227,21 @@ async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_store
         "the recorded range holds the refused block: {from}..={to}"
     );
     let on_chain = chain.burned_logs(&emitter, head).await;
+    let database = logcursor::store::pool::Database::new(&config(&toml).database, "metrics").expect("pool");
+    let backlog = logcursor::http::database_metrics(&database, &["burns".to_string()])
+        .await
+        .expect("metrics");
+    assert!(
+        backlog.contains("logcursor_failed_ranges_pending{stream=\"burns\"} 1"),
+        "{backlog}"
+    );
+    assert!(
+        backlog.contains(&format!(
+            "logcursor_contiguous_watermark_block{{stream=\"burns\"}} {}",
+            from - 1
+        )),
+        "the watermark stops before the skipped range: {backlog}"
+    );
     let missing = on_chain.iter().filter(|l| (from..=to).contains(&l.2)).count();
     assert_eq!(stored_logs(&pg).await.len(), on_chain.len() - missing);
 
