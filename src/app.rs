@@ -258,15 +258,15 @@ impl App {
         self.pollers
             .iter()
             .map(|p| {
-                let s = &p.stats;
+                let m = &p.metrics;
                 StreamSummary {
                     stream: p.stream.cfg.name.clone(),
-                    ticks: s.ticks.load(Ordering::Relaxed),
-                    ranges_committed: s.ranges_committed.load(Ordering::Relaxed),
-                    events_inserted: s.events_inserted.load(Ordering::Relaxed),
-                    duplicates: s.duplicates.load(Ordering::Relaxed),
-                    failures: s.failures.load(Ordering::Relaxed),
-                    lock_timeouts: s.lock_timeouts.load(Ordering::Relaxed),
+                    ticks: m.ticks(None),
+                    ranges_committed: m.ticks(Some("advanced")),
+                    events_inserted: m.events_inserted.load(Ordering::Relaxed),
+                    duplicates: m.duplicates.load(Ordering::Relaxed),
+                    failures: m.ticks(Some("error")),
+                    lock_timeouts: m.lock_timeouts.load(Ordering::Relaxed),
                 }
             })
             .collect()

@@ -114,6 +114,16 @@ impl StreamMetrics {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = (outcome.to_string(), error);
     }
 
+    /// Ticks that ended with `outcome` (`None`: all ticks).
+    pub fn ticks(&self, outcome: Option<&str>) -> u64 {
+        let ticks = self.ticks.lock().unwrap_or_else(|p| p.into_inner());
+        ticks
+            .iter()
+            .filter(|(o, _)| outcome.is_none_or(|w| **o == w))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// The last tick's outcome and error message.
     pub fn last_outcome(&self) -> (String, Option<String>) {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -10,7 +10,7 @@
 pub mod gapfill;
 pub mod tick;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -96,18 +96,6 @@ impl From<&DatabaseConfig> for TxLimits {
     }
 }
 
-/// Counters of one poller since it started.
-#[derive(Debug, Default)]
-pub struct PollerStats {
-    pub ticks: AtomicU64,
-    pub ranges_committed: AtomicU64,
-    pub blocks_committed: AtomicU64,
-    pub events_inserted: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub failures: AtomicU64,
-    pub lock_timeouts: AtomicU64,
-}
-
 /// Runs the ticks of one stream on behalf of one replica.
 pub struct Poller {
     pub stream: Arc<Stream>,
@@ -115,7 +103,6 @@ pub struct Poller {
     /// Written to `block_cursors.updated_by`; also the connection's `application_name`.
     replica_id: String,
     limits: TxLimits,
-    pub stats: PollerStats,
     /// What `/metrics` and `/status` show of this stream.
     pub metrics: Arc<StreamMetrics>,
     /// Consecutive ticks whose range could not be fetched (reset by any
@@ -225,7 +212,6 @@ impl Poller {
             replica_id,
             limits,
             metrics,
-            stats: PollerStats::default(),
             range_failures: Default::default(),
             prefetch: std::sync::Mutex::new(None),
         }
@@ -335,18 +321,15 @@ impl Poller {
         let mut progress = Progress::default();
         while !cancel.is_cancelled() {
             let result = self.tick(&cancel).await;
-            self.stats.ticks.fetch_add(1, Ordering::Relaxed);
             let wait = match result {
                 Ok(TickOutcome::Advanced {
                     from,
                     to,
                     inserted,
-                    duplicates,
                     safe_head,
                     ..
                 }) => {
                     consecutive_failures = 0;
-                    self.record_advance(to - from + 1, inserted, duplicates);
                     progress.advanced(
                         name,
                         to - from + 1,
@@ -363,13 +346,11 @@ impl Poller {
                 Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. }) => Duration::ZERO,
                 Err(TickError::Cancelled) => break,
                 Err(e) if e.is_lock_timeout() => {
-                    self.stats.lock_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(stream = %name, "cursor lock busy; another replica is working");
                     jitter(self.limits.lock_timeout.min(Duration::from_secs(1)))
                 }
                 Err(e) => {
                     consecutive_failures += 1;
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     let delay = backoff(consecutive_failures);
                     tracing::error!(stream = %name, error = %e, attempt = consecutive_failures, retry_in = ?delay, "tick failed and rolled back");
                     delay
@@ -382,14 +363,6 @@ impl Poller {
                 }
             }
         }
-    }
-
-    fn record_advance(&self, blocks: u64, inserted: u64, duplicates: u64) {
-        let s = &self.stats;
-        s.ranges_committed.fetch_add(1, Ordering::Relaxed);
-        s.blocks_committed.fetch_add(blocks, Ordering::Relaxed);
-        s.events_inserted.fetch_add(inserted, Ordering::Relaxed);
-        s.duplicates.fetch_add(duplicates, Ordering::Relaxed);
     }
 }
 
