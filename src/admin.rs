@@ -194,7 +194,8 @@ async fn refetch(sc: &StreamConfig, stored: &RawLog) -> Result<Option<RawLog>, C
         .find(|l| l.tx_hash == stored.tx_hash && l.log_index == stored.log_index))
 }
 
-async fn connect(cfg: &Config, replica_id: &str) -> Result<Database, AppError> {
+/// A pool to the configured database, once it answers (bounded retry).
+pub(crate) async fn connect(cfg: &Config, replica_id: &str) -> Result<Database, AppError> {
     let db = Database::new(&cfg.database, replica_id)?;
     db.wait_until_reachable(cfg.database.connect_retry_for, &CancellationToken::new())
         .await?;

@@ -3,12 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, AppError, BuildOptions};
 use crate::config::{Config, ConfigError, EnvOverrides, Problem};
 use crate::store::migrate;
-use crate::store::pool::Database;
 
 /// Exit status for a bad command line or configuration (EX_USAGE).
 pub const EX_USAGE: u8 = 64;
@@ -130,9 +128,7 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
             app.run(shutdown).await.map(|_| ())
         }
         Command::Migrate => {
-            let db = Database::new(&cfg.database, replica_id)?;
-            db.wait_until_reachable(cfg.database.connect_retry_for, &CancellationToken::new())
-                .await?;
+            let db = crate::admin::connect(cfg, replica_id).await?;
             let mut client = db.get().await?;
             let applied = migrate::migrate(&mut client, replica_id).await?;
             println!(

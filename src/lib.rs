@@ -34,7 +34,9 @@
 //!   first checks the stored hash of the cursor's block ([`poller::tick`],
 //!   [`store::reorg`]).
 //! - **I3** the cursor never moves backward — [`store::cursor::advance`];
-//!   the one exception is an audited rewind ([`store::reorg::rewind`]).
+//!   the one exception is an audited rewind ([`store::reorg::rewind`]). A
+//!   cursor found lower than a replica last saw (a failover that lost
+//!   commits) is logged and counted, never hidden ([`poller::Poller`]).
 //! - **I4** no gaps: the chain's logs for (start, cursor] equal the stored
 //!   rows — events and cursor commit in one transaction ([`poller::tick`]).
 //! - **I5** after faults stop, the cursor reaches the safe head within a

@@ -76,6 +76,9 @@ pub struct StreamMetrics {
     pub reorgs: AtomicU64,
     pub lock_timeouts: AtomicU64,
     pub ranges_skipped: AtomicU64,
+    /// Times the cursor read under the lock was below what this replica had
+    /// seen (an operator rewind, or a failover that lost commits).
+    pub cursor_regressions: AtomicU64,
     /// Prefetched ranges used by the next tick (pipelining).
     pub prefetch_used: AtomicU64,
     /// Prefetched ranges discarded because the cursor had moved.
@@ -299,6 +302,13 @@ impl Registry {
             "Ranges skipped into failed_ranges.",
             "counter",
             &|m| Some(load(&m.ranges_skipped)),
+        );
+        gauge(
+            &mut out,
+            "logcursor_cursor_regressions_total",
+            "Cursor found below what this replica last saw (rewind or failover).",
+            "counter",
+            &|m| Some(load(&m.cursor_regressions)),
         );
         gauge(
             &mut out,

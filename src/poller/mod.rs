@@ -217,6 +217,23 @@ impl Poller {
         }
     }
 
+    /// A cursor read under the lock below what this replica last saw moved
+    /// back behind its back: an operator's rewind, or a database failover
+    /// that lost commits (asynchronous replication). Inserts are idempotent,
+    /// so re-ingesting is safe; it is logged and counted, never hidden.
+    pub(crate) fn note_regression(&self, read: i64) {
+        let seen = self.metrics.cursor_block.load(Ordering::Relaxed);
+        if read < seen {
+            self.metrics.cursor_regressions.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                stream = %self.stream.cfg.name,
+                last_seen = seen,
+                now = read,
+                "the cursor moved back since this replica last saw it (an operator rewind, or a database failover that lost commits); re-ingesting from it, inserts are idempotent"
+            );
+        }
+    }
+
     /// Starts fetching `[from, to]` in the background (replacing, and so
     /// aborting, any earlier prefetch).
     fn start_prefetch(&self, from: u64, to: u64) {

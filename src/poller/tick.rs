@@ -162,6 +162,7 @@ impl Poller {
         };
         let lock_wait = wait_started.elapsed();
         let locked_at = Instant::now();
+        self.note_regression(current.last_processed_block);
 
         let rpc = s.chain.pick();
         tracing::Span::current().record("endpoint", rpc.endpoint());

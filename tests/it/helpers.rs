@@ -490,6 +490,22 @@ pub async fn finish(child: Child, within: Duration) -> std::process::Output {
         .expect("wait for process")
 }
 
+/// SIGTERM to every replica, then each must exit 0 within 30 s; returns
+/// their stderr, in order.
+pub async fn stop_all(replicas: Vec<Child>) -> Vec<String> {
+    for r in &replicas {
+        signal(r, "TERM");
+    }
+    let mut logs = Vec::new();
+    for r in replicas {
+        let out = finish(r, Duration::from_secs(30)).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{:?}: {stderr}", out.status);
+        logs.push(stderr);
+    }
+    logs
+}
+
 /// Sends a signal by name (TERM, STOP, CONT) to a child, as an operator would.
 pub fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("running child");

@@ -162,6 +162,14 @@ async fn rows_already_stored_are_counted_as_duplicates_and_the_cursor_still_adva
         .expect("rewind");
 
     let (inserted, duplicates) = totals(&tick_until_idle(&app).await);
+    let regressions = app.pollers()[0]
+        .metrics
+        .cursor_regressions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        regressions, 1,
+        "the cursor moving back is noticed and counted, not hidden"
+    );
     assert_eq!(inserted, deleted, "the missing rows are stored again");
     assert_eq!(
         duplicates,

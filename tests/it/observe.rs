@@ -362,13 +362,7 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
     .await;
-    for r in &replicas {
-        signal(r, "TERM");
-    }
-    for r in replicas {
-        let out = finish(r, Duration::from_secs(30)).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    }
+    stop_all(replicas).await;
     let mut stored = stored_logs(&pg).await;
     stored.sort();
     let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();

@@ -206,13 +206,7 @@ async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_even
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
     .await;
-    for r in &replicas {
-        signal(r, "TERM");
-    }
-    for r in replicas {
-        let out = finish(r, Duration::from_secs(30)).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    }
+    stop_all(replicas).await;
     assert_stored_up_to(&pg, &chain, &emitter, head).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
 }

@@ -111,13 +111,7 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
     .await;
-    for c in &children {
-        signal(c, "TERM");
-    }
-    for c in children {
-        let out = finish(c, Duration::from_secs(30)).await;
-        assert_eq!(out.status.code(), Some(0), "{:?}: {}", out.status, text(&out.stderr));
-    }
+    stop_all(children).await;
     let versions: Vec<i32> = pg
         .query("SELECT version FROM logcursor_migrations ORDER BY version", &[])
         .await

@@ -328,13 +328,7 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
     .await;
-    for r in &replicas {
-        signal(r, "TERM");
-    }
-    for r in replicas {
-        let out = finish(r, Duration::from_secs(30)).await;
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for stderr in stop_all(replicas).await {
         for bad in ["42P05", "26000", "prepared statement"] {
             assert!(!stderr.contains(bad), "{bad} in the logs:\n{stderr}");
         }
