@@ -97,10 +97,11 @@ impl App {
             ),
             None => None,
         };
-        db.wait_until_reachable(cfg.database.connect_retry_for, cancel).await?;
+        let reachable = db.wait_until_reachable(cfg.database.connect_retry_for, cancel).await;
         if cancel.is_cancelled() {
             return Err(AppError::Interrupted);
         }
+        reachable?;
         if opts.migrate {
             let mut client = db.get().await?;
             let applied = migrate::migrate(&mut client, replica_id).await?;

@@ -124,7 +124,14 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
                 stream: "-".into(),
                 reason: format!("cannot install signal handlers: {e}"),
             })?;
-            let app = App::build(cfg, replica_id, BuildOptions { migrate: !no_migrate }, &shutdown).await?;
+            let app = match App::build(cfg, replica_id, BuildOptions { migrate: !no_migrate }, &shutdown).await {
+                // A stop asked for during start-up is still a graceful stop.
+                Err(AppError::Interrupted) => {
+                    tracing::info!("stopped during start-up, before any tick");
+                    return Ok(());
+                }
+                other => other?,
+            };
             app.run(shutdown).await.map(|_| ())
         }
         Command::Migrate => {

@@ -54,6 +54,47 @@ async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_part
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_is_a_graceful_stop() {
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    // The database never answers: start-up keeps retrying it for a minute.
+    let cfg = write_config(&config_toml(
+        &format!("postgres://u@127.0.0.1:{closed_port}/db"),
+        "http://127.0.0.1:1",
+        "0x5fbdb2315678afecb367f032d93f642f64180aa3",
+        "",
+        "connect_retry_for = \"60s\"\nconnect_timeout = \"200ms\"",
+    ));
+    let mut child = logcursor_cmd(&["run"], cfg.path(), "early").spawn().expect("start");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("database not reachable yet") {
+                return;
+            }
+        }
+        panic!("logcursor exited before retrying the database");
+    })
+    .await
+    .expect("start-up retrying the database");
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops promptly")
+        .expect("wait");
+    let mut rest = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    assert_eq!(status.code(), Some(0), "{rest}");
+    assert!(!rest.contains("ERROR"), "{rest}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_config_exits_64_and_names_every_bad_key() {
     let cfg = write_config(
         r#"
