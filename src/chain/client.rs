@@ -282,6 +282,13 @@ impl ChainClient {
         Rpc { client: self, ep }
     }
 
+    /// The endpoint [`Rpc::index`] named: to hand a tick's endpoint to
+    /// another task, which cannot borrow the `Rpc`.
+    pub fn at(&self, index: usize) -> Rpc<'_> {
+        let ep = self.endpoints.get(index).unwrap_or(&self.endpoints[0]);
+        Rpc { client: self, ep }
+    }
+
     /// Checks that every endpoint serves `expected`; names the first that does not.
     pub async fn verify_chain_id(&self, expected: u64) -> Result<(), ChainError> {
         for ep in &self.endpoints {
@@ -318,6 +325,15 @@ impl Rpc<'_> {
     /// The redacted URL of this endpoint.
     pub fn endpoint(&self) -> &str {
         &self.ep.display
+    }
+
+    /// The position of this endpoint in the configured list.
+    pub fn index(&self) -> usize {
+        self.client
+            .endpoints
+            .iter()
+            .position(|e| std::ptr::eq(e, self.ep))
+            .unwrap_or(0)
     }
 
     /// The learned `eth_getLogs` span of this endpoint.

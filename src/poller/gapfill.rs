@@ -2,10 +2,11 @@
 //! streams skipped (`failed_ranges`), on every replica at once.
 //!
 //! Each pass claims one due row (`FOR UPDATE SKIP LOCKED`, a lease from the
-//! database clock: see [`crate::store::failed_ranges`]), fetches and checks
-//! the range exactly as a tick would ([`super::tick::fetch_range`]), and in
-//! one transaction stores its events (idempotently), parks what does not
-//! decode, and deletes the row — only if the lease is still its own. A
+//! database clock: see [`crate::store::failed_ranges`]), and in one
+//! transaction fetches, stores and checks the range exactly as a tick would
+//! ([`super::parts`]: events stored idempotently, what does not decode
+//! parked, block hashes checked), then deletes the row — only if the lease
+//! is still its own. A
 //! failure releases the row with an exponential, capped backoff; after
 //! `gapfill_max_attempts` it is marked dead and shown by `status`.
 
@@ -14,12 +15,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::tick::fetch_range;
-use super::{decode_log, Stream, TickError};
-use crate::config::{BadEventPolicy, UnfetchablePolicy};
+use super::parts::{self, Parts, Stored};
+use super::{Stream, TickError};
+use crate::config::UnfetchablePolicy;
 use crate::store::failed_ranges::{self, Claim};
 use crate::store::pool::Database;
-use crate::store::{dead_letters, events, StoreError};
+use crate::store::StoreError;
 
 /// What one pass did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,45 +136,33 @@ impl GapFiller {
         }
     }
 
-    async fn fill(&self, stream: &Stream, claim: &Claim) -> Result<GapOutcome, TickError> {
+    async fn fill(&self, stream: &Arc<Stream>, claim: &Claim) -> Result<GapOutcome, TickError> {
         let (from, to) = (
             u64::try_from(claim.from_block).unwrap_or(0),
             u64::try_from(claim.to_block).unwrap_or(0),
         );
         let rpc = stream.chain.pick();
-        let range = fetch_range(&rpc, &stream.filter, from, to, stream.cfg.fetch_concurrency).await?;
-        if range.to < to {
+        let mut parts = Parts::spawn(Arc::clone(stream), rpc.index(), from, to);
+        let mut client = self.db.get().await?;
+        let tx = client.transaction().await.map_err(StoreError::db("begin gap-fill"))?;
+        let mut stored = Stored::default();
+        while let Some(part) = parts.next().await {
+            stored.store(&*tx, stream, part?).await?;
+        }
+        if stored.short {
+            let block = stored.to.map_or(from, |t| t + 1);
             return Err(rpc
                 .error(
                     "eth_getLogs",
                     crate::chain::ChainErrorKind::BlockTooLarge {
-                        block: range.to + 1,
+                        block,
                         provider_message: "a single block overflows the provider".into(),
                     },
                 )
                 .into());
         }
-        let mut rows = Vec::with_capacity(range.logs.len());
-        let mut bad = Vec::new();
-        for log in &range.logs {
-            match decode_log(&stream.events, log) {
-                Ok(e) => rows.push(e),
-                Err(e) if stream.cfg.on_bad_event == BadEventPolicy::DeadLetter => bad.push((log, e.to_string())),
-                Err(source) => {
-                    return Err(TickError::Decode {
-                        stream: stream.cfg.name.clone(),
-                        block: log.block_number,
-                        tx_hash: log.tx_hash,
-                        log_index: log.log_index,
-                        source,
-                    })
-                }
-            }
-        }
-        let mut client = self.db.get().await?;
-        let tx = client.transaction().await.map_err(StoreError::db("begin gap-fill"))?;
-        let outcome = events::insert(&*tx, &stream.cfg.name, stream.cfg.chain_id, &rows).await?;
-        dead_letters::park(&*tx, &stream.cfg.name, stream.cfg.chain_id, &bad).await?;
+        parts::verify(&rpc, &stored.blocks, to).await?;
+        let outcome = stored;
         if !failed_ranges::complete(&*tx, claim.id, &self.replica_id).await? {
             // Dropping `tx` rolls the inserts back; the new claimer redoes them.
             return Ok(GapOutcome::LeaseLost { id: claim.id });

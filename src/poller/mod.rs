@@ -8,6 +8,7 @@
 //! retried after a short jittered pause and is not a failure.
 
 pub mod gapfill;
+pub mod parts;
 pub mod tick;
 
 use std::sync::atomic::Ordering;
@@ -36,6 +37,8 @@ pub struct Stream {
     /// The `eth_getLogs` filter (addresses × topic0s).
     pub filter: LogFilter,
     pub chain: ChainClient,
+    /// Logs per block lately: sizes the parts of a range (see [`parts`]).
+    pub density: parts::Density,
 }
 
 impl Stream {
@@ -64,6 +67,7 @@ impl Stream {
             events,
             filter,
             chain,
+            density: parts::Density::default(),
         })
     }
 }
@@ -113,20 +117,9 @@ pub struct Poller {
     prefetch: std::sync::Mutex<Option<Prefetch>>,
 }
 
-/// A range being fetched ahead of its tick. Dropping it aborts the fetch.
-struct Prefetch {
-    from: u64,
-    to: u64,
-    handle: Option<tokio::task::JoinHandle<Result<tick::RangeData, TickError>>>,
-}
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        if let Some(h) = &self.handle {
-            h.abort();
-        }
-    }
-}
+/// A range being fetched ahead of its tick (its first parts: the fetch
+/// waits once [`parts::QUEUED`] are ready). Dropping it aborts the fetch.
+type Prefetch = parts::Parts;
 
 /// What a successful tick did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +176,9 @@ pub enum TickError {
     /// the stream is halted (recorded in `block_cursors.halted_reason`).
     #[error("stream {stream} halted: {reason}")]
     DeepReorg { stream: String, reason: String },
+    /// The task fetching a range stopped before handing over all of it.
+    #[error("the fetch of blocks up to {to} stopped before block {at} (its task ended)")]
+    FetchEnded { at: u64, to: u64 },
     /// The RPC work of one tick took longer than its share of the idle timeout.
     #[error("RPC requests of this tick took longer than {budget:?} (90% of idle_in_transaction_timeout); rolled back before the server would end the session")]
     RpcBudget { budget: Duration },
@@ -237,36 +233,23 @@ impl Poller {
     /// Starts fetching `[from, to]` in the background (replacing, and so
     /// aborting, any earlier prefetch).
     fn start_prefetch(&self, from: u64, to: u64) {
-        let stream = Arc::clone(&self.stream);
-        let handle = tokio::spawn(async move {
-            let rpc = stream.chain.pick();
-            tick::fetch_range(&rpc, &stream.filter, from, to, stream.cfg.fetch_concurrency).await
-        });
-        let next = Prefetch {
-            from,
-            to,
-            handle: Some(handle),
-        };
+        let endpoint = self.stream.chain.pick().index();
+        let next = parts::Parts::spawn(Arc::clone(&self.stream), endpoint, from, to);
         *self.prefetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
     }
 
     /// The prefetched range, if it starts at `from` (the cursor read under
-    /// the lock, plus one) and ends within `to` (today's plan); anything
-    /// else was assumed on a cursor that has moved, and is discarded.
-    async fn take_prefetch(&self, from: u64, to: u64) -> Option<tick::RangeData> {
-        let mut p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
-        if p.from != from || p.to > to {
+    /// the lock, plus one), ends within `to` (today's plan) and comes from
+    /// the tick's endpoint; anything else was assumed on a cursor that has
+    /// moved (or another node), and is discarded.
+    fn take_prefetch(&self, from: u64, to: u64, endpoint: usize) -> Option<parts::Parts> {
+        let p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        if p.from != from || p.to > to || p.endpoint != endpoint {
             self.metrics.prefetch_discarded.fetch_add(1, Ordering::Relaxed);
             return None; // dropped: aborted
         }
-        match p.handle.take()?.await {
-            Ok(Ok(data)) => {
-                self.metrics.prefetch_used.fetch_add(1, Ordering::Relaxed);
-                Some(data)
-            }
-            // A failed prefetch is just fetched again, inside the tick.
-            _ => None,
-        }
+        self.metrics.prefetch_used.fetch_add(1, Ordering::Relaxed);
+        Some(p)
     }
 
     /// Updates the metrics after a tick.

@@ -10,13 +10,19 @@
 //! header(cursor).hash = stored hash?  (else: deep reorg → halt or rewind)
 //! range := [cursor+1, min(latest − confirmations, [finalized], cursor + max_block_range)]
 //!   empty → COMMIT (nothing changed), caller waits poll_interval
-//! eth_getLogs(range) in adaptive spans; headers of every block with logs + the
-//!   range end in one batch; every log's block hash must match its header
-//! decode every log (any failure fails the tick: nothing is skipped)
-//! INSERT … ON CONFLICT DO NOTHING (duplicates counted); remember block hashes
+//! for each part of the range, in order (fetched and decoded ahead by a task
+//!   of their own, `fetch_concurrency` at a time; see `parts`):
+//!   logs that do not decode → dead_letters, or halt (roll back, record it)
+//!   COPY / INSERT … ON CONFLICT DO NOTHING (duplicates counted)
+//! headers of every block with logs + the range end in one batch; every log's
+//!   block hash must match its header; remember block hashes
 //! UPDATE block_cursors … WHERE last_processed_block = $old   -- exactly 1 row
 //! COMMIT
 //! ```
+//!
+//! While part k is written, parts k+1… are fetched; a part that fails after
+//! others were written ends the range there (what was written commits, the
+//! cursor moves to its end), so progress is never thrown away.
 //!
 //! Why READ COMMITTED: a replica blocked on the row lock re-reads the row
 //! once the holder commits, and so sees the advanced cursor and polls only
@@ -30,20 +36,19 @@
 //! that freezes while holding the lock is cut off by the server.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tokio_postgres::types::Type;
 use tokio_postgres::IsolationLevel;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info_span, Instrument};
 
-use super::{decode_log, Poller, TickError, TickOutcome};
-use crate::chain::abi::DecodeError;
-use crate::chain::{ChainErrorKind, Hash32, Header, LogFilter, RawLog, Rpc};
-use crate::config::{BadEventPolicy, DeepReorgPolicy, UnfetchablePolicy};
-use crate::store::events::NewEvent;
-use crate::store::{cursor, dead_letters, events, failed_ranges, reorg, StoreError};
+use super::parts::{self, Part, Parts, Stored};
+use super::{Poller, TickError, TickOutcome};
+use crate::chain::{ChainErrorKind, Hash32, Header, Rpc};
+use crate::config::{DeepReorgPolicy, UnfetchablePolicy};
+use crate::store::{cursor, failed_ranges, reorg, StoreError};
 
 /// What the RPC phase of a tick found, before anything is written.
 enum Fetched {
@@ -53,20 +58,15 @@ enum Fetched {
     Reorged { canonical: Hash32 },
     /// `[from, to]` failed again and the policy says skip it.
     Unfetchable { from: u64, to: u64, error: String },
-    /// A range to store: its logs, and the hashes of its last block and of
-    /// every block with logs (all checked against headers).
+    /// A range to store, `[from, to]` as planned: its first part, and the
+    /// task fetching the others.
     Range {
         from: u64,
         to: u64,
         head: u64,
-        logs: Vec<RawLog>,
-        hashes: Vec<(u64, Hash32)>,
-        last_hash: Hash32,
-        /// Timestamp of block `to`.
-        last_time: u64,
         safe_head: u64,
-        /// `to` stops short of the planned range (a block that overflows).
-        partial: bool,
+        first: Part,
+        rest: Parts,
     },
 }
 
@@ -177,7 +177,7 @@ impl Poller {
             }
             Ok(f) => f,
         };
-        let (from, to, head, safe_head, logs, hashes, last_hash, last_time, partial) = match fetched {
+        let (from, planned_to, head, safe_head, first, mut rest) = match fetched {
             Fetched::Idle { head, safe_head } => {
                 tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
                 return Ok(TickOutcome::Idle {
@@ -213,47 +213,57 @@ impl Poller {
                 from,
                 to,
                 head,
-                logs,
-                hashes,
-                last_hash,
-                last_time,
                 safe_head,
-                partial,
-            } => (from, to, head, safe_head, logs, hashes, last_hash, last_time, partial),
+                first,
+                rest,
+            } => (from, to, head, safe_head, first, rest),
         };
         let span = tracing::Span::current();
         span.record("from_block", from);
-        span.record("to_block", to);
 
-        let (rows, bad) = info_span!("decode", logs = logs.len()).in_scope(|| self.decode_all(&logs));
-        if let Some((log, why)) = bad.first() {
-            if s.cfg.on_bad_event == BadEventPolicy::Halt {
-                // Stop before it: nothing of the range is stored; the halt is recorded.
-                let e = self.decode_error(log, why.clone());
-                cursor::halt(&*tx, name, &format!("{e}; on_bad_event = \"halt\"")).await?;
-                tx.commit().await.map_err(StoreError::db("commit halt"))?;
-                return Err(e);
+        // Write each part as it arrives; the next ones are fetched meanwhile.
+        let mut stored = Stored::default();
+        let mut next = Some(Ok(first));
+        while let Some(item) = match next.take() {
+            Some(item) => Some(item),
+            None => self.next_part(&mut rest).await,
+        } {
+            let part = match item {
+                Ok(part) => part,
+                Err(e) => {
+                    tracing::warn!(stream = name, error = %e, kept_to = ?stored.to, "a later part of the range failed; committing the parts before it");
+                    break;
+                }
+            };
+            match stored.store(&*tx, s, part).await {
+                Ok(()) => {}
+                Err(e @ TickError::Decode { .. }) => {
+                    // on_bad_event = halt: nothing of the range stays; the
+                    // halt is recorded on its own once the lock is released.
+                    tx.rollback()
+                        .await
+                        .map_err(StoreError::db("roll back before halting"))?;
+                    cursor::halt(&**client, name, &format!("{e}; on_bad_event = \"halt\"")).await?;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             }
-            let parked: Vec<(&RawLog, String)> = bad.iter().map(|(l, e)| (*l, e.to_string())).collect();
-            dead_letters::park(&*tx, name, s.cfg.chain_id, &parked).await?;
-            tracing::warn!(stream = name, count = bad.len(), first_tx = %log.tx_hash, first_log_index = log.log_index, error = %why, "logs that do not decode were parked in dead_letters");
+            if stored.short {
+                break; // a single block overflows after this part
+            }
         }
-        let outcome = events::insert(&*tx, name, s.cfg.chain_id, &rows)
-            .instrument(info_span!(
-                "db.insert_events",
-                db.system = "postgresql",
-                db.operation = "INSERT",
-                rows = rows.len()
-            ))
-            .await?;
-        let hashes: Vec<(i64, Hash32)> = hashes.into_iter().map(|(n, h)| (to_i64(n), h)).collect();
+        drop(rest); // stops fetching past a stop
+        let to = stored.to.unwrap_or(from); // the first part was stored
+        span.record("to_block", to);
+        let verified = self.within_budget(parts::verify(&rpc, &stored.blocks, to)).await?;
+        let hashes: Vec<(i64, Hash32)> = verified.hashes.iter().map(|(n, h)| (to_i64(*n), *h)).collect();
         reorg::remember_hashes(&*tx, name, &hashes, to_i64(to), s.cfg.max_reorg_depth).await?;
         cursor::advance(
             &*tx,
             name,
             current.last_processed_block,
             to_i64(to),
-            Some(last_hash),
+            Some(verified.last_hash),
             &self.replica_id,
         )
         .instrument(info_span!(
@@ -271,9 +281,9 @@ impl Poller {
             .await
             .map_err(StoreError::db("commit tick"))?;
 
-        span.record("events_inserted", outcome.inserted);
-        span.record("duplicates", outcome.duplicates);
-        if s.cfg.pipeline && !partial && to < safe_head {
+        span.record("events_inserted", stored.inserted);
+        span.record("duplicates", stored.duplicates);
+        if s.cfg.pipeline && to == planned_to && to < safe_head {
             // Backfill: fetch the next range while this replica (or another)
             // works on; used only if the cursor is still where it assumes.
             self.start_prefetch(to + 1, safe_head.min(to.saturating_add(s.cfg.max_block_range)));
@@ -283,14 +293,23 @@ impl Poller {
             to,
             head,
             safe_head,
-            to_timestamp: last_time,
-            logs: logs.len(),
-            dead_lettered: bad.len(),
-            inserted: outcome.inserted,
-            duplicates: outcome.duplicates,
+            to_timestamp: verified.last_time,
+            logs: stored.logs,
+            dead_lettered: stored.dead_lettered,
+            inserted: stored.inserted,
+            duplicates: stored.duplicates,
             lock_wait,
             lock_hold: locked_at.elapsed(),
         })
+    }
+
+    /// The next part, waited for at most 90% of the idle-in-transaction
+    /// timeout (the session is idle in transaction meanwhile: I6).
+    async fn next_part(&self, parts: &mut Parts) -> Option<Result<Part, TickError>> {
+        let budget = self.limits.idle_in_transaction_timeout.mul_f64(0.9);
+        tokio::time::timeout(budget, parts.next())
+            .await
+            .unwrap_or(Some(Err(TickError::RpcBudget { budget })))
     }
 
     /// Notes the failure on the cursor row, for `status` (best effort: the
@@ -353,31 +372,34 @@ impl Poller {
         let Some((from, to)) = plan_range(current.last_processed_block, safe_head, cfg.max_block_range) else {
             return Ok(Fetched::Idle { head, safe_head });
         };
-        let fetched = match self.take_prefetch(from, to).await {
-            Some(r) => Ok(r),
-            None => fetch_range(rpc, &self.stream.filter, from, to, cfg.fetch_concurrency).await,
+        let endpoint = rpc.index();
+        let (mut rest, first) = match self.take_prefetch(from, to, endpoint) {
+            Some(mut p) => match p.next().await {
+                Some(Ok(part)) => (p, Ok(part)),
+                // A failed prefetch is just fetched again, inside the tick.
+                _ => self.first_part(from, to, endpoint).await,
+            },
+            None => self.first_part(from, to, endpoint).await,
         };
-        match fetched {
-            Ok(r) => Ok(Fetched::Range {
+        match first {
+            Ok(first) => Ok(Fetched::Range {
                 from,
-                partial: r.to < to,
-                to: r.to,
+                to: rest.to,
                 head,
-                last_hash: r.hashes.last().map(|(_, h)| *h).unwrap_or(Hash32([0; 32])),
-                last_time: r.last_time,
                 safe_head,
-                logs: r.logs,
-                hashes: r.hashes,
+                first,
+                rest,
             }),
             Err(e) if skip_on_failure && is_unfetchable(&e) => {
                 // A single block that overflows is skipped alone.
                 let (from, to) = match &e {
                     TickError::Chain(c) => match c.kind {
                         ChainErrorKind::BlockTooLarge { block, .. } => (block, block),
-                        _ => (from, to),
+                        _ => (from, rest.to),
                     },
-                    _ => (from, to),
+                    _ => (from, rest.to),
                 };
+                rest.to = to; // (the parts are dropped with `rest`)
                 Ok(Fetched::Unfetchable {
                     from,
                     to,
@@ -387,113 +409,16 @@ impl Poller {
             Err(e) => Err(e),
         }
     }
-}
 
-/// A range's logs, checked: every log's block hash equals its header's.
-pub(crate) struct RangeData {
-    pub logs: Vec<RawLog>,
-    /// The last block covered: `to`, or the block before a single block
-    /// that overflows the provider (see `Rpc::get_logs`).
-    pub to: u64,
-    /// Hashes of every block with logs and of `to`, in block order.
-    pub hashes: Vec<(u64, Hash32)>,
-    /// Timestamp of block `to`.
-    pub last_time: u64,
-}
-
-/// Fetches `[from, to]` and checks it against the headers (one batch).
-///
-/// A range longer than one request is split into sub-ranges (the endpoint's
-/// learned span, or an equal share of the range, whichever is smaller) that
-/// are fetched `concurrency` at a time and reassembled in order; each keeps
-/// the adaptive span logic. If a sub-range after the first fails, the ones
-/// before it are kept (`to` then ends before it), so progress is never
-/// thrown away; a failure of the first fails the fetch.
-pub(crate) async fn fetch_range(
-    rpc: &Rpc<'_>,
-    filter: &LogFilter,
-    from: u64,
-    to: u64,
-    concurrency: usize,
-) -> Result<RangeData, TickError> {
-    let concurrency = concurrency.max(1);
-    let share = (to - from + 1).div_ceil(concurrency as u64);
-    let step = rpc.log_span().min(share).max(1);
-    let parts: Vec<(u64, u64)> = (from..=to)
-        .step_by(usize::try_from(step).unwrap_or(usize::MAX))
-        .map(|a| (a, to.min(a + step - 1)))
-        .collect();
-    let requests = parts.iter().map(|&(a, b)| {
-        let span = info_span!(
-            "rpc.eth_getLogs",
-            rpc.system = "jsonrpc",
-            rpc.method = "eth_getLogs",
-            server.address = rpc.endpoint(),
-            from = a,
-            to = b,
-            rpc.result_count = field::Empty,
-        );
-        let fut = rpc.get_logs(a, b, filter);
-        async move {
-            let r = fut.instrument(span.clone()).await;
-            if let Ok((logs, _)) = &r {
-                span.record("rpc.result_count", logs.len());
-            }
-            (b, r)
-        }
-    });
-    // Collected first: a lazy iterator of borrowing futures trips the Send
-    // inference of the spawned poller task.
-    let requests: Vec<_> = requests.collect();
-    let mut results = futures::stream::iter(requests).buffered(concurrency);
-    let mut logs = Vec::new();
-    let mut covered: Option<u64> = None;
-    while let Some((part_end, result)) = results.next().await {
-        match result {
-            Ok((part_logs, part_covered)) => {
-                logs.extend(part_logs);
-                covered = Some(part_covered);
-                if part_covered < part_end {
-                    break; // a single overflowing block: stop right before it
-                }
-            }
-            Err(e) => match covered {
-                None => return Err(e.into()),
-                Some(c) => {
-                    tracing::warn!(error = %e, kept_to = c, "a later sub-range failed; keeping the ones before it");
-                    break;
-                }
-            },
-        }
+    /// Starts fetching `[from, to]` and waits for its first part.
+    async fn first_part(&self, from: u64, to: u64, endpoint: usize) -> (Parts, Result<Part, TickError>) {
+        let mut parts = Parts::spawn(Arc::clone(&self.stream), endpoint, from, to);
+        let first = parts
+            .next()
+            .await
+            .unwrap_or(Err(TickError::FetchEnded { at: from, to }));
+        (parts, first)
     }
-    drop(results); // cancels sub-ranges past a stop
-    let to = covered.unwrap_or(to);
-    let mut blocks: Vec<u64> = logs.iter().map(|l| l.block_number).chain([to]).collect();
-    blocks.dedup();
-    let headers = canonical_headers(rpc, &blocks).await?;
-    let last_time = headers.last().map_or(0, |h| h.timestamp);
-    let hashes: Vec<(u64, Hash32)> = blocks.iter().copied().zip(headers.iter().map(|h| h.hash)).collect();
-    let by_number: std::collections::HashMap<u64, Hash32> = hashes.iter().copied().collect();
-    for log in &logs {
-        let header = by_number.get(&log.block_number).copied();
-        if header != Some(log.block_hash) {
-            let reason = format!(
-                "log {} of tx {} names block {} as {}, but its header says {}",
-                log.log_index,
-                log.tx_hash,
-                log.block_number,
-                log.block_hash,
-                header.map_or("nothing".into(), |h| h.to_string())
-            );
-            return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
-        }
-    }
-    Ok(RangeData {
-        logs,
-        to,
-        hashes,
-        last_time,
-    })
 }
 
 /// A failure of the range itself (the provider will not serve it), as
@@ -596,29 +521,6 @@ impl Poller {
             to,
             events_deleted: deleted,
         })
-    }
-
-    /// Decodes every log: the events, and the logs that did not decode with why.
-    fn decode_all<'l>(&self, logs: &'l [RawLog]) -> (Vec<NewEvent>, Vec<(&'l RawLog, DecodeError)>) {
-        let mut good = Vec::with_capacity(logs.len());
-        let mut bad = Vec::new();
-        for log in logs {
-            match decode_log(&self.stream.events, log) {
-                Ok(e) => good.push(e),
-                Err(e) => bad.push((log, e)),
-            }
-        }
-        (good, bad)
-    }
-
-    fn decode_error(&self, log: &RawLog, source: DecodeError) -> TickError {
-        TickError::Decode {
-            stream: self.stream.cfg.name.clone(),
-            block: log.block_number,
-            tx_hash: log.tx_hash,
-            log_index: log.log_index,
-            source,
-        }
     }
 }
 

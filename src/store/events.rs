@@ -4,10 +4,27 @@
 //! [`insert`] is `INSERT … ON CONFLICT DO NOTHING`, so storing a log again
 //! (a retry, a replica that lost the race, a restart) changes nothing and
 //! never aborts the transaction; the rows it skipped are counted as
-//! duplicates. Rows go in as arrays through UNNEST, a bounded number per
-//! statement, so the statement has a fixed handful of bind parameters
-//! however many events a tick carries.
+//! duplicates.
+//!
+//! Two ways in, one outcome:
+//! - A batch of [`COPY_FROM_ROWS`] rows or more goes first by binary `COPY`
+//!   straight into `events`, inside a savepoint: the fastest bulk path
+//!   PostgreSQL has (a quarter less server time than `INSERT … ON
+//!   CONFLICT`, measured in `scripts/bench`). `COPY` cannot skip
+//!   duplicates, so a unique violation (23505) rolls back to the savepoint
+//!   only — the tick's transaction goes on — and the batch is stored again
+//!   by the path below, which skips and counts them. Duplicates are rare
+//!   (a rewind, a failover), so the common case pays for one pass.
+//! - Smaller batches, and that fallback, go in as arrays through UNNEST
+//!   with `ON CONFLICT DO NOTHING`, a bounded number of rows per statement,
+//!   so the statement has a fixed handful of bind parameters however many
+//!   events a tick carries (never near the 65,535 limit).
+//!
+//! [`insert`] must run inside a transaction (the savepoint needs one).
 
+use futures::pin_mut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use super::{GenericClient, Result, StoreError};
@@ -15,6 +32,12 @@ use crate::chain::{Address, Hash32};
 
 /// Rows per INSERT statement: bounds the statement's size in memory.
 pub const ROWS_PER_STATEMENT: usize = 5_000;
+
+/// Batches from this size on go by binary `COPY` first: below it, the
+/// savepoint and the extra round trips cost more than `COPY` saves.
+pub const COPY_FROM_ROWS: usize = 500;
+
+const COLUMNS: &str = "stream, chain_id, block_number, block_hash, tx_hash, log_index, address, event_name, params";
 
 /// One decoded log, ready to store.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +60,9 @@ pub struct InsertOutcome {
     pub duplicates: u64,
 }
 
-/// Stores `events` for `stream`, skipping (and counting) those already stored.
+/// Stores `events` for `stream`, skipping (and counting) those already
+/// stored. Runs inside the caller's transaction, which a duplicate never
+/// aborts.
 pub async fn insert<C: GenericClient>(
     c: &C,
     stream: &str,
@@ -45,6 +70,86 @@ pub async fn insert<C: GenericClient>(
     events: &[NewEvent],
 ) -> Result<InsertOutcome> {
     let chain_id = i64::try_from(chain_id).unwrap_or(i64::MAX);
+    if events.len() >= COPY_FROM_ROWS {
+        c.batch_execute("SAVEPOINT logcursor_copy")
+            .await
+            .map_err(StoreError::db("savepoint before COPY"))?;
+        match copy(c, stream, chain_id, events).await {
+            Ok(inserted) => {
+                c.batch_execute("RELEASE SAVEPOINT logcursor_copy")
+                    .await
+                    .map_err(StoreError::db("release savepoint after COPY"))?;
+                return Ok(InsertOutcome {
+                    inserted,
+                    duplicates: events.len() as u64 - inserted,
+                });
+            }
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                // Some rows are stored already: undo the COPY alone, then
+                // store the batch the way that skips and counts them.
+                c.batch_execute("ROLLBACK TO SAVEPOINT logcursor_copy; RELEASE SAVEPOINT logcursor_copy")
+                    .await
+                    .map_err(StoreError::db("roll back a COPY that met duplicates"))?;
+            }
+            Err(e) => return Err(StoreError::db("COPY events")(e)),
+        }
+    }
+    insert_skipping_duplicates(c, stream, chain_id, events).await
+}
+
+/// Binary `COPY` of `events` into `events`; the number of rows stored.
+async fn copy<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    chain_id: i64,
+    events: &[NewEvent],
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let sink = c
+        .client()
+        .copy_in(&format!("COPY events ({COLUMNS}) FROM STDIN (FORMAT binary)"))
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::TEXT,
+            Type::INT8,
+            Type::INT8,
+            Type::BYTEA,
+            Type::BYTEA,
+            Type::INT4,
+            Type::BYTEA,
+            Type::TEXT,
+            Type::JSONB,
+        ],
+    );
+    pin_mut!(writer);
+    for e in events {
+        writer
+            .as_mut()
+            .write(&[
+                &stream,
+                &chain_id,
+                &e.block_number,
+                &&e.block_hash.0[..],
+                &&e.tx_hash.0[..],
+                &e.log_index,
+                &&e.address.0[..],
+                &e.event_name,
+                &e.params,
+            ])
+            .await?;
+    }
+    writer.finish().await
+}
+
+/// `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING`, in statements
+/// of at most [`ROWS_PER_STATEMENT`] rows.
+async fn insert_skipping_duplicates<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    chain_id: i64,
+    events: &[NewEvent],
+) -> Result<InsertOutcome> {
     let mut outcome = InsertOutcome::default();
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let block_numbers: Vec<i64> = chunk.iter().map(|e| e.block_number).collect();

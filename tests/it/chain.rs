@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use logcursor::app::App;
 use logcursor::chain::ChainErrorKind;
+use logcursor::poller::parts::PROBE_BLOCKS;
 use logcursor::poller::{TickError, TickOutcome};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -147,10 +148,12 @@ async fn range_errors_in_every_provider_format_shrink_the_range_and_store_every_
         assert!(failed.is_empty(), "{name}: a range error failed the tick: {failed:?}");
         assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
         let seen = spans(&proxy.seen(), &too_big);
+        // The stream's first request probes its log density (see poller::parts).
+        assert_eq!(seen.first(), Some(&(PROBE_BLOCKS, true)), "{name}: {seen:?}");
         assert_eq!(
-            seen.first(),
-            Some(&(40, false)),
-            "{name}: starts at max_block_range: {seen:?}"
+            seen.get(1),
+            Some(&(40 - PROBE_BLOCKS, false)),
+            "{name}: then the rest of max_block_range at once: {seen:?}"
         );
         assert!(
             seen.iter().filter(|(_, ok)| *ok).all(|(s, _)| *s <= CAP),
@@ -192,9 +195,14 @@ async fn the_range_grows_back_after_the_provider_stops_refusing() {
         .iter()
         .filter_map(log_range)
         .map(|(f, t)| t - f + 1)
-        .skip(3)
+        .skip(1 + 3) // the density probe (see poller::parts), then three refusals
         .collect();
-    assert_eq!(accepted.first(), Some(&5), "40 → 20 → 10 → 5: {accepted:?}");
+    let halved_thrice = (40 - PROBE_BLOCKS) / 2 / 2 / 2;
+    assert_eq!(
+        accepted.first(),
+        Some(&halved_thrice),
+        "halved three times from the rest of the range: {accepted:?}"
+    );
     let grew: Vec<u64> = accepted.windows(2).filter(|w| w[1] > w[0]).map(|w| w[1]).collect();
     assert!(
         grew.len() >= 3 && accepted.contains(&40),

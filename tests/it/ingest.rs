@@ -141,10 +141,29 @@ async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_already_stored_are_counted_as_duplicates_and_the_cursor_still_advances() {
+    duplicates_are_counted_and_the_cursor_advances(false).await;
+}
+
+/// The same with parts big enough for the binary COPY path, whose unique
+/// violation must roll back to its savepoint only and fall back to the path
+/// that skips and counts duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_copy_that_meets_stored_rows_falls_back_and_counts_them_as_duplicates() {
+    duplicates_are_counted_and_the_cursor_advances(true).await;
+}
+
+async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
     let (anvil, db) = (Anvil::start().await, TestDb::new().await);
     let chain = Chain::new(&anvil.url).await;
     let emitter = chain.deploy_emitter().await;
-    let emitted = chain.emit_burns(&emitter, 40, |i| i % 4 + 1).await;
+    let emitted = if bulk {
+        let per_tx = logcursor::store::events::COPY_FROM_ROWS as u64 + 100;
+        chain.burn_many(&emitter, per_tx, 0).await;
+        chain.burn_many(&emitter, per_tx, per_tx).await;
+        2 * per_tx
+    } else {
+        chain.emit_burns(&emitter, 40, |i| i % 4 + 1).await
+    };
     let pg = db.client().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
     let app = build_app(&cfg, "replica").await;

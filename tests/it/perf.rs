@@ -9,7 +9,7 @@ use logcursor::poller::TickOutcome;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
-use crate::proxy::{log_range, Proxy};
+use crate::proxy::{log_range, Action, Proxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
@@ -209,4 +209,60 @@ async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_even
     stop_all(replicas).await;
     assert_stored_up_to(&pg, &chain, &emitter, head).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
+}
+
+/// Parts are written while later ones are fetched: a part that fails after
+/// others were written ends the tick there. What was written commits, the
+/// cursor moves exactly to its end, and nothing after the gap is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 120, |i| i % 3 + 1).await;
+    let head = chain.block_number().await as u64;
+    let pg = db.migrate_with_history().await;
+    let proxy = Proxy::start(&anvil.url).await;
+    // Once, refuse the request that reaches into the upper half of the chain.
+    let bad = head / 2;
+    let refused = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&refused);
+    proxy.set(move |r| match log_range(r) {
+        Some((f, t)) if f > 0 && (f..=t).contains(&bad) && !flag.swap(true, Ordering::SeqCst) => {
+            Action::Reply(500, "upstream failed".into())
+        }
+        _ => Action::Forward,
+    });
+    let extra = "max_block_range = 2000\nfetch_concurrency = 2\nrpc_attempts = 1";
+    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, extra, "")), "r").await;
+    let first = app.pollers()[0]
+        .tick(&CancellationToken::new())
+        .await
+        .expect("the tick keeps the parts before the failure");
+    let TickOutcome::Advanced { to, .. } = first else {
+        panic!("{first:?}")
+    };
+    assert!(refused.load(Ordering::SeqCst), "the proxy refused a later part");
+    let failed_from = proxy
+        .seen()
+        .iter()
+        .filter_map(log_range)
+        .find(|(f, t)| *f > 0 && (*f..=*t).contains(&bad))
+        .map(|(f, _)| f)
+        .expect("the refused request");
+    assert_eq!(to + 1, failed_from, "the cursor stops right before the failed part");
+    let stored_max: Option<i64> = pg
+        .query_one("SELECT max(block_number) FROM events", &[])
+        .await
+        .expect("max")
+        .get(0);
+    assert!(
+        stored_max.is_some_and(|m| m as u64 <= to),
+        "nothing after the gap is stored: {stored_max:?} > {to}"
+    );
+    tick_until_idle(&app).await;
+    assert_stored_up_to(&pg, &chain, &emitter, head as i64).await;
+    assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head as i64);
 }
