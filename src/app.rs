@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::ws::Push;
 use crate::chain::ChainError;
 use crate::config::Config;
 use crate::http::HttpState;
@@ -127,12 +128,16 @@ impl App {
             } else if at.last_processed_block + 1 != i64::try_from(sc.start_block).unwrap_or(i64::MAX) {
                 tracing::info!(stream = %name, cursor = at.last_processed_block, start_block = sc.start_block, "resuming from the stored cursor; start_block only seeds a new cursor");
             }
+            let metrics = registry.stream(&name, sc.chain_id);
+            if !sc.ws.is_empty() {
+                let _ = metrics.push.set(Arc::new(Push::default()));
+            }
             pollers.push(Arc::new(Poller::new(
                 Arc::new(stream),
                 db.clone(),
                 replica_id.to_string(),
                 TxLimits::from(&cfg.database),
-                registry.stream(&name, sc.chain_id),
+                metrics,
             )));
         }
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
@@ -195,6 +200,16 @@ impl App {
                 p.run(token).await;
                 p.stream.cfg.name.clone()
             });
+        }
+        for p in &self.pollers {
+            if let Some(push) = p.metrics.push.get() {
+                let (urls, push, token) = (p.stream.cfg.ws.clone(), Arc::clone(push), stop.clone());
+                let name = format!("newHeads subscription of {}", p.stream.cfg.name);
+                tasks.spawn(async move {
+                    crate::chain::ws::subscribe(urls, push, token).await;
+                    name
+                });
+            }
         }
         if let Some(g) = &self.gap_filler {
             let (g, token) = (Arc::clone(g), stop.clone());

@@ -93,8 +93,15 @@ pub struct StreamConfig {
     pub confirmations: u64,
     /// The most blocks one tick covers; bounds lock hold and response size.
     pub max_block_range: u64,
-    /// Wait between ticks when there is nothing new.
+    /// Wait between ticks when there is nothing new (and no push
+    /// subscription is live).
     pub poll_interval: Duration,
+    /// WebSocket endpoints whose `newHeads` subscription wakes the poll
+    /// loop at once (empty: polling only). Secrets, like `rpc`.
+    pub ws: Vec<Secret>,
+    /// Wait between ticks while a push subscription is live: a safety net
+    /// only, since a tick starts as soon as a head arrives.
+    pub ws_poll_interval: Duration,
     /// Deadline for one JSON-RPC request.
     pub rpc_timeout: Duration,
     /// Sub-ranges of one tick fetched at once (hides a remote provider's latency).
@@ -446,6 +453,8 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
     let confirmations = f.int_in("confirmations", Some(2), 0..=100_000);
     let max_block_range = f.int_in("max_block_range", Some(2000), 1..=1_000_000);
     let poll_interval = f.positive_duration("poll_interval", "1s");
+    let ws = ws_urls(&mut f, rpc.as_deref());
+    let ws_poll_interval = f.positive_duration("ws_poll_interval", "30s");
     let rpc_timeout = f.positive_duration("rpc_timeout", "10s");
     let rpc_attempts = f.int_in("rpc_attempts", Some(3), 1..=20);
     let fetch_concurrency = f.int_in("fetch_concurrency", Some(4), 1..=64);
@@ -499,6 +508,8 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
         confirmations: confirmations?,
         max_block_range: max_block_range?,
         poll_interval: poll_interval?,
+        ws: ws?,
+        ws_poll_interval: ws_poll_interval?,
         rpc_timeout: rpc_timeout?,
         rpc_attempts: u32::try_from(rpc_attempts?).ok()?,
         fetch_concurrency: usize::try_from(fetch_concurrency?).ok()?,
@@ -525,13 +536,63 @@ fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> O
 fn endpoint(value: toml::Value) -> Result<EndpointConfig, String> {
     const USAGE: &str =
         "must be an http(s) URL or { url = \"…\" (or url_file = \"/path\"), max_requests_per_second = N }";
+    let (url, rate) = url_entry(value, &["http", "https"], USAGE)?;
+    Ok(EndpointConfig {
+        url,
+        max_requests_per_second: rate,
+    })
+}
+
+/// `ws_urls`: absent (polling only), `"derive"` (one per `rpc_urls` entry,
+/// http → ws, https → wss, same host, path and query), or a list of
+/// `ws://`/`wss://` URLs or `{ url_file = "…" }` tables.
+fn ws_urls(f: &mut Fields<'_>, rpc: Option<&[EndpointConfig]>) -> Option<Vec<Secret>> {
+    const USAGE: &str = "must be a ws(s) URL or { url = \"…\" (or url_file = \"/path\") }";
+    match f.optional::<toml::Value>("ws_urls") {
+        None => Some(Vec::new()),
+        Some(toml::Value::String(s)) if s == "derive" => {
+            rpc.map(|r| r.iter().filter_map(|e| derive_ws(&e.url)).collect())
+        }
+        Some(toml::Value::Array(items)) => {
+            let (count, mut out) = (items.len(), Vec::with_capacity(items.len()));
+            for (j, item) in items.into_iter().enumerate() {
+                match url_entry(item, &["ws", "wss"], USAGE) {
+                    Ok((url, None)) => out.push(url),
+                    Ok((_, Some(_))) => f.problem(
+                        &format!("ws_urls[{j}]"),
+                        "max_requests_per_second applies to rpc_urls only".into(),
+                    ),
+                    Err(e) => f.problem(&format!("ws_urls[{j}]"), e),
+                }
+            }
+            (out.len() == count).then_some(out)
+        }
+        Some(_) => {
+            f.problem("ws_urls", "must be \"derive\" or a list of ws:// or wss:// URLs".into());
+            None
+        }
+    }
+}
+
+/// The WebSocket URL of an HTTP endpoint: the same URL with ws/wss.
+fn derive_ws(http: &Secret) -> Option<Secret> {
+    let mut u = url::Url::parse(http.expose()).ok()?;
+    let scheme = if u.scheme() == "https" { "wss" } else { "ws" };
+    u.set_scheme(scheme).ok()?;
+    Some(Secret::new(u.to_string()))
+}
+
+/// A URL entry: a string, or a table with `url` or `url_file` (and, where
+/// allowed, `max_requests_per_second`), whose scheme is one of `schemes`.
+/// Messages never repeat the URL: it may hold an API key.
+fn url_entry(value: toml::Value, schemes: &[&str], usage: &str) -> Result<(Secret, Option<f64>), String> {
     let (url, rate) = match value {
         toml::Value::String(u) => (u, None),
         toml::Value::Table(mut t) => {
             let url = match (t.remove("url"), t.remove("url_file")) {
                 (Some(toml::Value::String(u)), None) => u,
                 (None, Some(toml::Value::String(path))) => read_secret(&path)?.expose().to_string(),
-                _ => return Err(USAGE.into()),
+                _ => return Err(usage.into()),
             };
             let rate = match t.remove("max_requests_per_second") {
                 None => None,
@@ -544,15 +605,14 @@ fn endpoint(value: toml::Value) -> Result<EndpointConfig, String> {
             }
             (url, rate)
         }
-        _ => return Err(USAGE.into()),
+        _ => return Err(usage.into()),
     };
     match url::Url::parse(url.trim()) {
-        Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => Ok(EndpointConfig {
-            url: Secret::new(url.trim()),
-            max_requests_per_second: rate,
-        }),
-        // The message never repeats the URL: it may hold an API key.
-        _ => Err("must be an http:// or https:// URL with a host".into()),
+        Ok(p) if schemes.contains(&p.scheme()) && p.host_str().is_some() => Ok((Secret::new(url.trim()), rate)),
+        _ => Err(format!(
+            "must be a URL with a host and the scheme {}://",
+            schemes.join(":// or ")
+        )),
     }
 }
 

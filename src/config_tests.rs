@@ -175,3 +175,29 @@ fn streams_must_have_unique_names_and_not_share_an_event() {
         .replace("Burned(address indexed from, uint256 amount)", "Minted(uint256 amount)");
     parse(&format!("{GOOD}\n[[streams]]{other}")).expect("valid");
 }
+
+#[test]
+fn ws_urls_are_derived_from_rpc_urls_or_listed_and_checked() {
+    let derive = GOOD.replace(
+        r#"rpc_urls = ["http://127.0.0.1:8545"]"#,
+        r#"rpc_urls = ["http://127.0.0.1:8545", "https://eth.example/v2/KEY123"]
+ws_urls = "derive"
+ws_poll_interval = "10s""#,
+    );
+    let s = &parse(&derive).expect("valid").streams[0];
+    let urls: Vec<&str> = s.ws.iter().map(|u| u.expose()).collect();
+    assert_eq!(urls, ["ws://127.0.0.1:8545/", "wss://eth.example/v2/KEY123"]);
+    assert_eq!(s.ws_poll_interval, Duration::from_secs(10));
+    assert!(parse(GOOD).expect("valid").streams[0].ws.is_empty(), "push is opt-in");
+
+    let bad = GOOD.replace(
+        r#"poll_interval = "1s""#,
+        r#"poll_interval = "1s"
+ws_urls = ["http://node.example/KEY123", "wss://ok.example"]"#,
+    );
+    let e = parse(&bad).expect_err("an http URL is not a WebSocket");
+    assert_eq!(keys(&e), ["streams[0].ws_urls[0]"]);
+    assert!(!e.to_string().contains("KEY123"), "{e}");
+    let other = GOOD.replace(r#"poll_interval = "1s""#, "poll_interval = \"1s\"\nws_urls = 3");
+    assert_eq!(keys(&parse(&other).expect_err("a number")), ["streams[0].ws_urls"]);
+}

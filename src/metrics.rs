@@ -87,6 +87,11 @@ pub struct StreamMetrics {
     pub block_range: AtomicU64,
     /// When this replica last committed a range of this stream (epoch seconds).
     pub last_advance: AtomicU64,
+    /// The idle wait the poll loop is in now, in milliseconds (0: working,
+    /// or backing off after a failure).
+    pub idle_wait_ms: AtomicU64,
+    /// The push wake-up, when the stream has `ws_urls` (set once at start).
+    pub push: std::sync::OnceLock<std::sync::Arc<crate::chain::ws::Push>>,
     pub tick_duration: Histogram,
     pub lock_wait: Histogram,
     pub lock_hold: Histogram,
@@ -323,6 +328,27 @@ impl Registry {
             "Ranges fetched ahead and discarded: the cursor had moved.",
             "counter",
             &|m| Some(load(&m.prefetch_discarded)),
+        );
+        gauge(
+            &mut out,
+            "logcursor_ws_connected",
+            "1 while the newHeads subscription is live (streams with ws_urls).",
+            "gauge",
+            &|m| m.push.get().map(|p| f64::from(u8::from(p.connected()))),
+        );
+        gauge(
+            &mut out,
+            "logcursor_ws_heads_total",
+            "New heads received over WebSocket.",
+            "counter",
+            &|m| m.push.get().map(|p| load(&p.heads)),
+        );
+        gauge(
+            &mut out,
+            "logcursor_ws_drops_total",
+            "Live newHeads subscriptions that were lost.",
+            "counter",
+            &|m| m.push.get().map(|p| load(&p.drops)),
         );
 
         let _ = writeln!(

@@ -14,6 +14,7 @@
 pub mod abi;
 pub mod client;
 pub mod range;
+pub mod ws;
 
 use std::fmt;
 use std::str::FromStr;

@@ -314,6 +314,16 @@ impl Poller {
         }
     }
 
+    /// The wait after an idle tick: `ws_poll_interval` while a push
+    /// subscription is live (a safety net: a head ends the wait at once),
+    /// else `poll_interval`.
+    fn idle_wait(&self) -> Duration {
+        match self.metrics.push.get() {
+            Some(p) if p.connected() => self.stream.cfg.ws_poll_interval,
+            _ => self.stream.cfg.poll_interval,
+        }
+    }
+
     /// Ticks until `cancel` fires. Returns only then: failures are retried.
     pub async fn run(&self, cancel: CancellationToken) {
         let name = &self.stream.cfg.name;
@@ -321,6 +331,7 @@ impl Poller {
         let mut progress = Progress::default();
         while !cancel.is_cancelled() {
             let result = self.tick(&cancel).await;
+            let mut idle = false;
             let wait = match result {
                 Ok(TickOutcome::Advanced {
                     from,
@@ -341,7 +352,8 @@ impl Poller {
                 }
                 Ok(TickOutcome::Idle { .. }) => {
                     consecutive_failures = 0;
-                    self.stream.cfg.poll_interval
+                    idle = true;
+                    self.idle_wait()
                 }
                 Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. }) => Duration::ZERO,
                 Err(TickError::Cancelled) => break,
@@ -357,10 +369,18 @@ impl Poller {
                 }
             };
             if !wait.is_zero() {
+                let push = self.metrics.push.get().filter(|_| idle);
+                if idle {
+                    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                    self.metrics.idle_wait_ms.store(ms, Ordering::Relaxed);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
+                    // A new head (or a change of the subscription) ends an idle wait.
+                    _ = async { match push { Some(p) => p.woken().await, None => std::future::pending().await } } => {}
                     _ = cancel.cancelled() => break,
                 }
+                self.metrics.idle_wait_ms.store(0, Ordering::Relaxed);
             }
         }
     }

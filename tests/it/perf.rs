@@ -266,3 +266,74 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
     assert_stored_up_to(&pg, &chain, &emitter, head as i64).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head as i64);
 }
+
+/// The push wake-up is a hint: a new head starts a tick at once, and when
+/// the WebSocket goes away ingestion goes on by polling, then push resumes
+/// once the socket is back. The safety-net poll while subscribed is an hour
+/// away, so a row stored while subscribed was stored because of a head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes() {
+    use std::sync::atomic::Ordering;
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    let upstream = anvil.url.trim_start_matches("http://").parse().expect("anvil address");
+    let ws = crate::proxy::TcpProxy::start(upstream).await;
+    let extra = format!(
+        "poll_interval = \"200ms\"\nws_poll_interval = \"1h\"\nws_urls = [\"ws://127.0.0.1:{}\"]",
+        ws.port
+    );
+    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
+    let metrics = std::sync::Arc::clone(&app.pollers()[0].metrics);
+    let push = std::sync::Arc::clone(metrics.push.get().expect("ws_urls set up a subscription"));
+    let token = CancellationToken::new();
+    let run = tokio::spawn(app.run(token.clone()));
+    let pg = db.client().await;
+
+    // Waits until the subscription is `live` (or not) and the loop sits in
+    // the idle wait that goes with it: an hour with push, 200 ms without.
+    let settle = |live: bool| {
+        let (push, metrics) = (std::sync::Arc::clone(&push), std::sync::Arc::clone(&metrics));
+        async move {
+            let wait_ms = if live { 3_600_000 } else { 200 };
+            wait_for(
+                "the subscription state and its idle wait",
+                Duration::from_secs(60),
+                || async {
+                    (push.connected() == live && metrics.idle_wait_ms.load(Ordering::Relaxed) == wait_ms).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    let emit_and_wait = |what: &'static str| {
+        let (chain, emitter, pg) = (&chain, &emitter, &pg);
+        async move {
+            chain.emit_burns(emitter, 3, |i| i + 1).await;
+            let head = chain.block_number().await;
+            wait_for(what, Duration::from_secs(30), || async {
+                (cursor_of(pg, "burns").await == Some(head)).then_some(())
+            })
+            .await;
+        }
+    };
+
+    settle(true).await;
+    emit_and_wait("blocks stored on a push wake-up").await;
+    assert!(push.heads.load(Ordering::Relaxed) >= 1, "heads arrived over the socket");
+
+    ws.cut();
+    settle(false).await;
+    assert_eq!(push.drops.load(Ordering::Relaxed), 1, "the drop is counted");
+    emit_and_wait("blocks stored by polling while the socket is gone").await;
+
+    ws.restore();
+    settle(true).await;
+    let heads = push.heads.load(Ordering::Relaxed);
+    emit_and_wait("blocks stored on a push wake-up again").await;
+    assert!(push.heads.load(Ordering::Relaxed) > heads, "heads over the new socket");
+
+    token.cancel();
+    run.await.expect("join").expect("run");
+    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+}
