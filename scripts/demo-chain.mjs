@@ -86,7 +86,9 @@ if (cmd === 'deploy') {
   const [address, txs, perTx] = args;
   let last;
   for (let i = 0; i < Number(txs); i++) {
-    last = await rpc(url, 'eth_sendTransaction', [{ from, gas: hex(5_000_000), nonce: hex(nonce++), to: address,
+    // About 1,530 gas per event; a block holds 30M.
+    const gas = Math.min(30_000_000, 100_000 + 1_600 * Number(perTx));
+    last = await rpc(url, 'eth_sendTransaction', [{ from, gas: hex(gas), nonce: hex(nonce++), to: address,
       data: '0x' + contract.methods['burn(uint256,uint256)'] + word(perTx) + word(i * Number(perTx)) }]);
   }
   if (last) await receipt(url, last);

@@ -28,9 +28,18 @@ use super::{Hash32, RawLog};
 #[derive(Debug, Clone)]
 pub struct EventSet {
     /// Candidates per topic0, in configuration order.
-    by_topic0: HashMap<Hash32, Vec<Event>>,
+    by_topic0: HashMap<Hash32, Vec<Candidate>>,
     /// Topic0s in configuration order, for a stable filter.
     order: Vec<Hash32>,
+}
+
+/// A configured event, and the same layout marked anonymous for decoding:
+/// topic0 is matched by the map already, and ethabi would otherwise hash
+/// the signature again for every log (a tenth of a backfill's CPU).
+#[derive(Debug, Clone)]
+struct Candidate {
+    event: Event,
+    decoder: Event,
 }
 
 /// A log decoded under one of the configured events.
@@ -87,7 +96,14 @@ impl EventSet {
             if !set.by_topic0.contains_key(&topic0) {
                 set.order.push(topic0);
             }
-            set.by_topic0.entry(topic0).or_default().push(event);
+            let decoder = Event {
+                anonymous: true,
+                ..event.clone()
+            };
+            set.by_topic0
+                .entry(topic0)
+                .or_default()
+                .push(Candidate { event, decoder });
         }
         if errors.is_empty() {
             Ok(set)
@@ -107,12 +123,12 @@ impl EventSet {
         let topic0 = log.topics.first().ok_or(DecodeError::NoTopics)?;
         let candidates = self.by_topic0.get(topic0).ok_or(DecodeError::UnknownTopic(*topic0))?;
         let mut last_err = None;
-        for event in candidates {
+        for Candidate { event, decoder } in candidates {
             let raw = AbiRawLog {
-                topics: log.topics.iter().map(|t| H256(t.0)).collect(),
+                topics: log.topics[1..].iter().map(|t| H256(t.0)).collect(),
                 data: log.data.clone(),
             };
-            match event.parse_log(raw) {
+            match decoder.parse_log(raw) {
                 Ok(parsed) => {
                     let mut params = Map::new();
                     for p in parsed.params {

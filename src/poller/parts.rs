@@ -7,7 +7,8 @@
 //! them over in block order through a channel of [`QUEUED`] parts. While the
 //! tick's transaction writes part k, parts k+1… are being fetched. Memory
 //! holds at most `fetch_concurrency + QUEUED + 1` parts, whatever the size
-//! of the range.
+//! of the range, and requests in flight are expected to hold at most
+//! [`LOGS_IN_FLIGHT`] logs (one at a time where single blocks are denser).
 //!
 //! A part aims at [`LOGS_PER_PART`] logs: its span is the endpoint's
 //! learned span (see `chain::range`), an equal share of the range, or what
@@ -48,6 +49,10 @@ pub const LOGS_PER_PART: u64 = 2_000;
 pub const PROBE_BLOCKS: u64 = 4;
 /// Parts fetched and decoded, waiting for the writer.
 pub const QUEUED: usize = 2;
+/// Logs expected in flight at most, by the density: where single blocks
+/// hold more than a part's worth, fewer requests run at once, so memory
+/// stays bounded whatever `fetch_concurrency` says.
+pub const LOGS_IN_FLIGHT: u64 = 4 * LOGS_PER_PART;
 
 /// One sub-range, fetched and decoded, not yet checked against headers.
 pub(crate) struct Part {
@@ -132,16 +137,25 @@ async fn produce(stream: Arc<Stream>, endpoint: usize, from: u64, to: u64, out: 
     let share = (to - from + 1).div_ceil(concurrency as u64);
     let mut next = from;
     let mut inflight = FuturesOrdered::new();
+    let mut expected_in_flight = 0u64;
     loop {
-        while next <= to && inflight.len() < concurrency && (inflight.is_empty() || stream.density.known()) {
-            let span = part_span(rpc.log_span(), share, stream.density.per_kiloblock());
+        while next <= to && inflight.len() < concurrency {
+            let density = stream.density.per_kiloblock();
+            let span = part_span(rpc.log_span(), share, density);
             let end = to.min(next.saturating_add(span - 1));
-            inflight.push_back(fetch_part(&stream, &rpc, next, end));
+            let expected = density.map_or(u64::MAX, |d| (end - next + 1).saturating_mul(d) / 1000);
+            if !inflight.is_empty() && expected_in_flight.saturating_add(expected) > LOGS_IN_FLIGHT {
+                break; // unknown density, or too dense: wait for the parts in flight
+            }
+            expected_in_flight = expected_in_flight.saturating_add(expected);
+            let fetch = fetch_part(&stream, &rpc, next, end);
+            inflight.push_back(async move { (expected, fetch.await) });
             next = end + 1;
         }
-        let Some(part) = inflight.next().await else {
+        let Some((expected, part)) = inflight.next().await else {
             return;
         };
+        expected_in_flight -= expected;
         let last = !matches!(&part, Ok(p) if !p.short);
         if out.send(part).await.is_err() || last {
             return; // dropping `inflight` cancels the requests after a stop
@@ -219,13 +233,8 @@ async fn fetch_part(stream: &Stream, rpc: &Rpc<'_>, from: u64, to: u64) -> Resul
 pub struct Density(AtomicU64);
 
 impl Density {
-    const UNKNOWN: u64 = 0;
-
-    fn known(&self) -> bool {
-        self.0.load(Ordering::Relaxed) != Self::UNKNOWN
-    }
-
-    /// Stored plus one, so that zero can mean "unknown".
+    /// `None` until a part was seen (stored plus one, so that zero can mean
+    /// "unknown").
     fn per_kiloblock(&self) -> Option<u64> {
         self.0.load(Ordering::Relaxed).checked_sub(1)
     }
