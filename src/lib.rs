@@ -32,13 +32,16 @@
 //! - **I2** no stored row comes from an orphaned block at or below the safe
 //!   head — only blocks at or below the safe head are read, and every tick
 //!   first checks the stored hash of the cursor's block ([`poller::tick`],
-//!   [`store::reorg`]).
+//!   [`store::reorg`]) and every log's block hash against one batch of
+//!   headers fetched after its last part ([`poller::parts`]).
 //! - **I3** the cursor never moves backward — [`store::cursor::advance`];
 //!   the one exception is an audited rewind ([`store::reorg::rewind`]). A
 //!   cursor found lower than a replica last saw (a failover that lost
 //!   commits) is logged and counted, never hidden ([`poller::Poller`]).
 //! - **I4** no gaps: the chain's logs for (start, cursor] equal the stored
-//!   rows — events and cursor commit in one transaction ([`poller::tick`]).
+//!   rows — events and cursor commit in one transaction ([`poller::tick`]),
+//!   and a range written in parts ends at the last part before any gap
+//!   ([`poller::parts`]).
 //! - **I5** after faults stop, the cursor reaches the safe head within a
 //!   bounded time — [`poller`] (capped backoff, every failure retried).
 //! - **I6** no session stays idle in transaction longer than the configured

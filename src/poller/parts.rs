@@ -16,16 +16,19 @@
 //! stream has seen one part, the first request goes alone and spans at most
 //! [`PROBE_BLOCKS`] blocks.
 //!
-//! I1 (every canonical log at or below the cursor stored exactly once)
-//! rests on these rules, each tested in `tests/it/perf.rs`:
+//! I1 (every canonical log at or below the cursor stored exactly once), I2
+//! (no row from an orphaned block) and I4 (no gaps) rest on these rules:
 //! - parts cover the range exactly, each block once, and are handed over in
 //!   order; a part that fails, or ends short (one block overflows the
 //!   provider right after it), is the last one handed over: nothing after a
-//!   gap is ever stored, so the cursor can move to the last part's end;
+//!   gap is ever stored, so the cursor can move to the last part's end
+//!   (`perf::a_later_part_that_fails_commits_the_parts_before_it…`,
+//!   `perf::concurrent_sub_ranges_cover_every_tick_exactly_once`);
 //! - [`Stored`] moves the tick's cursor only to what was stored;
 //! - [`verify`] checks every block the logs name, and the end block, in one
 //!   batch of headers fetched after the last part: logs fetched before a
-//!   reorg never pass with headers fetched after it.
+//!   reorg never pass with headers fetched after it (`chain::malformed…`
+//!   with a wrong block hash, `chain::a_reorg_shallower_than…`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -33,7 +33,9 @@
 //! I6 (no session idle in transaction past its bound): the transaction sets
 //! `idle_in_transaction_session_timeout` locally, and each RPC request has a
 //! deadline shorter than it (checked by config validation), so a replica
-//! that freezes while holding the lock is cut off by the server.
+//! that freezes while holding the lock is cut off by the server. While the
+//! writer waits for the next part the session is idle in transaction: that
+//! wait, like the RPC calls of the tick itself, gives up at 90% of the bound.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
