@@ -8,7 +8,7 @@
 //! | bytes, bytesN       | 0x-hex string                          |
 //! | bool                | true / false                           |
 //! | string              | string                                 |
-//! | T[], T[N], tuple    | array                                  |
+//! | T\[\], T\[N\], tuple | array                                  |
 //! | indexed dynamic     | 0x-hex of the 32-byte topic (a hash)   |
 //!
 //! Parameters are keyed by name; an unnamed parameter is `arg{position}`.

@@ -2,7 +2,7 @@
 //! writer, so that a backfill costs about the slower of fetching and
 //! writing rather than their sum, in bounded memory.
 //!
-//! [`Parts::spawn`] cuts `[from, to]` into sub-ranges ("parts") that a task
+//! `Parts::spawn` cuts `[from, to]` into sub-ranges ("parts") that a task
 //! of their own fetches `fetch_concurrency` at a time and decodes, handing
 //! them over in block order through a channel of [`QUEUED`] parts. While the
 //! tick's transaction writes part k, parts k+1… are being fetched. Memory
@@ -24,8 +24,8 @@
 //!   gap is ever stored, so the cursor can move to the last part's end
 //!   (`perf::a_later_part_that_fails_commits_the_parts_before_it…`,
 //!   `perf::concurrent_sub_ranges_cover_every_tick_exactly_once`);
-//! - [`Stored`] moves the tick's cursor only to what was stored;
-//! - [`verify`] checks every block the logs name, and the end block, in one
+//! - `Stored` moves the tick's cursor only to what was stored;
+//! - `verify` checks every block the logs name, and the end block, in one
 //!   batch of headers fetched after the last part: logs fetched before a
 //!   reorg never pass with headers fetched after it (`chain::malformed…`
 //!   with a wrong block hash, `chain::a_reorg_shallower_than…`).
