@@ -204,9 +204,10 @@ impl App {
         for p in &self.pollers {
             if let Some(push) = p.metrics.push.get() {
                 let (urls, push, token) = (p.stream.cfg.ws.clone(), Arc::clone(push), stop.clone());
+                let stream = p.stream.cfg.name.clone();
                 let name = format!("newHeads subscription of {}", p.stream.cfg.name);
                 tasks.spawn(async move {
-                    crate::chain::ws::subscribe(urls, push, token).await;
+                    crate::chain::ws::subscribe(stream, urls, push, token).await;
                     name
                 });
             }

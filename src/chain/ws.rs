@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::redact::{redact_url, Secret};
 
@@ -67,8 +68,8 @@ impl Push {
     }
 }
 
-/// Keeps a `newHeads` subscription on one of `urls` until `cancel`.
-pub async fn subscribe(urls: Vec<Secret>, push: Arc<Push>, cancel: CancellationToken) {
+/// Keeps a `newHeads` subscription for `stream` on one of `urls` until `cancel`.
+pub async fn subscribe(stream: String, urls: Vec<Secret>, push: Arc<Push>, cancel: CancellationToken) {
     if urls.is_empty() {
         return cancel.cancelled().await;
     }
@@ -76,18 +77,18 @@ pub async fn subscribe(urls: Vec<Secret>, push: Arc<Push>, cancel: CancellationT
     for url in urls.iter().cycle() {
         let shown = redact_url(url.expose());
         let ended = tokio::select! {
-            r = run_once(url, &push) => r,
+            r = run_once(url, &push).instrument(tracing::info_span!("ws", stream = %stream, endpoint = %shown)) => r,
             _ = cancel.cancelled() => break,
         };
         let was_live = push.connected();
         push.set_connected(false);
         match ended {
             Ok(()) => {
-                tracing::warn!(endpoint = %shown, "newHeads subscription closed; polling every poll_interval until it is back")
+                tracing::warn!(stream = %stream, endpoint = %shown, "newHeads subscription closed; polling every poll_interval until it is back")
             }
             Err(e) => {
                 let e = e.replace(url.expose(), &shown);
-                tracing::warn!(endpoint = %shown, error = %e, "newHeads subscription failed; polling every poll_interval until it is back");
+                tracing::warn!(stream = %stream, endpoint = %shown, error = %e, "newHeads subscription failed; polling every poll_interval until it is back");
             }
         }
         failures = if was_live { 1 } else { failures.saturating_add(1) };
