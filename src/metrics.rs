@@ -16,7 +16,7 @@ use crate::chain::client::RpcObserver;
 use crate::chain::ChainErrorKind;
 
 /// Upper bounds (seconds) of the duration histograms.
-const BUCKETS: [f64; 14] = [
+pub const BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
@@ -27,10 +27,23 @@ pub struct Histogram {
     count: AtomicU64,
     /// Sum in microseconds.
     sum_us: AtomicU64,
+    /// The OTLP instrument (and the stream label) every observation is
+    /// also recorded to, when OTLP export is on.
+    mirror: std::sync::OnceLock<(opentelemetry::metrics::Histogram<f64>, [opentelemetry::KeyValue; 1])>,
 }
 
 impl Histogram {
+    /// Records every later observation to `otlp` too, labelled by `stream`.
+    pub fn mirror_to(&self, otlp: opentelemetry::metrics::Histogram<f64>, stream: &str) {
+        let _ = self
+            .mirror
+            .set((otlp, [opentelemetry::KeyValue::new("stream", stream.to_string())]));
+    }
+
     pub fn observe(&self, d: Duration) {
+        if let Some((h, labels)) = self.mirror.get() {
+            h.record(d.as_secs_f64(), labels);
+        }
         let secs = d.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {

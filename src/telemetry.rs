@@ -142,6 +142,27 @@ pub fn export_metrics(registry: &std::sync::Arc<crate::metrics::Registry>) {
             .with_callback(per_stream(registry, pick))
             .build();
     }
+    // Histograms are recorded as they are observed (there is no observable
+    // histogram): each stream's mirrors its observations to these.
+    type PickHistogram = fn(&crate::metrics::StreamMetrics) -> &crate::metrics::Histogram;
+    let histograms: [(&'static str, &'static str, PickHistogram); 3] = [
+        ("logcursor.tick_duration", "Duration of a tick", |m| &m.tick_duration),
+        ("logcursor.lock_wait", "Wait for the cursor row lock", |m| &m.lock_wait),
+        ("logcursor.lock_hold", "Cursor row lock held, lock to commit", |m| {
+            &m.lock_hold
+        }),
+    ];
+    for (name, description, pick) in histograms {
+        let h = meter
+            .f64_histogram(name)
+            .with_unit("s")
+            .with_description(description)
+            .with_boundaries(crate::metrics::BUCKETS.to_vec())
+            .build();
+        for (stream, m) in registry.streams() {
+            pick(&m).mirror_to(h.clone(), &stream);
+        }
+    }
 }
 
 /// A callback observing `pick` of every stream, labelled by stream.

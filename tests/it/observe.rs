@@ -6,6 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use logcursor::app::{App, BuildOptions};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -17,10 +21,24 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 use crate::proxy::{log_range, Action, Proxy};
 
-/// Collects every exported span.
+/// Collects every exported span and metric.
 #[derive(Clone, Default)]
 struct Receiver {
     requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.metrics.lock().expect("lock").push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -63,6 +81,7 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
     let otlp = format!("http://{}", listener.local_addr().expect("addr"));
     let server = tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(receiver.clone()))
+        .add_service(MetricsServiceServer::new(receiver.clone()))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     let server = tokio::spawn(server);
 
@@ -160,6 +179,7 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
         la.get("server.address").is_some_and(|a| a.ends_with("?<redacted>")),
         "{la:?}"
     );
+    assert_otlp_metrics(&receiver.metrics.lock().expect("lock"));
     let insert = children.iter().find(|s| s.name == "db.insert_events").expect("db span");
     assert_eq!(attrs(insert).get("db.system").map(String::as_str), Some("postgresql"));
     for s in &spans {
@@ -375,4 +395,43 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
         movers.iter().any(|m| m.starts_with("gen1-")),
         "the new generation took over: {movers:?}"
     );
+}
+
+/// The metrics flushed at shutdown: the events counter says 30, and the
+/// tick-duration histogram (recorded as observed) holds the stream's ticks.
+fn assert_otlp_metrics(requests: &[ExportMetricsServiceRequest]) {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+    let metrics: Vec<_> = requests
+        .iter()
+        .flat_map(|r| &r.resource_metrics)
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .collect();
+    let names: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
+    let inserted = metrics
+        .iter()
+        .filter(|m| m.name == "logcursor.events_inserted")
+        .filter_map(|m| match &m.data {
+            Some(Data::Sum(s)) => s.data_points.last().and_then(|p| p.value),
+            _ => None,
+        })
+        .next_back();
+    assert_eq!(inserted, Some(Number::AsInt(30)), "events counter over OTLP: {names:?}");
+    let ticks: u64 = metrics
+        .iter()
+        .filter(|m| m.name == "logcursor.tick_duration")
+        .filter_map(|m| match &m.data {
+            Some(Data::Histogram(h)) => h.data_points.last().map(|p| p.count),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        ticks >= 2,
+        "the tick-duration histogram over OTLP counts the ticks ({ticks}): {names:?}"
+    );
+    for name in ["logcursor.lock_wait", "logcursor.lock_hold"] {
+        assert!(names.contains(&name), "{name} over OTLP: {names:?}");
+    }
 }
