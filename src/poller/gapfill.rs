@@ -162,7 +162,6 @@ impl GapFiller {
                 .into());
         }
         parts::verify(&rpc, &stored.blocks, to).await?;
-        let outcome = stored;
         if !failed_ranges::complete(&*tx, claim.id, &self.replica_id).await? {
             // Dropping `tx` rolls the inserts back; the new claimer redoes them.
             return Ok(GapOutcome::LeaseLost { id: claim.id });
@@ -173,7 +172,7 @@ impl GapFiller {
             stream: claim.stream.clone(),
             from: claim.from_block,
             to: claim.to_block,
-            inserted: outcome.inserted,
+            inserted: stored.inserted,
         })
     }
 }

@@ -48,7 +48,7 @@ use tracing::{field, info_span, Instrument};
 
 use super::parts::{self, Part, Parts, Stored};
 use super::{Poller, TickError, TickOutcome};
-use crate::chain::{ChainErrorKind, Hash32, Header, Rpc};
+use crate::chain::{ChainError, ChainErrorKind, Hash32, Header, Rpc};
 use crate::config::{DeepReorgPolicy, UnfetchablePolicy};
 use crate::store::{cursor, failed_ranges, reorg, StoreError};
 
@@ -308,10 +308,9 @@ impl Poller {
     /// The next part, waited for at most 90% of the idle-in-transaction
     /// timeout (the session is idle in transaction meanwhile: I6).
     async fn next_part(&self, parts: &mut Parts) -> Option<Result<Part, TickError>> {
-        let budget = self.limits.idle_in_transaction_timeout.mul_f64(0.9);
-        tokio::time::timeout(budget, parts.next())
+        self.within_budget(async { parts.next().await.transpose() })
             .await
-            .unwrap_or(Some(Err(TickError::RpcBudget { budget })))
+            .transpose()
     }
 
     /// Notes the failure on the cursor row, for `status` (best effort: the
@@ -375,7 +374,7 @@ impl Poller {
             return Ok(Fetched::Idle { head, safe_head });
         };
         let endpoint = rpc.index();
-        let (mut rest, first) = match self.take_prefetch(from, to, endpoint) {
+        let (rest, first) = match self.take_prefetch(from, to, endpoint) {
             Some(mut p) => match p.next().await {
                 Some(Ok(part)) => (p, Ok(part)),
                 // A failed prefetch is just fetched again, inside the tick.
@@ -395,13 +394,12 @@ impl Poller {
             Err(e) if skip_on_failure && is_unfetchable(&e) => {
                 // A single block that overflows is skipped alone.
                 let (from, to) = match &e {
-                    TickError::Chain(c) => match c.kind {
-                        ChainErrorKind::BlockTooLarge { block, .. } => (block, block),
-                        _ => (from, rest.to),
-                    },
+                    TickError::Chain(ChainError {
+                        kind: ChainErrorKind::BlockTooLarge { block, .. },
+                        ..
+                    }) => (*block, *block),
                     _ => (from, rest.to),
                 };
-                rest.to = to; // (the parts are dropped with `rest`)
                 Ok(Fetched::Unfetchable {
                     from,
                     to,

@@ -168,9 +168,7 @@ async fn range_errors_in_every_provider_format_shrink_the_range_and_store_every_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_range_grows_back_after_the_provider_stops_refusing() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 400, |_| 1).await;
     let proxy = Proxy::start(&anvil.url).await;
     let mut refusals = 0;
@@ -213,9 +211,7 @@ async fn the_range_grows_back_after_the_provider_stops_refusing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_block_with_too_many_logs_is_an_alarm_not_a_skip_or_a_loop() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 10, |i| if i == 5 { 20 } else { 1 }).await;
     // The block holding the 20-event burn (automine may pack transactions, so look it up).
     let head = chain.block_number().await;
@@ -277,9 +273,7 @@ async fn a_single_block_with_too_many_logs_is_an_alarm_not_a_skip_or_a_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_times_out_and_one_that_answers_503_fail_over_and_nothing_is_lost() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 40, |i| i % 4 + 1).await;
     let (hangs, unavailable) = (Proxy::start(&anvil.url).await, Proxy::start(&anvil.url).await);
     let cfg = format!(
@@ -311,9 +305,7 @@ async fn an_endpoint_that_times_out_and_one_that_answers_503_fail_over_and_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_answers_are_rejected_retried_and_never_stored() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 12, |_| 2).await;
     let proxy = Proxy::start(&anvil.url).await;
     let app = build(&config_toml(&db.url, &proxy.url, &emitter, "rpc_attempts = 2", "")).await;
@@ -371,9 +363,7 @@ async fn malformed_answers_are_rejected_retried_and_never_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_endpoint_is_passed_over_and_the_cursor_neither_moves_back_nor_skips() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 20, |_| 1).await;
     let pg = db.migrate_with_history().await;
     let lagging = Proxy::start(&anvil.url).await;
@@ -411,9 +401,7 @@ async fn a_lagging_endpoint_is_passed_over_and_the_cursor_neither_moves_back_nor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reorg_shallower_than_confirmations_never_stores_an_orphaned_row() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 20, |_| 2).await;
     let app = build(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 3", "")).await;
     drive_until_idle(&app).await;
@@ -438,9 +426,7 @@ async fn a_reorg_shallower_than_confirmations_never_stores_an_orphaned_row() {
 }
 
 async fn ingest_then_reorg_below_the_cursor(policy: &str) -> (Anvil, TestDb, Chain, String, App, i64) {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 20, |i| i % 2 + 1).await;
     let extra = format!("confirmations = 0\nmax_block_range = 4\non_deep_reorg = \"{policy}\"");
     let app = build(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")).await;

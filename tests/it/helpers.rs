@@ -114,6 +114,15 @@ impl Anvil {
     }
 }
 
+/// What most tests start from: an anvil of their own, a database of their
+/// own, a driver for the chain, and the Emitter contract deployed on it.
+pub async fn world() -> (Anvil, TestDb, Chain, String) {
+    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    (anvil, db, chain, emitter)
+}
+
 /// Drives the test contract over raw JSON-RPC (anvil's accounts are
 /// unlocked, so eth_sendTransaction needs no signing).
 #[derive(Clone)]

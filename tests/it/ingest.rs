@@ -35,9 +35,7 @@ fn totals(outcomes: &[TickOutcome]) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_replica_stores_every_event_of_hundreds_of_transactions_exactly_once() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let emitted = chain.emit_burns(&emitter, 300, |i| i % 5 + 1).await;
     chain.mine(2).await; // bury the last events under `confirmations`
     let pg = db.migrate_with_history().await;
@@ -66,9 +64,7 @@ async fn one_replica_stores_every_event_of_hundreds_of_transactions_exactly_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_started_together_store_every_event_once_and_never_process_a_range_twice() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let mut emitted = chain.emit_burns(&emitter, 150, |i| i % 4 + 1).await;
     let pg = db.migrate_with_history().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 7", ""));
@@ -107,9 +103,7 @@ async fn three_replicas_started_together_store_every_event_once_and_never_proces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_gaps() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 120, |i| i % 3 + 1).await;
     let pg = db.migrate_with_history().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 20", ""));
@@ -153,9 +147,7 @@ async fn a_bulk_copy_that_meets_stored_rows_falls_back_and_counts_them_as_duplic
 }
 
 async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let emitted = if bulk {
         let per_tx = logcursor::store::events::COPY_FROM_ROWS as u64 + 100;
         chain.burn_many(&emitter, per_tx, 0).await;
@@ -201,9 +193,7 @@ async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_events_of_the_same_transaction_are_both_stored() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.burn(&emitter, 1, 100).await;
     let tx = chain.burn(&emitter, 3, 7).await;
     chain.unlisted(&emitter, 5).await;
@@ -239,9 +229,7 @@ async fn two_events_of_the_same_transaction_are_both_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_newer_than_the_safe_head_are_not_processed() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 20, |_| 2).await;
     let pg = db.client().await;
     let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 5", ""));

@@ -36,9 +36,7 @@ fn corrupt(proxy: &Proxy, wrong_topics: String, short_data: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_the_source_is_fixed() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 5, |_| 2).await;
     let wrong_topics = chain.burn(&emitter, 2, 100).await;
     let short_data = chain.burn(&emitter, 2, 200).await;
@@ -143,9 +141,7 @@ async fn app(toml: &str, replica: &str) -> App {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports_itself_stuck() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 12, |_| 1).await;
     let proxy = Proxy::start(&anvil.url).await;
     refuse_block(&proxy, 6);
@@ -190,9 +186,7 @@ async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_stores_the_range_once() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 20, |_| 2).await;
     let proxy = Proxy::start(&anvil.url).await;
     refuse_block(&proxy, 9);
@@ -317,9 +311,7 @@ async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_store
 /// Ingests everything, then turns `ranges` back into gaps: their events are
 /// deleted and each is recorded as a failed range, due now.
 async fn with_gaps(ranges: &[(i64, i64)]) -> (Anvil, TestDb, Chain, String, tokio_postgres::Client) {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
     let toml = config_toml(
         &db.url,

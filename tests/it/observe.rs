@@ -70,9 +70,7 @@ fn attrs(span: &Span) -> BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 10, |_| 3).await;
     let head = chain.block_number().await;
 
@@ -246,9 +244,7 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_readyz_and_status_tell_the_truth_about_lag_and_who_processed_what() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 60, |_| 1).await;
     let proxy = Proxy::start(&anvil.url).await;
     // The node will not serve blocks from 20 on: the stream falls behind.
@@ -340,9 +336,7 @@ async fn metrics_readyz_and_status_tell_the_truth_about_lag_and_who_processed_wh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let pg = db.migrate_with_history().await;
     let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 3", ""));
 

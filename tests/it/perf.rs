@@ -13,9 +13,7 @@ use crate::proxy::{log_range, Action, Proxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let (per_tx, txs) = (2_800u64, 24u64);
     for i in 0..txs {
         chain.burn_many(&emitter, per_tx, i * per_tx).await;
@@ -48,9 +46,7 @@ async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sub_ranges_cover_every_tick_exactly_once() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 90, |i| i % 4 + 1).await;
     let proxy = Proxy::start(&anvil.url).await;
     let extra = "max_block_range = 40\nfetch_concurrency = 4";
@@ -129,9 +125,7 @@ async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fresh_one_is_used() {
     use std::sync::atomic::Ordering;
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 40, |i| i % 3 + 1).await;
     let pg = db.migrate_with_history().await;
     let cfg = config(&config_toml(
@@ -171,9 +165,7 @@ async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_event_once() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 300, |i| i % 4 + 1).await;
     let head = chain.block_number().await;
     let pg = db.migrate_with_history().await;
@@ -218,9 +210,7 @@ async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_even
 async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 120, |i| i % 3 + 1).await;
     let head = chain.block_number().await as u64;
     let pg = db.migrate_with_history().await;
@@ -274,9 +264,7 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes() {
     use std::sync::atomic::Ordering;
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let upstream = anvil.url.trim_start_matches("http://").parse().expect("anvil address");
     let ws = crate::proxy::TcpProxy::start(upstream).await;
     let extra = format!(
@@ -335,5 +323,44 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
 
     token.cancel();
     run.await.expect("join").expect("run");
+    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+}
+
+/// I6 while parts are written: the session is idle in transaction while the
+/// writer waits for the next part. A part whose retries outlast the idle
+/// bound (three 1 s timeouts plus the retry pauses, against 3.05 s) must be
+/// given up on at 90% of the bound, so that the parts before it commit;
+/// waiting it out would let the server end the session and lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_slower_than_the_idle_bound_is_given_up_before_the_server_ends_the_session() {
+    use logcursor::poller::parts::PROBE_BLOCKS;
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 20, |_| 1).await;
+    let proxy = Proxy::start(&anvil.url).await;
+    // Every request for logs after the density probe hangs.
+    proxy.set(|r| match log_range(r) {
+        Some((f, _)) if f >= PROBE_BLOCKS => Action::Hang,
+        _ => Action::Forward,
+    });
+    let toml = config_toml(
+        &db.url,
+        &proxy.url,
+        &emitter,
+        "rpc_timeout = \"1s\"\nrpc_attempts = 3",
+        "idle_in_transaction_timeout = \"3050ms\"",
+    );
+    let app = build_app(&config(&toml), "r").await;
+    let first = app.pollers()[0]
+        .tick(&CancellationToken::new())
+        .await
+        .expect("the tick commits the probe part before the bound");
+    assert!(
+        matches!(first, TickOutcome::Advanced { from: 0, to, .. } if to == PROBE_BLOCKS - 1),
+        "{first:?}"
+    );
+    let pg = db.client().await;
+    assert_eq!(cursor_of(&pg, "burns").await, Some(PROBE_BLOCKS as i64 - 1));
+    proxy.pass();
+    tick_until_idle(&app).await;
     assert_stored_equals_chain(&pg, &chain, &emitter).await;
 }

@@ -11,9 +11,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_logcursor");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_partial_range() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 400, |i| i % 3 + 1).await;
     let head = chain.block_number().await;
     let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 1", ""));
@@ -136,9 +134,7 @@ confirmations = "two"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_once() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     let emitted = chain.emit_burns(&emitter, 30, |_| 2).await;
     let head = chain.block_number().await;
     let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
@@ -186,9 +182,7 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     use logcursor::app::{App, BuildOptions};
     use tokio_util::sync::CancellationToken;
 
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
     let pg = db.migrate_with_history().await;
     let proxy = Proxy::start(&anvil.url).await;

@@ -400,9 +400,7 @@ async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_read_from_files_work_and_never_reach_a_log_line() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
+    let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 8, |_| 2).await;
     let head = chain.block_number().await;
     let secrets = tempfile::tempdir().expect("dir");
