@@ -24,4 +24,5 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON block_hashes         TO logcursor_app;
 GRANT INSERT                         ON cursor_rewinds       TO logcursor_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON dead_letters         TO logcursor_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON failed_ranges        TO logcursor_app;
+GRANT SELECT, INSERT, UPDATE         ON stream_filters       TO logcursor_app;
 GRANT USAGE ON SEQUENCE events_id_seq, cursor_rewinds_id_seq, dead_letters_id_seq, failed_ranges_id_seq TO logcursor_app;

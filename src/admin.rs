@@ -1,17 +1,29 @@
-//! Operator commands that change state: `logcursor rewind` and
-//! `logcursor dlq list|show|replay|discard`.
+//! Operator commands that change state: `logcursor rewind`,
+//! `logcursor dlq list|show|replay|discard`, `logcursor gapfill
+//! list|retry` and `logcursor adopt-filter`. Each runs in one transaction,
+//! under the stream's cursor lock where it touches what a tick writes, and
+//! stores or removes events only through the write seam (so handlers run,
+//! or revert, exactly once).
+//!
+//! Operator commands cannot store orphans (I2): `dlq replay` stores a
+//! letter only after its block's header shows the hash it was parked under
+//! (else it stays, saying why); `rewind --to N` refuses an N whose stored
+//! hash is no longer canonical and names the newest safe N.
+
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppError;
-use crate::chain::abi::EventSet;
-use crate::chain::{ChainClient, ChainError, LogFilter, RawLog};
+use crate::app::{AppError, HandlerMap};
+use crate::chain::{ChainError, Endpoints};
 use crate::config::{Config, StreamConfig};
-use crate::poller::decode_log;
+use crate::poller::{filter, Stream};
 use crate::store::dead_letters::{self, DeadLetter};
-use crate::store::events::{self, NewEvent};
-use crate::store::pool::Database;
+use crate::store::failed_ranges::{self, Range};
+use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, reorg, StoreError};
+use crate::types::{LogFilter, RawLog};
+use crate::write::{Batch, Handlers, Row, Savepoints};
 
 /// What a rewind did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,62 +34,104 @@ pub struct Rewound {
     pub events_deleted: u64,
 }
 
+fn stream_cfg<'a>(cfg: &'a Config, stream: &str) -> Result<&'a StreamConfig, AppError> {
+    cfg.streams
+        .iter()
+        .find(|s| s.name == stream)
+        .ok_or_else(|| AppError::Stream {
+            stream: stream.to_string(),
+            reason: "no such stream in the configuration".into(),
+        })
+}
+
+/// The stream as a tick would build it (its writer, its handlers).
+fn stream_of(sc: &StreamConfig, handlers: &HandlerMap) -> Stream {
+    Stream::new(
+        sc.clone(),
+        &Endpoints::new(),
+        None,
+        Handlers {
+            rust: handlers.get(sc.name.as_str()).cloned().unwrap_or_default(),
+            ..Handlers::default()
+        },
+    )
+}
+
 /// Moves `stream`'s cursor back to `to` in one transaction under the row
-/// lock: deletes the stream's events above `to`, stores the canonical hash
-/// of block `to` (so the next tick's reorg check passes), clears a halt, and
-/// audits it in `cursor_rewinds`. Refuses to move the cursor forward, which
-/// would skip blocks.
-pub async fn rewind(cfg: &Config, replica_id: &str, stream: &str, to: i64) -> Result<Rewound, AppError> {
+/// lock: deletes the stream's events above `to` (reverting their effects),
+/// stores the canonical hash of block `to`, clears a halt, and audits it in
+/// `cursor_rewinds`. Refuses to move the cursor forward (which would skip
+/// blocks), and refuses a `to` whose stored hash (or that of a stored block
+/// below it) is no longer canonical, naming the newest safe target.
+pub async fn rewind(
+    cfg: &Config,
+    replica_id: &str,
+    handlers: &HandlerMap,
+    stream: &str,
+    to: i64,
+) -> Result<Rewound, AppError> {
     let bad = |reason: String| AppError::Stream {
         stream: stream.to_string(),
         reason,
     };
-    let sc = cfg
-        .streams
-        .iter()
-        .find(|s| s.name == stream)
-        .ok_or_else(|| bad("no such stream in the configuration".into()))?;
-    let floor = i64::try_from(sc.start_block).unwrap_or(i64::MAX) - 1;
+    let sc = stream_cfg(cfg, stream)?;
+    let floor = sc.start_block.to_db() - 1;
     if to < floor {
         return Err(bad(format!("--to {to} is before start_block - 1 ({floor})")));
     }
-    let new_hash = match u64::try_from(to) {
-        Ok(block) => {
-            let chain =
-                ChainClient::new(&sc.rpc, crate::poller::client_options(sc)).map_err(|source| AppError::Chain {
-                    stream: stream.to_string(),
-                    source,
-                })?;
-            let headers = chain.pick().headers(&[block]).await.map_err(|source| AppError::Chain {
-                stream: stream.to_string(),
-                source,
-            })?;
-            headers.into_iter().next().flatten().map(|h| h.hash)
-        }
-        Err(_) => None,
-    };
-    let db = Database::new(&cfg.database, replica_id)?;
-    db.wait_until_reachable(cfg.database.connect_retry_for, &CancellationToken::new())
-        .await?;
+    let s = stream_of(sc, handlers);
+    let db = connect(cfg, replica_id).await?;
     let mut client = db.get().await?;
-    let tx = client.transaction().await.map_err(StoreError::db("begin rewind"))?;
-    let current = cursor::lock(&*tx, stream).await?;
-    let from = current.last_processed_block;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let current = cursor::lock(&*tx, stream, cursor::LockMode::Wait).await?;
+    let from = current.processed.to_db();
     if to >= from {
         return Err(bad(format!(
             "the cursor is at {from}; rewind only moves it back (to a block below {from})"
         )));
     }
+    let new_hash = match u64::try_from(to) {
+        Ok(block) => {
+            let rpc = s.chain.pick();
+            let stored = reorg::stored_hashes_at_or_below(&*tx, stream, to, sc.max_reorg_depth).await?;
+            let mut numbers: Vec<u64> = stored.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
+            numbers.push(block);
+            numbers.sort_unstable();
+            numbers.dedup();
+            let canonical = rpc
+                .canonical_headers(&numbers)
+                .await
+                .map_err(|source| AppError::Chain {
+                    stream: stream.to_string(),
+                    source: Box::new(source),
+                })?;
+            let orphaned = stored
+                .iter()
+                .filter(|(n, h)| canonical.iter().any(|c| c.number as i64 == *n && c.hash != *h))
+                .map(|(n, _)| *n)
+                .min();
+            if let Some(lowest) = orphaned {
+                return Err(bad(format!(
+                    "block {lowest} (at or below --to {to}) was stored with a hash the chain no longer has; rewinding to {to} would keep orphaned events. The newest safe target is {}",
+                    lowest - 1
+                )));
+            }
+            canonical.iter().find(|h| h.number == block).map(|h| h.hash)
+        }
+        Err(_) => None,
+    };
     let reason = format!("operator rewind from {from} to {to}");
-    let deleted = reorg::rewind(
+    let deleted = s.writer.remove_above(&tx, to).await.map_err(|e| bad(e.to_string()))?;
+    reorg::rewind(
         &*tx,
         stream,
         from,
         to,
-        current.last_block_hash,
+        current.hash,
         new_hash,
         &reason,
         replica_id,
+        deleted,
     )
     .await?;
     tx.commit().await.map_err(StoreError::db("commit rewind"))?;
@@ -94,7 +148,7 @@ pub async fn rewind(cfg: &Config, replica_id: &str, stream: &str, to: i64) -> Re
 /// What `dlq replay` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
-    /// Dead letters that now decode: stored in `events` and deleted.
+    /// Dead letters now stored in `events` (their handlers ran) and deleted.
     pub stored: Vec<i64>,
     /// Dead letters that still fail, with the new error (attempts + 1).
     pub still_failing: Vec<(i64, String)>,
@@ -108,95 +162,227 @@ pub async fn dlq_list(
     ids: &[i64],
 ) -> Result<Vec<DeadLetter>, AppError> {
     let db = connect(cfg, replica_id).await?;
-    let client = db.get().await?;
-    let rows = dead_letters::list(&**client, stream, ids, false).await?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let rows = dead_letters::list(&*tx, stream, ids, false).await?;
+    tx.commit().await.map_err(StoreError::db("read dead letters"))?;
     db.close();
     Ok(rows)
 }
 
-/// Replays dead letters (`ids`, or all when empty): each is fetched again
-/// from the chain (falling back to the stored copy when the node cannot
-/// serve it) and decoded with the current configuration; one that decodes
-/// is stored in `events` (idempotently) and deleted, one that does not
-/// stays with attempts + 1 and the new error — all in one transaction.
-pub async fn dlq_replay(cfg: &Config, replica_id: &str, ids: &[i64]) -> Result<Replayed, AppError> {
+/// Replays dead letters (`ids`, or all when empty), each in its own
+/// transaction: the letter's block must still be canonical (its header is
+/// fetched: a letter whose block was reorganised away, or that the node
+/// cannot confirm, stays); the log is fetched again when the node serves it
+/// (else the parked copy is used), decoded with the current configuration,
+/// and stored through the write seam — so its handlers run, once — and the
+/// letter is deleted. One that still fails stays, with attempts + 1 and the
+/// new error.
+pub async fn dlq_replay(
+    cfg: &Config,
+    replica_id: &str,
+    handlers: &HandlerMap,
+    ids: &[i64],
+) -> Result<Replayed, AppError> {
     let db = connect(cfg, replica_id).await?;
-    let mut client = db.get().await?;
-    let tx = client.transaction().await.map_err(StoreError::db("begin replay"))?;
-    let letters = dead_letters::list(&*tx, None, ids, true).await?;
+    let letters = {
+        let mut client = db.get().await?;
+        let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+        let rows = dead_letters::list(&*tx, None, ids, false).await?;
+        tx.commit().await.map_err(StoreError::db("read dead letters"))?;
+        rows
+    };
     let mut report = Replayed::default();
     for dl in letters {
-        match replay_one(cfg, &dl).await {
-            Ok((stream, chain_id, event)) => {
-                events::insert(&*tx, &stream, chain_id, &[event]).await?;
-                dead_letters::discard(&*tx, &[dl.id]).await?;
-                report.stored.push(dl.id);
-            }
+        let outcome = replay_one(cfg, &db, handlers, &dl).await?;
+        match outcome {
+            Ok(()) => report.stored.push(dl.id),
             Err(why) => {
+                let mut client = db.get().await?;
+                let tx = db.begin(&mut client, TxLimits::SHORT).await?;
                 dead_letters::failed_again(&*tx, dl.id, &why).await?;
+                tx.commit().await.map_err(StoreError::db("commit replay"))?;
                 report.still_failing.push((dl.id, why));
             }
         }
     }
-    tx.commit().await.map_err(StoreError::db("commit replay"))?;
     db.close();
     Ok(report)
+}
+
+/// One letter: `Ok(Ok(()))` stored and deleted, `Ok(Err(why))` still failing.
+async fn replay_one(
+    cfg: &Config,
+    db: &Database,
+    handlers: &HandlerMap,
+    dl: &DeadLetter,
+) -> Result<Result<(), String>, AppError> {
+    let Some(sc) = cfg.streams.iter().find(|s| s.name == dl.stream.as_str()) else {
+        return Ok(Err(format!("stream {:?} is no longer configured", dl.stream)));
+    };
+    let stream = stream_of(sc, handlers);
+    let log = match canonical_log(&stream, &dl.log).await {
+        Ok(log) => log,
+        Err(why) => return Ok(Err(why)),
+    };
+    let decoded = match sc.events.decode(&log) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let row = Row {
+        event: crate::store::events::NewEvent {
+            block_number: log.block_number,
+            block_hash: log.block_hash,
+            block_timestamp: None,
+            tx_hash: log.tx_hash,
+            log_index: u32::try_from(log.log_index).unwrap_or(u32::MAX),
+            address: log.address,
+            event_name: decoded.event_name,
+            params: decoded.params,
+        },
+        raw: log,
+    };
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    // The letter leaves first, so the seam does not skip it as parked; a
+    // failure parks it again (attempts count on).
+    dead_letters::discard(&*tx, &[dl.id]).await?;
+    let written = stream
+        .writer
+        .write(
+            &tx,
+            &mut Savepoints::new(),
+            Batch {
+                rows: vec![row],
+                undecodable: Vec::new(),
+            },
+        )
+        .await
+        .map_err(|e| AppError::Stream {
+            stream: dl.stream.clone(),
+            reason: e.to_string(),
+        })?;
+    if written.parked > 0 {
+        // A handler (or the database) refused it again: keep the letter as
+        // it was (rolled back), with the new error counted by the caller.
+        let why = dead_letters::error_of(&*tx, &dl.log)
+            .await?
+            .unwrap_or_else(|| "still failing".into());
+        drop(tx);
+        return Ok(Err(why));
+    }
+    tx.commit().await.map_err(StoreError::db("commit replay"))?;
+    Ok(Ok(()))
+}
+
+/// The log as the canonical chain has it, or why it cannot be replayed:
+/// the header of its block must carry the hash it was parked under.
+async fn canonical_log(stream: &Stream, stored: &RawLog) -> Result<RawLog, String> {
+    let rpc = stream.chain.pick();
+    let header = rpc
+        .headers(&[stored.block_number])
+        .await
+        .map_err(|e| format!("cannot confirm block {} is canonical: {e}", stored.block_number))?
+        .into_iter()
+        .next()
+        .flatten()
+        .ok_or_else(|| {
+            format!(
+                "cannot confirm block {} is canonical: the node does not have it",
+                stored.block_number
+            )
+        })?;
+    if header.hash != stored.block_hash {
+        return Err(format!(
+            "block {} is no longer canonical (parked under {}, the chain now has {}): refused",
+            stored.block_number, stored.block_hash, header.hash
+        ));
+    }
+    Ok(match refetch(stream, stored).await {
+        Ok(Some(fresh)) if fresh.block_hash == stored.block_hash => fresh,
+        // The node does not serve it again: the parked copy, of a canonical block.
+        _ => stored.clone(),
+    })
+}
+
+/// The log as the chain has it now, by (block, tx hash, log index).
+async fn refetch(stream: &Stream, stored: &RawLog) -> Result<Option<RawLog>, ChainError> {
+    let Some(topic0) = stored.topics.first() else {
+        return Ok(None);
+    };
+    let filter = LogFilter {
+        addresses: vec![stored.address],
+        topic0s: vec![*topic0],
+    };
+    let got = stream
+        .chain
+        .pick()
+        .get_logs(stored.block_number, stored.block_number, &filter)
+        .await?;
+    Ok(got
+        .logs
+        .into_iter()
+        .find(|l| l.tx_hash == stored.tx_hash && l.log_index == stored.log_index))
 }
 
 /// Deletes dead letters for good; returns how many there were.
 pub async fn dlq_discard(cfg: &Config, replica_id: &str, ids: &[i64]) -> Result<u64, AppError> {
     let db = connect(cfg, replica_id).await?;
-    let client = db.get().await?;
-    let n = dead_letters::discard(&**client, ids).await?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let n = dead_letters::discard(&*tx, ids).await?;
+    tx.commit().await.map_err(StoreError::db("commit discard"))?;
     db.close();
     Ok(n)
 }
 
-/// The row a dead letter becomes now, or why it still cannot.
-async fn replay_one(cfg: &Config, dl: &DeadLetter) -> Result<(String, u64, NewEvent), String> {
-    let sc = cfg
-        .streams
-        .iter()
-        .find(|s| s.name == dl.stream)
-        .ok_or_else(|| format!("stream {:?} is no longer configured", dl.stream))?;
-    let set = EventSet::parse(&sc.events).map_err(|e| format!("{e:?}"))?;
-    let log = match refetch(sc, &dl.log).await {
-        Ok(Some(fresh)) if fresh.block_hash == dl.log.block_hash => fresh,
-        Ok(Some(_)) => {
-            return Err(format!(
-                "block {} is no longer canonical (reorged)",
-                dl.log.block_number
-            ))
-        }
-        // The node does not have it (or cannot answer): decode the stored copy.
-        Ok(None) | Err(_) => dl.log.clone(),
-    };
-    let event = decode_log(&set, &log).map_err(|e| e.to_string())?;
-    Ok((sc.name.clone(), sc.chain_id, event))
+/// Pending ranges (skipped and backfills), oldest first.
+pub async fn gapfill_list(cfg: &Config, replica_id: &str, stream: Option<&str>) -> Result<Vec<Range>, AppError> {
+    let db = connect(cfg, replica_id).await?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let rows = failed_ranges::list(&*tx, stream).await?;
+    tx.commit().await.map_err(StoreError::db("read pending ranges"))?;
+    db.close();
+    Ok(rows)
 }
 
-/// The log as the chain has it now, by (block, tx hash, log index).
-async fn refetch(sc: &StreamConfig, stored: &RawLog) -> Result<Option<RawLog>, ChainError> {
-    let Some(topic0) = stored.topics.first() else {
-        return Ok(None);
-    };
-    let chain = ChainClient::new(&sc.rpc, crate::poller::client_options(sc))?;
-    let filter = LogFilter {
-        addresses: vec![stored.address],
-        topic0s: vec![*topic0],
-    };
-    let (logs, _) = chain
-        .pick()
-        .get_logs(stored.block_number, stored.block_number, &filter)
-        .await?;
-    Ok(logs
-        .into_iter()
-        .find(|l| l.tx_hash == stored.tx_hash && l.log_index == stored.log_index))
+/// Makes ranges due now with their attempts reset: `ids`, or every dead
+/// range with `dead`. Returns how many.
+pub async fn gapfill_retry(cfg: &Config, replica_id: &str, ids: &[i64], dead: bool) -> Result<u64, AppError> {
+    let db = connect(cfg, replica_id).await?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let n = failed_ranges::retry_now(&*tx, ids, dead).await?;
+    tx.commit().await.map_err(StoreError::db("commit retry"))?;
+    db.close();
+    Ok(n)
+}
+
+/// Makes this configuration's filter the one `stream`'s cursor advances
+/// under (going back to a replaced filter is an operator's decision), and
+/// backfills what it adds. Returns the backfill filters written.
+pub async fn adopt_filter(cfg: &Config, replica_id: &str, stream: &str) -> Result<Vec<LogFilter>, AppError> {
+    let sc = stream_cfg(cfg, stream)?;
+    let s = Arc::new(stream_of(sc, &HandlerMap::new()));
+    let db = connect(cfg, replica_id).await?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let current = cursor::lock(&*tx, stream, cursor::LockMode::Wait).await?;
+    let added = filter::adopt(&*tx, &s, &current, replica_id)
+        .await
+        .map_err(|e| AppError::Stream {
+            stream: stream.to_string(),
+            reason: e.to_string(),
+        })?;
+    tx.commit().await.map_err(StoreError::db("commit filter adoption"))?;
+    db.close();
+    Ok(added)
 }
 
 /// A pool to the configured database, once it answers (bounded retry).
 pub(crate) async fn connect(cfg: &Config, replica_id: &str) -> Result<Database, AppError> {
-    let db = Database::new(&cfg.database, replica_id)?;
+    let db = Database::new(&cfg.database.settings, replica_id)?;
     db.wait_until_reachable(cfg.database.connect_retry_for, &CancellationToken::new())
         .await?;
     Ok(db)

@@ -16,15 +16,17 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::CONNECT;
 use crate::chain::ws::Push;
-use crate::chain::ChainError;
+use crate::chain::{ChainError, Endpoints};
 use crate::config::Config;
 use crate::http::HttpState;
 use crate::metrics::Registry;
 use crate::poller::gapfill::GapFiller;
-use crate::poller::{Poller, Stream, TxLimits};
-use crate::store::pool::Database;
+use crate::poller::{Poller, Stream};
+use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, migrate, privileges, StoreError};
+use crate::write::{Handler, Handlers};
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +34,23 @@ pub enum AppError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("stream {stream}: {source}")]
-    Chain { stream: String, source: ChainError },
+    Chain { stream: String, source: Box<ChainError> },
     #[error("stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
     #[error("poller of stream {stream} stopped unexpectedly: {reason}")]
     PollerDied { stream: String, reason: String },
     #[error("start-up was interrupted by a signal")]
     Interrupted,
+    #[error("cannot listen on telemetry.http_listen = {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// What an operator command was asked to act on does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// What `build` does besides connecting.
@@ -48,13 +60,16 @@ pub struct BuildOptions {
     pub migrate: bool,
 }
 
+/// Rust handlers by stream name, registered by an embedding application.
+pub type HandlerMap = std::collections::HashMap<String, Vec<Arc<dyn Handler>>>;
+
 /// A built application, ready to run.
 pub struct App {
     db: Database,
     registry: Arc<Registry>,
     /// The bound HTTP listener, served by `run`.
     http: Option<tokio::net::TcpListener>,
-    max_lag_blocks: u64,
+    max_lag_blocks: Option<u64>,
     replica_id: String,
     pollers: Vec<Arc<Poller>>,
     /// Fills the ranges that `skip_and_backfill` streams skipped, if any do.
@@ -84,17 +99,34 @@ impl App {
         opts: BuildOptions,
         cancel: &CancellationToken,
     ) -> Result<App, AppError> {
-        let db = Database::new(&cfg.database, replica_id)?;
+        Self::build_with(cfg, replica_id, opts, &HandlerMap::new(), cancel).await
+    }
+
+    /// [`App::build`] with Rust handlers for some streams (by name).
+    pub async fn build_with(
+        cfg: &Config,
+        replica_id: &str,
+        opts: BuildOptions,
+        handlers: &HandlerMap,
+        cancel: &CancellationToken,
+    ) -> Result<App, AppError> {
+        if let Some(unknown) = handlers
+            .keys()
+            .find(|k| !cfg.streams.iter().any(|s| s.name == k.as_str()))
+        {
+            return Err(AppError::Stream {
+                stream: unknown.clone(),
+                reason: "a handler was registered for a stream the configuration does not have".into(),
+            });
+        }
+        let db = Database::new(&cfg.database.settings, replica_id)?;
         let registry = Registry::new(replica_id);
         // Bound first: a port clash is a start-up error, not a later surprise.
         let http = match cfg.telemetry.http_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
                     .await
-                    .map_err(|e| AppError::Stream {
-                        stream: "-".into(),
-                        reason: format!("cannot listen on telemetry.http_listen = {addr}: {e}"),
-                    })?,
+                    .map_err(|source| AppError::Listen { addr, source })?,
             ),
             None => None,
         };
@@ -104,44 +136,61 @@ impl App {
         }
         reachable?;
         if opts.migrate {
-            let mut client = db.get().await?;
-            let applied = migrate::migrate(&mut client, replica_id).await?;
+            let applied = migrate::migrate(&db, replica_id).await?;
             if !applied.is_empty() {
-                tracing::info!(versions = ?applied, "applied migrations");
+                tracing::info!(versions = ?applied, schema = db.schema(), "applied migrations");
             }
         }
-        // Fail now, naming what is missing, rather than inside the first tick.
-        privileges::check(&**db.get().await?).await?;
+        {
+            // Fail now, naming what is missing, rather than inside the first tick.
+            let mut client = db.get().await?;
+            let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+            privileges::check(&*tx, db.schema()).await?;
+            check_functions(&*tx, cfg).await?;
+            tx.commit().await.map_err(StoreError::db("commit start-up checks"))?;
+        }
+        let endpoints = Endpoints::new();
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
-            let name = sc.name.clone();
-            let observer: Arc<dyn crate::chain::client::RpcObserver> = registry.clone();
-            let stream = Stream::new(sc.clone(), Some(observer)).map_err(|reason| AppError::Stream {
-                stream: name.clone(),
-                reason,
-            })?;
+            let name = sc.name.to_string();
+            let observer: Arc<dyn crate::chain::RpcObserver> = registry.clone();
+            let rust = handlers.get(&name).cloned().unwrap_or_default();
+            let stream = Stream::new(
+                sc.clone(),
+                &endpoints,
+                Some(observer),
+                Handlers {
+                    rust,
+                    ..Handlers::default()
+                },
+            );
             verify_chain(&stream, cfg.database.connect_retry_for, cancel).await?;
-            let client = db.get().await?;
-            let (at, created) = cursor::seed(&**client, &name, sc.start_block, replica_id).await?;
+            let mut client = db.get().await?;
+            let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+            let (at, created) = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
+            tx.commit().await.map_err(StoreError::db("commit seed"))?;
             if created {
-                tracing::info!(stream = %name, start_block = sc.start_block, "created cursor");
-            } else if at.last_processed_block + 1 != i64::try_from(sc.start_block).unwrap_or(i64::MAX) {
-                tracing::info!(stream = %name, cursor = at.last_processed_block, start_block = sc.start_block, "resuming from the stored cursor; start_block only seeds a new cursor");
+                tracing::info!(stream = %name, start_block = %sc.start_block, "created cursor");
+            } else if at.processed.next() != sc.start_block.get() {
+                tracing::info!(stream = %name, cursor = %at.processed, start_block = %sc.start_block, "resuming from the stored cursor; start_block only seeds a new cursor");
             }
             let metrics = registry.stream(&name, sc.chain_id);
-            if !sc.ws.is_empty() {
-                let _ = metrics.push.set(Arc::new(Push::default()));
+            let push = (!sc.ws.is_empty()).then(|| Arc::new(Push::default()));
+            if let Some(p) = &push {
+                let _ = metrics.push.set(Arc::clone(p));
             }
             pollers.push(Arc::new(Poller::new(
                 Arc::new(stream),
                 db.clone(),
                 replica_id.to_string(),
-                TxLimits::from(&cfg.database),
+                cfg.database.limits,
                 metrics,
+                push,
             )));
         }
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
-        let gap_filler = GapFiller::new(&streams, db.clone(), replica_id.to_string()).map(Arc::new);
+        let gap_filler =
+            GapFiller::new(&streams, db.clone(), replica_id.to_string(), cfg.database.limits).map(Arc::new);
         crate::telemetry::export_metrics(&registry);
         Ok(App {
             db,
@@ -170,7 +219,7 @@ impl App {
         &self.registry
     }
 
-    /// The gap-fill worker, when a stream uses `skip_and_backfill`.
+    /// The gap-fill worker (skipped ranges and filter backfills).
     pub fn gap_filler(&self) -> Option<&Arc<GapFiller>> {
         self.gap_filler.as_ref()
     }
@@ -186,7 +235,7 @@ impl App {
             let state = Arc::new(HttpState {
                 registry: Arc::clone(&self.registry),
                 db: self.db.clone(),
-                streams: self.pollers.iter().map(|p| p.stream.cfg.name.clone()).collect(),
+                streams: self.pollers.iter().map(|p| p.stream.cfg.name.to_string()).collect(),
                 max_lag_blocks: self.max_lag_blocks,
                 replica_id: self.replica_id.clone(),
                 stopping: stop.clone(),
@@ -198,13 +247,13 @@ impl App {
             let token = stop.clone();
             tasks.spawn(async move {
                 p.run(token).await;
-                p.stream.cfg.name.clone()
+                p.stream.cfg.name.to_string()
             });
         }
         for p in &self.pollers {
-            if let Some(push) = p.metrics.push.get() {
+            if let Some(push) = &p.push {
                 let (urls, push, token) = (p.stream.cfg.ws.clone(), Arc::clone(push), stop.clone());
-                let stream = p.stream.cfg.name.clone();
+                let stream = p.stream.cfg.name.to_string();
                 let name = format!("newHeads subscription of {}", p.stream.cfg.name);
                 tasks.spawn(async move {
                     crate::chain::ws::subscribe(stream, urls, push, token).await;
@@ -277,7 +326,7 @@ impl App {
             .map(|p| {
                 let m = &p.metrics;
                 StreamSummary {
-                    stream: p.stream.cfg.name.clone(),
+                    stream: p.stream.cfg.name.to_string(),
                     ticks: m.ticks(None),
                     ranges_committed: m.ticks(Some("advanced")),
                     events_inserted: m.events_inserted.load(Ordering::Relaxed),
@@ -307,18 +356,47 @@ fn died(ended: Option<Result<String, tokio::task::JoinError>>) -> AppError {
     }
 }
 
-/// Every endpoint must serve the configured chain. A wrong chain id fails
-/// at once; an endpoint that cannot answer is retried for `retry_for`.
+/// Every configured SQL handler function exists (the server resolves it);
+/// an error names the stream and the key.
+async fn check_functions<C: crate::store::GenericClient>(c: &C, cfg: &Config) -> Result<(), AppError> {
+    for s in &cfg.streams {
+        for (key, name) in [
+            ("handler_function", &s.handler_function),
+            ("revert_function", &s.revert_function),
+        ] {
+            let Some(name) = name else { continue };
+            let found: bool = c
+                .query_typed_one(
+                    "SELECT to_regproc($1) IS NOT NULL",
+                    &[(name, tokio_postgres::types::Type::TEXT)],
+                )
+                .await
+                .map_err(StoreError::db("look up a handler function"))?
+                .get(0);
+            if !found {
+                return Err(AppError::Stream {
+                    stream: s.name.to_string(),
+                    reason: format!("{key} = {name:?}: no such function (or it is overloaded); create it as {name}(batch events[]) in the database first"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stream's endpoints must serve the configured chain: a wrong chain id
+/// fails at once; one healthy endpoint is enough to start (the others are
+/// checked on first use); while none answers, start-up retries for `retry_for`.
 async fn verify_chain(stream: &Stream, retry_for: Duration, cancel: &CancellationToken) -> Result<(), AppError> {
     let started = Instant::now();
     let mut attempt = 0;
     loop {
-        match stream.chain.verify_chain_id(stream.cfg.chain_id).await {
+        match stream.chain.verify_chain_id().await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() && started.elapsed() < retry_for && !cancel.is_cancelled() => {
                 attempt += 1;
-                let delay = crate::poller::backoff(attempt).min(Duration::from_secs(5));
-                tracing::warn!(stream = %stream.cfg.name, error = %e, retry_in = ?delay, "RPC endpoint not ready");
+                let delay = CONNECT.delay(attempt);
+                tracing::warn!(stream = %stream.cfg.name, error = %e, retry_in = ?delay, "no RPC endpoint of the stream answers yet");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = cancel.cancelled() => return Err(AppError::Interrupted),
@@ -326,8 +404,8 @@ async fn verify_chain(stream: &Stream, retry_for: Duration, cancel: &Cancellatio
             }
             Err(source) => {
                 return Err(AppError::Chain {
-                    stream: stream.cfg.name.clone(),
-                    source,
+                    stream: stream.cfg.name.to_string(),
+                    source: Box::new(source),
                 })
             }
         }

@@ -1,10 +1,12 @@
-//! The command line: `run`, `migrate`, `status`.
+//! The command line: `run`, `migrate`, `status`, `rewind`, `dlq …`,
+//! `gapfill …`, `adopt-filter`. An embedding application runs the same
+//! command line with its handlers registered (see [`crate::Service`]).
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::{App, AppError, BuildOptions};
+use crate::app::{App, AppError, BuildOptions, HandlerMap};
 use crate::config::{Config, ConfigError, EnvOverrides, Problem};
 use crate::store::migrate;
 
@@ -50,10 +52,25 @@ pub enum Command {
         #[arg(long)]
         to: i64,
     },
-    /// Dead letters: logs that did not decode, kept whole.
+    /// Dead letters: logs that did not decode, that the database refused,
+    /// or that a handler failed on, kept whole.
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// Ranges below a cursor still to fetch: skipped ranges and backfills of
+    /// what a changed filter adds.
+    Gapfill {
+        #[command(subcommand)]
+        action: GapfillAction,
+    },
+    /// Make this configuration's filter (addresses × events) the one the
+    /// stream's cursor advances under, backfilling what it adds: to return
+    /// to a filter that a newer deployment replaced.
+    AdoptFilter {
+        /// The stream (its name in the configuration).
+        #[arg(long)]
+        stream: String,
     },
     /// Print each stream's cursor, heads, lag and event count.
     Status {
@@ -88,6 +105,24 @@ pub enum DlqAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum GapfillAction {
+    /// List pending ranges: kind, blocks, progress, attempts, last error.
+    List {
+        /// Only this stream's.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Make ranges due now with their attempts reset (ids, or --dead for
+    /// every dead one).
+    Retry {
+        #[arg(required_unless_present = "dead")]
+        ids: Vec<i64>,
+        #[arg(long, conflicts_with = "ids")]
+        dead: bool,
+    },
+}
+
 impl Cli {
     /// The validated configuration, or every problem with it.
     pub fn load_config(&self) -> Result<Config, ConfigError> {
@@ -115,16 +150,14 @@ impl Cli {
     }
 }
 
-/// Runs a parsed command to completion.
-pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+/// Runs a parsed command to completion, with `handlers` registered.
+pub async fn execute(command: &Command, cfg: &Config, replica_id: &str, handlers: &HandlerMap) -> Result<(), AppError> {
     match command {
         Command::Run { no_migrate } => {
             // Handlers go in before anything starts, so an early signal is never lost.
-            let shutdown = crate::shutdown::install().map_err(|e| AppError::Stream {
-                stream: "-".into(),
-                reason: format!("cannot install signal handlers: {e}"),
-            })?;
-            let app = match App::build(cfg, replica_id, BuildOptions { migrate: !no_migrate }, &shutdown).await {
+            let shutdown = crate::shutdown::install().map_err(AppError::Signals)?;
+            let opts = BuildOptions { migrate: !no_migrate };
+            let app = match App::build_with(cfg, replica_id, opts, handlers, &shutdown).await {
                 // A stop asked for during start-up is still a graceful stop.
                 Err(AppError::Interrupted) => {
                     tracing::info!("stopped during start-up, before any tick");
@@ -136,8 +169,7 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
         }
         Command::Migrate => {
             let db = crate::admin::connect(cfg, replica_id).await?;
-            let mut client = db.get().await?;
-            let applied = migrate::migrate(&mut client, replica_id).await?;
+            let applied = migrate::migrate(&db, replica_id).await?;
             println!(
                 "{}",
                 if applied.is_empty() {
@@ -149,14 +181,23 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
             Ok(())
         }
         Command::Rewind { stream, to } => {
-            let r = crate::admin::rewind(cfg, replica_id, stream, *to).await?;
+            let r = crate::admin::rewind(cfg, replica_id, handlers, stream, *to).await?;
             println!(
                 "rewound stream {} from block {} to {}; deleted {} events above it",
                 r.stream, r.from, r.to, r.events_deleted
             );
             Ok(())
         }
-        Command::Dlq { action } => dlq(action, cfg, replica_id).await,
+        Command::Dlq { action } => dlq(action, cfg, replica_id, handlers).await,
+        Command::Gapfill { action } => gapfill(action, cfg, replica_id).await,
+        Command::AdoptFilter { stream } => {
+            let added = crate::admin::adopt_filter(cfg, replica_id, stream).await?;
+            println!(
+                "stream {stream} now advances under this configuration's filter; {} backfill range(s) recorded",
+                added.len()
+            );
+            Ok(())
+        }
         Command::Status { json } => {
             let rows = crate::status::collect(cfg, replica_id).await?;
             if *json {
@@ -169,7 +210,40 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str) -> Resul
     }
 }
 
-async fn dlq(action: &DlqAction, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+async fn gapfill(action: &GapfillAction, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+    use crate::admin;
+    match action {
+        GapfillAction::List { stream } => {
+            let rows = admin::gapfill_list(cfg, replica_id, stream.as_deref()).await?;
+            println!(
+                "{:>6}  {:<12} {:<8} {:>10} {:>10} {:>10}  {:>8}  {:<5}  LAST ERROR",
+                "ID", "STREAM", "KIND", "FROM", "TO", "DONE TO", "ATTEMPTS", "DEAD"
+            );
+            for r in &rows {
+                println!(
+                    "{:>6}  {:<12} {:<8} {:>10} {:>10} {:>10}  {:>8}  {:<5}  {}",
+                    r.id,
+                    r.stream,
+                    r.kind.as_str(),
+                    r.from_block,
+                    r.to_block,
+                    r.done_to,
+                    r.attempts,
+                    r.dead,
+                    r.last_error
+                );
+            }
+            println!("{} pending ranges", rows.len());
+        }
+        GapfillAction::Retry { ids, dead } => {
+            let n = admin::gapfill_retry(cfg, replica_id, ids, *dead).await?;
+            println!("{n} ranges due now");
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(action: &DlqAction, cfg: &Config, replica_id: &str, handlers: &HandlerMap) -> Result<(), AppError> {
     use crate::admin;
     match action {
         DlqAction::List { stream } => {
@@ -195,10 +269,7 @@ async fn dlq(action: &DlqAction, cfg: &Config, replica_id: &str) -> Result<(), A
         DlqAction::Show { id } => {
             let rows = admin::dlq_list(cfg, replica_id, None, &[*id]).await?;
             let Some(d) = rows.first() else {
-                return Err(AppError::Stream {
-                    stream: "-".into(),
-                    reason: format!("no dead letter with id {id}"),
-                });
+                return Err(AppError::NotFound(format!("no dead letter with id {id}")));
             };
             println!(
                 "id:           {}\nstream:       {}\nchain id:     {}",
@@ -213,11 +284,16 @@ async fn dlq(action: &DlqAction, cfg: &Config, replica_id: &str) -> Result<(), A
                 println!("topic[{i}]:     {t}");
             }
             println!("data:         0x{}", hex::encode(&d.log.data));
-            println!("error:        {}\nattempts:     {}", d.error, d.attempts);
+            println!(
+                "kind:         {}\nerror:        {}\nattempts:     {}",
+                d.kind.as_str(),
+                d.error,
+                d.attempts
+            );
         }
         DlqAction::Replay { ids, all } => {
             let ids: &[i64] = if *all { &[] } else { ids };
-            let r = admin::dlq_replay(cfg, replica_id, ids).await?;
+            let r = admin::dlq_replay(cfg, replica_id, handlers, ids).await?;
             for (id, why) in &r.still_failing {
                 println!("dead letter {id} still fails: {why}");
             }

@@ -1,9 +1,10 @@
 //! The HTTP endpoints an orchestrator and an operator use:
 //!
 //! - `/livez`: the process is running its loops (200 until shutdown starts).
-//! - `/readyz`: the database answers and every stream is within
-//!   `max_lag_blocks` of its safe head and not halted; 503 with the reasons
-//!   otherwise.
+//! - `/readyz`: this replica can work: the database answers and its loops
+//!   run; 503 with the reasons otherwise. Lag and halts are metrics and
+//!   `/status`, not a reason to take every replica out of rotation at once
+//!   (`telemetry.max_lag_blocks`, off by default, adds a lag gate).
 //! - `/metrics`: Prometheus text ([`crate::metrics`]).
 //! - `/status`: JSON per stream: cursor, heads, lag, last tick outcome, and
 //!   which replica moved the cursor last.
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Registry;
 use crate::store::pool::Database;
+use crate::store::pool::TxLimits;
 use crate::store::{cursor, failed_ranges};
 
 /// What the handlers read.
@@ -29,7 +31,7 @@ pub struct HttpState {
     pub db: Database,
     /// Configured stream names, in order.
     pub streams: Vec<String>,
-    pub max_lag_blocks: u64,
+    pub max_lag_blocks: Option<u64>,
     pub replica_id: String,
     /// Fires when shutdown starts: `/livez` and `/readyz` then fail.
     pub stopping: CancellationToken,
@@ -103,19 +105,17 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
 /// per stream, as Prometheus text.
 pub async fn database_metrics(db: &Database, streams: &[String]) -> Result<String, String> {
     use std::fmt::Write as _;
-    let client = db.get().await.map_err(|e| e.to_string())?;
-    let mut rows = Vec::new();
-    for name in streams {
-        rows.push((
-            name,
-            failed_ranges::backlog(&**client, name)
-                .await
-                .map_err(|e| e.to_string())?,
-        ));
-    }
+    let mut client = db.get().await.map_err(|e| e.to_string())?;
+    let tx = db
+        .begin(&mut client, TxLimits::SHORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let names: Vec<&str> = streams.iter().map(String::as_str).collect();
+    let rows = failed_ranges::backlogs(&*tx, &names).await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
     let mut out = String::new();
     type Pick = fn(&failed_ranges::Backlog) -> i64;
-    let series: [(&str, &str, Pick); 4] = [
+    let series: [(&str, &str, Pick); 5] = [
         (
             "logcursor_failed_ranges_pending",
             "Skipped ranges waiting for the gap-fill worker.",
@@ -134,6 +134,11 @@ pub async fn database_metrics(db: &Database, streams: &[String]) -> Result<Strin
             "Highest block below which nothing is pending.",
             |b| b.watermark,
         ),
+        (
+            "logcursor_backfill_blocks_left",
+            "Blocks of filter backfills still to fetch.",
+            |b| b.backfill_blocks_left,
+        ),
     ];
     for (name, help, pick) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -149,19 +154,22 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
     if s.stopping.is_cancelled() {
         reasons.push("shutting down".to_string());
     }
-    match view(&s).await {
-        Err(e) => reasons.push(format!("database: {e}")),
-        Ok(v) => {
-            for st in &v.streams {
-                if let Some(h) = &st.halted {
-                    reasons.push(format!("{} is halted: {h}", st.stream));
-                }
-                if st.lag_blocks > s.max_lag_blocks {
+    match s.max_lag_blocks {
+        // The optional lag gate needs the cursors.
+        Some(max) => match view(&s).await {
+            Err(e) => reasons.push(format!("database: {e}")),
+            Ok(v) => {
+                for st in v.streams.iter().filter(|st| st.lag_blocks > max) {
                     reasons.push(format!(
-                        "{} is {} blocks behind (max_lag_blocks = {})",
-                        st.stream, st.lag_blocks, s.max_lag_blocks
+                        "{} is {} blocks behind (max_lag_blocks = {max})",
+                        st.stream, st.lag_blocks
                     ));
                 }
+            }
+        },
+        None => {
+            if let Err(e) = reachable(&s.db).await {
+                reasons.push(format!("database: {e}"));
             }
         }
     }
@@ -174,6 +182,18 @@ async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
     (code, Json(serde_json::json!({ "ready": ready, "reasons": reasons }))).into_response()
 }
 
+/// The database answers a trivial query within a second.
+async fn reachable(db: &Database) -> Result<(), String> {
+    let check = async {
+        let client = db.get().await.map_err(|e| e.to_string())?;
+        client.simple_query("SELECT 1").await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(1), check)
+        .await
+        .map_err(|_| "no answer within 1s".to_string())?
+}
+
 async fn status(State(s): State<Arc<HttpState>>) -> Response {
     match view(&s).await {
         Ok(v) => Json(v).into_response(),
@@ -184,11 +204,19 @@ async fn status(State(s): State<Arc<HttpState>>) -> Response {
 /// Metrics joined with the cursor rows; the database part is bounded in time.
 async fn view(s: &HttpState) -> Result<StatusView, String> {
     let read = async {
-        let client = s.db.get().await.map_err(|e| e.to_string())?;
-        let mut rows = Vec::new();
-        for name in &s.streams {
-            rows.push(cursor::get(&**client, name).await.map_err(|e| e.to_string())?);
-        }
+        let mut client = s.db.get().await.map_err(|e| e.to_string())?;
+        let tx =
+            s.db.begin(&mut client, TxLimits::SHORT)
+                .await
+                .map_err(|e| e.to_string())?;
+        let names: Vec<&str> = s.streams.iter().map(String::as_str).collect();
+        let found = cursor::get_many(&*tx, &names).await.map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        let rows: Vec<Option<cursor::CursorRow>> = s
+            .streams
+            .iter()
+            .map(|n| found.iter().find(|(id, _)| id == n).map(|(_, r)| r.clone()))
+            .collect();
         Ok::<_, String>(rows)
     };
     let rows = tokio::time::timeout(Duration::from_secs(2), read)
@@ -203,7 +231,7 @@ async fn view(s: &HttpState) -> Result<StatusView, String> {
             let m = metrics.iter().find(|(n, _)| n == name).map(|(_, m)| Arc::clone(m));
             let (outcome, error) = m.as_ref().map(|m| m.last_outcome()).unwrap_or_default();
             let load = |f: fn(&crate::metrics::StreamMetrics) -> u64| m.as_deref().map_or(0, f);
-            let db_cursor = row.as_ref().map(|r| r.cursor.last_processed_block);
+            let db_cursor = row.as_ref().map(|r| r.cursor.processed.to_db());
             let safe_head = load(|m| m.safe_head.load(std::sync::atomic::Ordering::Relaxed));
             StreamView {
                 stream: name.clone(),

@@ -2,19 +2,37 @@
 //! N identical replicas run side by side. Replicas serialize on one row per
 //! stream (`block_cursors`, locked `FOR UPDATE` for a whole tick), so a range
 //! is fetched and stored by one replica only, and a waiter resumes from
-//! where the holder committed.
+//! where the holder committed. A user's own effects (SQL triggers, a
+//! set-based SQL function, Rust [`Handler`]s) run in the transaction that
+//! stores their events, so they too happen exactly once.
 //!
-//! # Module map
+//! # Layers
+//!
+//! Dependencies point down; nothing imports a module above it.
+//!
+//! ```text
+//! main.rs, cli            command line → config → app
+//! app, admin, status      build and run replicas; operator commands
+//! http, telemetry         endpoints, logs, traces, metrics export
+//! poller                  the tick (one transaction) and the loops
+//! write                   the one write seam: rows, then handlers
+//! chain    store          JSON-RPC (only importer of ethers) | PostgreSQL
+//! config                  TOML + env → typed values of the layers below
+//! types, backoff, redact, metrics   leaves
+//! ```
 //!
 //! | module       | owns                                                         |
 //! |--------------|--------------------------------------------------------------|
+//! | [`types`]    | domain primitives: addresses, hashes, logs, blocks, stream names |
+//! | [`backoff`]  | the one retry schedule type, and every schedule               |
 //! | [`config`]   | TOML + env → typed config; every problem reported at once     |
 //! | [`chain`]    | the only user of ethers: JSON-RPC client, ABI decoding        |
-//! | [`store`]    | PostgreSQL: pool, migrations, cursor row, events table        |
-//! | [`poller`]   | the tick (one transaction) and the per-stream loop            |
+//! | [`store`]    | PostgreSQL: pool, migrations, one module per table            |
+//! | [`write`]    | the write seam: events, handlers, isolation of failing rows   |
+//! | [`poller`]   | the tick, the per-stream loop, gap fill                       |
 //! | [`app`]      | build (connect, migrate, verify chain, seed) and run (drain)  |
 //! | [`status`]   | `logcursor status`                                            |
-//! | [`admin`]    | `logcursor rewind`                                            |
+//! | [`admin`]    | `logcursor rewind`, `dlq`, `gapfill`, `adopt-filter`          |
 //! | [`cli`]      | command line                                                  |
 //! | [`shutdown`] | SIGTERM/SIGINT → cancellation token                           |
 //! | [`telemetry`]| tracing subscriber and OTLP export                            |
@@ -28,27 +46,40 @@
 //! it breaks (`tests/it/`).
 //!
 //! - **I1** every canonical log at or below the cursor is stored exactly
-//!   once, keyed by (chain_id, tx_hash, log_index) — [`store::events`].
+//!   once, keyed by (chain_id, tx_hash, log_index) — [`store::events`]; or
+//!   parked whole in `dead_letters`, never both — [`write`].
 //! - **I2** no stored row comes from an orphaned block at or below the safe
-//!   head — only blocks at or below the safe head are read, and every tick
-//!   first checks the stored hash of the cursor's block ([`poller::tick`],
-//!   [`store::reorg`]) and every log's block hash against one batch of
-//!   headers fetched after its last part ([`poller::parts`]).
+//!   head — only blocks at or below the safe head are read, and every range
+//!   is chained to the stored cursor hash and checked unchanged after it
+//!   was read ([`poller::verify`]); operator commands check the chain too
+//!   ([`admin`]).
 //! - **I3** the cursor never moves backward — [`store::cursor::advance`];
 //!   the one exception is an audited rewind ([`store::reorg::rewind`]). A
 //!   cursor found lower than a replica last saw (a failover that lost
 //!   commits) is logged and counted, never hidden ([`poller::Poller`]).
 //! - **I4** no gaps: the chain's logs for (start, cursor] equal the stored
 //!   rows — events and cursor commit in one transaction ([`poller::tick`]),
-//!   and a range written in parts ends at the last part before any gap
-//!   ([`poller::parts`]).
+//!   a range written in parts ends at the last part before any gap
+//!   ([`poller::parts`]), and skipped ranges and backfills are recorded in
+//!   the transaction that passes them ([`store::failed_ranges`]).
 //! - **I5** after faults stop, the cursor reaches the safe head within a
 //!   bounded time — [`poller`] (capped backoff, every failure retried).
 //! - **I6** no session stays idle in transaction longer than the configured
-//!   bound — [`poller::tick`] and [`config`] (RPC deadline < idle timeout).
+//!   bound — [`poller::tick`] (a heartbeat while the tick waits on the chain;
+//!   only a frozen replica goes idle, and the server ends it).
+//! - **I8** no input from the chain can stop a stream: strings `jsonb`
+//!   cannot hold are kept as their bytes ([`chain::abi`]), and a row
+//!   PostgreSQL refuses is isolated and parked ([`write`]).
+//! - **I9** a cursor advances only under the filter it records; what a
+//!   changed filter adds below the cursor is backfilled — [`poller::filter`],
+//!   [`store::cursor`].
+//! - **I10** a user effect runs in the transaction that stores its rows,
+//!   once per stored row; a rewind undoes it in the rewind's transaction; a
+//!   failing effect parks its event — [`write`].
 
 pub mod admin;
 pub mod app;
+pub mod backoff;
 pub mod chain;
 pub mod cli;
 pub mod config;
@@ -60,3 +91,8 @@ pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod types;
+pub mod write;
+
+pub use async_trait::async_trait;
+pub use write::{Event, Handler, HandlerError, Transaction};

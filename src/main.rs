@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         let telemetry = logcursor::telemetry::init(&replica_id)?;
-        let outcome = cli::execute(&cli.command, &config, &replica_id).await;
+        let outcome = cli::execute(&cli.command, &config, &replica_id, &Default::default()).await;
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "stopped with an error");
         }

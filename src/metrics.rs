@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::chain::client::RpcObserver;
 use crate::chain::ChainErrorKind;
+use crate::chain::RpcObserver;
 
 /// Upper bounds (seconds) of the duration histograms.
 pub const BUCKETS: [f64; 14] = [
@@ -435,14 +435,7 @@ impl RpcObserver for Registry {
     fn observe(&self, endpoint: &str, method: &'static str, result: Result<(), &ChainErrorKind>, latency: Duration) {
         let kind = match result {
             Ok(()) => "ok",
-            Err(ChainErrorKind::Timeout) => "timeout",
-            Err(ChainErrorKind::Connect(_)) => "connect",
-            Err(ChainErrorKind::Http { .. }) => "http",
-            Err(ChainErrorKind::Rpc { .. }) => "rpc",
-            Err(ChainErrorKind::Malformed(_)) => "malformed",
-            Err(ChainErrorKind::WrongChain { .. }) => "wrong_chain",
-            Err(ChainErrorKind::Lagging { .. }) => "lagging",
-            Err(ChainErrorKind::BlockTooLarge { .. }) => "block_too_large",
+            Err(k) => k.label(),
         };
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         let m = endpoints.entry(endpoint.to_string()).or_default();

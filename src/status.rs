@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-use crate::chain::ChainClient;
+use crate::chain::{ChainClient, Endpoints};
 use crate::config::Config;
-use crate::store::pool::Database;
-use crate::store::{cursor, dead_letters, events, failed_ranges, StoreError};
+use crate::store::pool::{Database, TxLimits};
+use crate::store::{cursor, events, failed_ranges, StoreError};
 
 /// One stream's state as seen from the database and its first endpoint.
 #[derive(Debug, Clone, Serialize)]
@@ -36,37 +36,43 @@ pub struct StreamStatus {
     pub failed_ranges_pending: i64,
     /// Skipped ranges that failed `gapfill_max_attempts` times.
     pub failed_ranges_dead: i64,
+    /// Blocks of filter backfills still to fetch.
+    pub backfill_blocks_left: i64,
 }
 
 /// Reads every configured stream's status.
 pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>, StoreError> {
-    let db = Database::new(&cfg.database, replica_id)?;
-    let client = db.get().await?;
+    let db = Database::new(&cfg.database.settings, replica_id)?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    let names: Vec<&str> = cfg.streams.iter().map(|s| s.name.as_str()).collect();
+    let backlogs = failed_ranges::backlogs(&*tx, &names).await?;
+    let endpoints = Endpoints::new();
     let mut out = Vec::new();
     for s in &cfg.streams {
-        let row = cursor::get(&**client, &s.name).await?;
-        let stored = events::count(&**client, &s.name).await?;
-        let parked = dead_letters::count(&**client, &s.name).await?;
-        let (pending, dead) = failed_ranges::counts(&**client, &s.name).await?;
-        let chain = ChainClient::new(&s.rpc, crate::poller::client_options(s));
-        let head = match chain {
-            Ok(c) => c.pick().block_number().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let row = cursor::get(&*tx, &s.name).await?;
+        let stored = events::count(&*tx, &s.name).await?;
+        let backlog = backlogs
+            .iter()
+            .find(|(n, _)| n == s.name.as_str())
+            .map(|(_, b)| *b)
+            .unwrap_or_default();
+        let chain = ChainClient::new(&endpoints, &s.rpc, s.chain_id, crate::poller::client_options(s));
+        let head = chain.pick().block_number().await.map_err(|e| e.to_string());
         let safe_head = head.as_ref().ok().map(|h| h.saturating_sub(s.confirmations));
-        let cursor = row.as_ref().map(|r| r.cursor.last_processed_block);
+        let cursor = row.as_ref().map(|r| r.cursor.processed.to_db());
         out.push(StreamStatus {
-            stream: s.name.clone(),
+            stream: s.name.to_string(),
             chain_id: s.chain_id,
             cursor,
             head: head.as_ref().ok().copied(),
             safe_head,
             lag_blocks: safe_head.map(|sh| {
-                let done = cursor.unwrap_or(i64::try_from(s.start_block).unwrap_or(0) - 1);
+                let done = cursor.unwrap_or(s.start_block.to_db() - 1);
                 u64::try_from(i64::try_from(sh).unwrap_or(i64::MAX).saturating_sub(done).max(0)).unwrap_or(0)
             }),
             events_stored: stored,
-            dead_letters: parked,
+            dead_letters: backlog.dead_letters,
             updated_by: row.as_ref().and_then(|r| r.updated_by.clone()),
             updated_secs_ago: row
                 .as_ref()
@@ -84,10 +90,12 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
                     )
                 })
             }),
-            failed_ranges_pending: pending,
-            failed_ranges_dead: dead,
+            failed_ranges_pending: backlog.pending,
+            failed_ranges_dead: backlog.dead,
+            backfill_blocks_left: backlog.backfill_blocks_left,
         });
     }
+    tx.commit().await.map_err(StoreError::db("read status"))?;
     db.close();
     Ok(out)
 }
@@ -95,7 +103,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
 /// A fixed-width table for a terminal.
 pub fn render_table(rows: &[StreamStatus]) -> String {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-    let mut lines = vec![[
+    let mut lines: Vec<[String; 10]> = vec![[
         "STREAM".to_string(),
         "CHAIN".into(),
         "CURSOR".into(),
@@ -104,6 +112,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
         "LAG".into(),
         "EVENTS".into(),
         "DEAD".into(),
+        "BACKFILL".into(),
         "LAST BY".into(),
     ]];
     for r in rows {
@@ -116,6 +125,11 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
             opt(r.lag_blocks.map(|c| c.to_string())),
             r.events_stored.to_string(),
             r.dead_letters.to_string(),
+            if r.backfill_blocks_left > 0 {
+                format!("{} blocks left", r.backfill_blocks_left)
+            } else {
+                "-".into()
+            },
             match (&r.updated_by, r.updated_secs_ago) {
                 (Some(by), Some(ago)) => format!("{by} ({ago}s ago)"),
                 (Some(by), None) => by.clone(),
@@ -123,7 +137,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..9)
+    let widths: Vec<usize> = (0..10)
         .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -7,22 +7,31 @@
 //! | address             | lowercase 0x-hex string                |
 //! | bytes, bytesN       | 0x-hex string                          |
 //! | bool                | true / false                           |
-//! | string              | string                                 |
+//! | string              | string, exactly as emitted; `{"bytes": "0x…"}` when not valid UTF-8 or holding U+0000 |
 //! | T\[\], T\[N\], tuple | array                                  |
 //! | indexed dynamic     | 0x-hex of the 32-byte topic (a hash)   |
 //!
 //! Parameters are keyed by name; an unnamed parameter is `arg{position}`.
+//!
+//! I8 (no input from the chain can stop a stream): anyone can emit any
+//! bytes as a `string` on a watched contract, and PostgreSQL's `jsonb`
+//! refuses U+0000 (SQLSTATE 22P05) while a lossy decode would alter what
+//! was emitted. Strings are therefore decoded as raw bytes (same ABI
+//! encoding) and stored as a JSON string only when that is lossless; any
+//! other string becomes `{"bytes": "0x<hex of the exact bytes>"}`, which
+//! round-trips and which no string parameter can otherwise produce (a
+//! string is never an object).
 //! Several signatures may share a topic0 (ERC-20 and ERC-721 `Transfer`
 //! differ only in which parameters are indexed): the one whose layout
 //! decodes the log wins.
 
 use std::collections::HashMap;
 
-use ethers::abi::{Event, EventExt, HumanReadableParser, RawLog as AbiRawLog, Token};
+use ethers::abi::{Event, EventExt, EventParam, HumanReadableParser, ParamType, RawLog as AbiRawLog, Token};
 use ethers::types::{H256, I256};
 use serde_json::{Map, Value};
 
-use super::{Hash32, RawLog};
+use crate::types::{Hash32, RawLog};
 
 /// The configured events of one stream.
 #[derive(Debug, Clone)]
@@ -33,9 +42,11 @@ pub struct EventSet {
     order: Vec<Hash32>,
 }
 
-/// A configured event, and the same layout marked anonymous for decoding:
-/// topic0 is matched by the map already, and ethabi would otherwise hash
-/// the signature again for every log (a tenth of a backfill's CPU).
+/// A configured event, and the layout it is decoded with: marked anonymous
+/// (topic0 is matched by the map already, and ethabi would otherwise hash
+/// the signature again for every log, a tenth of a backfill's CPU), with
+/// every `string` read as `bytes` (the same encoding) so that no byte is
+/// lost or replaced.
 #[derive(Debug, Clone)]
 struct Candidate {
     event: Event,
@@ -98,6 +109,14 @@ impl EventSet {
             }
             let decoder = Event {
                 anonymous: true,
+                inputs: event
+                    .inputs
+                    .iter()
+                    .map(|p| EventParam {
+                        kind: strings_as_bytes(&p.kind),
+                        ..p.clone()
+                    })
+                    .collect(),
                 ..event.clone()
             };
             set.by_topic0
@@ -131,8 +150,8 @@ impl EventSet {
             match decoder.parse_log(raw) {
                 Ok(parsed) => {
                     let mut params = Map::new();
-                    for p in parsed.params {
-                        params.insert(p.name, token_to_json(&p.value));
+                    for (p, input) in parsed.params.into_iter().zip(&event.inputs) {
+                        params.insert(p.name, typed_json(&input.kind, &p.value));
                     }
                     return Ok(Decoded {
                         event_name: event.name.clone(),
@@ -170,6 +189,44 @@ fn describe(log: &RawLog, event: &Event, err: &ethers::abi::Error) -> String {
     } else {
         format!("data ({} bytes) does not decode: {err}", log.data.len())
     }
+}
+
+/// `kind` with every `string` (at any depth) read as `bytes`.
+fn strings_as_bytes(kind: &ParamType) -> ParamType {
+    match kind {
+        ParamType::String => ParamType::Bytes,
+        ParamType::Array(k) => ParamType::Array(Box::new(strings_as_bytes(k))),
+        ParamType::FixedArray(k, n) => ParamType::FixedArray(Box::new(strings_as_bytes(k)), *n),
+        ParamType::Tuple(ks) => ParamType::Tuple(ks.iter().map(strings_as_bytes).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The JSON of a token decoded under [`strings_as_bytes`]`(kind)`.
+fn typed_json(kind: &ParamType, token: &Token) -> Value {
+    match (kind, token) {
+        (ParamType::String, Token::Bytes(b)) => string_json(b),
+        (ParamType::Array(k) | ParamType::FixedArray(k, _), Token::Array(items) | Token::FixedArray(items)) => {
+            Value::Array(items.iter().map(|t| typed_json(k, t)).collect())
+        }
+        (ParamType::Tuple(ks), Token::Tuple(items)) => {
+            Value::Array(ks.iter().zip(items).map(|(k, t)| typed_json(k, t)).collect())
+        }
+        // Indexed dynamic values arrive as their topic (a hash).
+        _ => token_to_json(token),
+    }
+}
+
+/// A string's JSON: itself when `jsonb` holds it exactly, else its bytes.
+pub fn string_json(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.contains('\0') => Value::String(s.to_string()),
+        _ => serde_json::json!({ "bytes": hex0x_string(bytes) }),
+    }
+}
+
+fn hex0x_string(bytes: &[u8]) -> String {
+    format!("0x{}", hex::encode(bytes))
 }
 
 fn hex0x(bytes: &[u8]) -> Value {

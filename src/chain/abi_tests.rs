@@ -1,5 +1,5 @@
 use super::*;
-use crate::chain::Address;
+use crate::types::Address;
 use ethers::abi::{encode, Token};
 use ethers::types::{H160, U256};
 use serde_json::json;
@@ -164,4 +164,32 @@ fn unnamed_parameters_get_positional_names() {
         .decode(&log(vec![t0], encode(&[Token::Uint(1.into()), Token::Uint(2.into())])))
         .expect("decodes");
     assert_eq!(d.params, json!({"arg0": "1", "arg1": "2"}));
+}
+
+#[test]
+fn a_string_jsonb_cannot_hold_is_kept_as_its_exact_bytes_and_valid_utf8_exactly_as_emitted() {
+    const NOTE: &str = "event Note(string text, string[] many, (string,uint256) pair)";
+    let s = set(&[NOTE]);
+    let t0 = s.topic0s()[0];
+    let nul = b"pay\0me".to_vec();
+    let invalid = vec![0x66, 0x6f, 0xff, 0xfe];
+    let fine = "ok ✓ \u{1F600}".as_bytes().to_vec();
+    // `string` and `bytes` share one ABI encoding: emit raw bytes as strings.
+    let data = encode(&[
+        Token::Bytes(nul.clone()),
+        Token::Array(vec![Token::Bytes(fine.clone()), Token::Bytes(invalid.clone())]),
+        Token::Tuple(vec![Token::Bytes(nul.clone()), Token::Uint(1.into())]),
+    ]);
+    let d = s.decode(&log(vec![t0], data)).expect("decodes");
+    let raw = |b: &[u8]| json!({ "bytes": format!("0x{}", hex::encode(b)) });
+    assert_eq!(
+        d.params,
+        json!({
+            "text": raw(&nul),
+            "many": ["ok ✓ \u{1F600}", raw(&invalid)],
+            "pair": [raw(&nul), "1"],
+        })
+    );
+    // What is stored is what jsonb accepts: no U+0000 anywhere in the text.
+    assert!(!d.params.to_string().contains("\\u0000"));
 }

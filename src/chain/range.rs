@@ -22,7 +22,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_json::Value;
 
-use super::client::ChainErrorKind;
+use super::error::ChainErrorKind;
 
 /// An answer meaning "ask for fewer blocks".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,32 +124,33 @@ fn number(v: &Value) -> Option<u64> {
 
 /// The learned `eth_getLogs` span of one endpoint: multiplicative decrease
 /// (or the provider's suggestion) on "too much", additive increase after
-/// each success, never above the configured maximum nor below one block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// each success, never below one block. Shared by every stream on the
+/// endpoint, each of which caps it with its own `max_block_range`; `None`
+/// until the endpoint first refuses, and again once it has grown back past
+/// the asker's maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AdaptiveSpan {
-    current: u64,
-    max: u64,
+    current: Option<u64>,
 }
 
 impl AdaptiveSpan {
-    pub fn new(max: u64) -> Self {
-        let max = max.max(1);
-        AdaptiveSpan { current: max, max }
+    /// The span to ask for, at most `max`.
+    pub fn get(&self, max: u64) -> u64 {
+        self.current.unwrap_or(max).clamp(1, max.max(1))
     }
 
-    pub fn get(&self) -> u64 {
-        self.current
-    }
-
-    /// After a success: grow by a tenth of the maximum (at least one block).
-    pub fn grow(&mut self) {
-        self.current = (self.current + (self.max / 10).max(1)).min(self.max);
+    /// After a success: grow by a tenth of `max` (at least one block).
+    pub fn grow(&mut self, max: u64) {
+        if let Some(c) = self.current {
+            let next = c + (max / 10).max(1);
+            self.current = (next < max).then_some(next);
+        }
     }
 
     /// After "too much" for a request of `asked` blocks.
     pub fn shrink(&mut self, asked: u64, advice: TooLarge) {
         let next = advice.suggested_span.unwrap_or(asked / 2);
-        self.current = next.clamp(1, asked.saturating_sub(1).max(1)).min(self.max);
+        self.current = Some(next.clamp(1, asked.saturating_sub(1).max(1)));
     }
 }
 
@@ -211,32 +212,38 @@ mod tests {
 
     #[test]
     fn the_span_halves_or_follows_the_suggestion_and_grows_back_additively() {
-        let mut s = AdaptiveSpan::new(1000);
+        let mut s = AdaptiveSpan::default();
+        assert_eq!(s.get(1000), 1000, "no refusal yet: the asker's maximum");
         s.shrink(1000, TooLarge { suggested_span: None });
-        assert_eq!(s.get(), 500);
+        assert_eq!(s.get(1000), 500);
         s.shrink(
             500,
             TooLarge {
                 suggested_span: Some(120),
             },
         );
-        assert_eq!(s.get(), 120);
-        s.grow();
-        assert_eq!(s.get(), 220);
+        assert_eq!(s.get(1000), 120);
+        assert_eq!(s.get(50), 50, "another stream's smaller maximum caps it");
+        s.grow(1000);
+        assert_eq!(s.get(1000), 220);
         for _ in 0..20 {
-            s.grow();
+            s.grow(1000);
         }
-        assert_eq!(s.get(), 1000, "never above the maximum");
+        assert_eq!(s.get(1000), 1000, "never above the maximum");
         s.shrink(2, TooLarge { suggested_span: None });
-        assert_eq!(s.get(), 1);
+        assert_eq!(s.get(1000), 1);
         s.shrink(1, TooLarge { suggested_span: None });
-        assert_eq!(s.get(), 1, "never below one block");
+        assert_eq!(s.get(1000), 1, "never below one block");
         s.shrink(
             10,
             TooLarge {
                 suggested_span: Some(50),
             },
         );
-        assert_eq!(s.get(), 9, "a suggestion never grows the span past what was refused");
+        assert_eq!(
+            s.get(1000),
+            9,
+            "a suggestion never grows the span past what was refused"
+        );
     }
 }

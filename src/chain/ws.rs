@@ -6,8 +6,11 @@
 //! always. While the subscription is live the loop still polls every
 //! `ws_poll_interval` (a safety net for a subscription that stalls
 //! silently); while it is down, every `poll_interval`, as without push. A
-//! dropped subscription is reconnected with the poller's jittered, capped
-//! backoff, rotating through `ws_urls`.
+//! dropped subscription is reconnected with the [`CONNECT`] backoff,
+//! rotating through `ws_urls`.
+//!
+//! A socket that goes silent is given up after [`SILENT_FOR`]: one deadline,
+//! moved only by a frame received (a head, a pong), never by our own pings.
 //!
 //! URLs are secrets (API keys live in them): only their redacted form is
 //! ever printed, and error texts are scrubbed of the raw URL.
@@ -23,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::backoff::CONNECT;
 use crate::redact::{redact_url, Secret};
 
 /// A connection attempt, or the subscription's confirmation, must come within this.
@@ -92,7 +96,7 @@ pub async fn subscribe(stream: String, urls: Vec<Secret>, push: Arc<Push>, cance
             }
         }
         failures = if was_live { 1 } else { failures.saturating_add(1) };
-        let wait = crate::poller::backoff(failures);
+        let wait = CONNECT.delay(failures);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled() => break,
@@ -117,20 +121,30 @@ async fn run_once(url: &Secret, push: &Push) -> Result<(), String> {
     let mut subscription: Option<String> = None;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await; // the first tick is immediate
+                       // One deadline for the socket's silence, moved only when a frame arrives.
+    let silence = tokio::time::sleep(CONNECT_TIMEOUT);
+    tokio::pin!(silence);
     loop {
         let message = tokio::select! {
-            m = tokio::time::timeout(if subscription.is_some() { SILENT_FOR } else { CONNECT_TIMEOUT }, socket.next()) => m,
+            m = socket.next() => m,
             _ = ping.tick() => {
                 socket.send(Message::Ping(Vec::new())).await.map_err(|e| e.to_string())?;
                 continue;
             }
+            _ = &mut silence => {
+                return Err(match subscription {
+                    None => "eth_subscribe was not answered".into(),
+                    Some(_) => format!("nothing received for {SILENT_FOR:?}"),
+                });
+            }
         };
         let message = match message {
-            Err(_) if subscription.is_none() => return Err("eth_subscribe was not answered".into()),
-            Err(_) => return Err(format!("nothing received for {SILENT_FOR:?}")),
-            Ok(None) => return Ok(()),
-            Ok(Some(m)) => m.map_err(|e| e.to_string())?,
+            None => return Ok(()),
+            Some(m) => m.map_err(|e| e.to_string())?,
         };
+        if subscription.is_some() {
+            silence.as_mut().reset(tokio::time::Instant::now() + SILENT_FOR);
+        }
         let text = match message {
             Message::Text(t) => t,
             Message::Close(_) => return Ok(()),
@@ -149,6 +163,7 @@ async fn run_once(url: &Secret, push: &Push) -> Result<(), String> {
                     .and_then(Value::as_str)
                     .ok_or("eth_subscribe answered without an id")?;
                 subscription = Some(id.to_string());
+                silence.as_mut().reset(tokio::time::Instant::now() + SILENT_FOR);
                 push.set_connected(true);
                 tracing::info!("newHeads subscription live; a new block starts a tick at once");
             }

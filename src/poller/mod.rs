@@ -1,74 +1,92 @@
 //! The per-stream poll loop: tick, then wait (`poll_interval` when caught
-//! up, backoff with jitter after a failure, nothing while backfilling),
+//! up, the [`TICK`] backoff after a failure, nothing while backfilling),
 //! until cancelled. The tick itself is in [`tick`].
 //!
+//! | module      | owns                                                        |
+//! |-------------|-------------------------------------------------------------|
+//! | [`tick`]    | one tick: lock → plan → write parts → verify → advance      |
+//! | [`parts`]   | a range fetched and decoded ahead of the writer, in parts   |
+//! | [`verify`]  | the range continues the stored chain and did not change     |
+//! | [`filter`]  | the filter a cursor advances under; adopting a new one      |
+//! | [`gapfill`] | the worker that fetches skipped ranges and backfills        |
+//!
 //! I5 (after faults stop, the cursor reaches the safe head in bounded time):
-//! every failure is retried, with a backoff capped at [`MAX_BACKOFF`], and a
-//! successful tick resets it; a lock timeout (another replica is working) is
+//! every failure is retried, with a backoff capped at 30 s, and a
+//! successful tick resets it; a busy lock (another replica is working) is
 //! retried after a short jittered pause and is not a failure.
 
+pub mod filter;
 pub mod gapfill;
 pub mod parts;
 pub mod tick;
+pub mod verify;
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::abi::{DecodeError, EventSet};
-use crate::chain::{ChainClient, ChainError, ClientOptions, Hash32, LogFilter, RawLog};
-use crate::config::{DatabaseConfig, StreamConfig};
-use crate::metrics::{now_secs, StreamMetrics};
-use crate::store::events::NewEvent;
-use crate::store::pool::Database;
+use crate::backoff::{jitter, Failures, TICK};
+use crate::chain::ws::Push;
+use crate::chain::{ChainClient, ChainError, ClientOptions, Endpoints, RpcObserver};
+use crate::config::StreamConfig;
+use crate::metrics::StreamMetrics;
+use crate::store::pool::{Database, TxLimits};
 use crate::store::StoreError;
+use crate::types::{Hash32, LogFilter};
+use crate::write::{Handlers, WriteError, Writer};
 
-/// The longest wait between two attempts after failures.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A prefetched range older than this is not used: its view of the chain
+/// is stale (it would be verified anyway; this bounds what it holds).
+pub const PREFETCH_TTL: Duration = Duration::from_secs(5);
 
 /// A configured stream with what its ticks need.
 pub struct Stream {
     pub cfg: StreamConfig,
-    /// Decoder for the configured events.
-    pub events: EventSet,
     /// The `eth_getLogs` filter (addresses × topic0s).
     pub filter: LogFilter,
+    /// The filter's fingerprint: the cursor advances only under it (I9).
+    pub fingerprint: Hash32,
     pub chain: ChainClient,
     /// Logs per block lately: sizes the parts of a range (see [`parts`]).
     pub density: parts::Density,
+    /// The one write seam, with the stream's handlers.
+    pub writer: Writer,
 }
 
 impl Stream {
-    /// Builds the decoder, filter and RPC client of a validated stream
+    /// Builds the filter, RPC client and writer of a validated stream
     /// config; `observer` is told about every RPC request.
     pub fn new(
         cfg: StreamConfig,
-        observer: Option<Arc<dyn crate::chain::client::RpcObserver>>,
-    ) -> Result<Stream, String> {
-        let events = EventSet::parse(&cfg.events).map_err(|errs| {
-            errs.into_iter()
-                .map(|(i, e)| format!("events[{i}]: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
-        let filter = LogFilter {
-            addresses: cfg.addresses.clone(),
-            topic0s: events.topic0s(),
-        };
-        let mut chain = ChainClient::new(&cfg.rpc, client_options(&cfg)).map_err(|e| e.to_string())?;
+        endpoints: &Endpoints,
+        observer: Option<Arc<dyn RpcObserver>>,
+        mut handlers: Handlers,
+    ) -> Stream {
+        let filter = cfg.filter();
+        let fingerprint = filter.fingerprint(cfg.chain_id);
+        let mut chain = ChainClient::new(endpoints, &cfg.rpc, cfg.chain_id, client_options(&cfg));
         if let Some(o) = observer {
             chain = chain.with_observer(o);
         }
-        Ok(Stream {
+        handlers.sql = cfg.handler_function.clone();
+        handlers.sql_revert = cfg.revert_function.clone();
+        let writer = Writer {
+            stream: cfg.name.clone(),
+            chain_id: cfg.chain_id,
+            on_bad_event: cfg.on_bad_event,
+            on_handler_error: cfg.on_handler_error,
+            handlers,
+        };
+        Stream {
             cfg,
-            events,
             filter,
+            fingerprint,
             chain,
             density: parts::Density::default(),
-        })
+            writer,
+        }
     }
 }
 
@@ -82,24 +100,6 @@ pub fn client_options(cfg: &StreamConfig) -> ClientOptions {
     }
 }
 
-/// The `SET LOCAL` bounds of every tick's transaction.
-#[derive(Debug, Clone, Copy)]
-pub struct TxLimits {
-    pub lock_timeout: Duration,
-    pub statement_timeout: Duration,
-    pub idle_in_transaction_timeout: Duration,
-}
-
-impl From<&DatabaseConfig> for TxLimits {
-    fn from(d: &DatabaseConfig) -> Self {
-        TxLimits {
-            lock_timeout: d.lock_timeout,
-            statement_timeout: d.statement_timeout,
-            idle_in_transaction_timeout: d.idle_in_transaction_timeout,
-        }
-    }
-}
-
 /// Runs the ticks of one stream on behalf of one replica.
 pub struct Poller {
     pub stream: Arc<Stream>,
@@ -109,27 +109,31 @@ pub struct Poller {
     limits: TxLimits,
     /// What `/metrics` and `/status` show of this stream.
     pub metrics: Arc<StreamMetrics>,
-    /// Consecutive ticks whose range could not be fetched (reset by any
-    /// success); `skip_and_backfill` skips after `range_attempts`.
-    range_failures: std::sync::atomic::AtomicU32,
+    /// The push wake-up, when the stream has `ws_urls`.
+    pub push: Option<Arc<Push>>,
+    /// The cursor this replica last read or moved: a lower one read later
+    /// means it moved back (see [`Poller::note_regression`]).
+    seen: AtomicI64,
+    /// The head hash this stream last saw (see `tick`).
+    head_seen: Mutex<Option<Hash32>>,
+    /// Refusals of the range at the cursor (see [`tick::Refusals`]);
+    /// `skip_and_backfill` skips after `range_attempts`.
+    refusals: Mutex<tick::Refusals>,
     /// The next range, fetched while the last tick committed (pipelining).
     /// std Mutex: only swapped, never held across an await.
-    prefetch: std::sync::Mutex<Option<Prefetch>>,
+    prefetch: Mutex<Option<parts::Parts>>,
 }
-
-/// A range being fetched ahead of its tick (its first parts: the fetch
-/// waits once [`parts::QUEUED`] are ready). Dropping it aborts the fetch.
-type Prefetch = parts::Parts;
 
 /// What a successful tick did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TickOutcome {
-    /// The cursor is at the safe head: nothing to do.
+    /// The cursor is at the safe head: nothing to do (no transaction was
+    /// opened, no lock taken).
     Idle {
+        /// The last processed block (`-1` before block 0).
         cursor: i64,
         head: u64,
         safe_head: u64,
-        lock_wait: Duration,
     },
     /// `[from, to]` was stored and the cursor moved to `to`.
     Advanced {
@@ -141,18 +145,26 @@ pub enum TickOutcome {
         to_timestamp: u64,
         /// Logs the node returned for the range.
         logs: usize,
-        /// Of those, logs that did not decode and went to `dead_letters`.
+        /// Of those, logs parked in `dead_letters` by this tick.
         dead_lettered: usize,
         inserted: u64,
         duplicates: u64,
         lock_wait: Duration,
         lock_hold: Duration,
     },
-    /// A reorg below the safe head: events above `to` were deleted and the
-    /// cursor moved back from `from` to `to`, the newest stored block that
-    /// is still canonical (audited in `cursor_rewinds`).
+    /// The savepoint budget ran out inside the range's first block: what
+    /// was handled of it is committed, the cursor stays, and the next tick
+    /// goes on from there (logs handled already are not handled again).
+    Partial {
+        at: u64,
+        inserted: u64,
+        dead_lettered: usize,
+    },
+    /// A reorg below the safe head: events above `to` were deleted (their
+    /// effects reverted) and the cursor moved back from `from` to `to`, the
+    /// newest stored block that is still canonical (audited in `cursor_rewinds`).
     Rewound { from: i64, to: i64, events_deleted: u64 },
-    /// `[from, to]` kept failing: recorded in `failed_ranges` for the
+    /// `[from, to]` kept being refused: recorded in `failed_ranges` for the
     /// gap-fill worker, and the cursor moved past it.
     Skipped { from: u64, to: u64, error: String },
 }
@@ -164,23 +176,37 @@ pub enum TickError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Chain(#[from] ChainError),
-    #[error("stream {stream}: log {log_index} of tx {tx_hash} (block {block}) does not decode: {source}; the cursor stays before it")]
-    Decode {
-        stream: String,
-        block: u64,
-        tx_hash: Hash32,
-        log_index: u64,
-        source: DecodeError,
-    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
     /// A reorg below the safe head that the stream's policy does not rewind:
     /// the stream is halted (recorded in `block_cursors.halted_reason`).
     #[error("stream {stream} halted: {reason}")]
     DeepReorg { stream: String, reason: String },
+    /// The chain changed while the tick read it: nothing was committed.
+    #[error("block {block} changed while the tick read it (was {was}, now {now}): a reorganisation; rolled back")]
+    Reorged { block: u64, was: Hash32, now: Hash32 },
+    /// The cursor advances under another filter, adopted after this
+    /// replica's: this replica (an old one, during a rolling update) backs off.
+    #[error("stream {stream}: the cursor now advances under another filter (adopted {adopted} by {by}); this replica's filter was replaced, so it does not advance it (run `logcursor adopt-filter --stream {stream}` to go back to this one)")]
+    FilterReplaced {
+        stream: String,
+        adopted: String,
+        by: String,
+    },
+    /// The cursor was recorded on another chain.
+    #[error("stream {stream}: its cursor was recorded on chain {recorded}, this configuration says chain {configured}; a stream cannot move between chains (use a new stream name)")]
+    OtherChain {
+        stream: String,
+        recorded: u64,
+        configured: u64,
+    },
     /// The task fetching a range stopped before handing over all of it.
     #[error("the fetch of blocks up to {to} stopped before block {at} (its task ended)")]
     FetchEnded { at: u64, to: u64 },
-    /// The RPC work of one tick took longer than its share of the idle timeout.
-    #[error("RPC requests of this tick took longer than {budget:?} (90% of idle_in_transaction_timeout); rolled back before the server would end the session")]
+    /// The RPC work of one tick took longer than its budget.
+    #[error(
+        "the RPC work of this tick took longer than rpc_budget ({budget:?}); rolled back, and the endpoint cools down"
+    )]
     RpcBudget { budget: Duration },
     /// Shutdown interrupted the wait for the lock; nothing was done.
     #[error("cancelled while waiting for the cursor lock")]
@@ -188,9 +214,20 @@ pub enum TickError {
 }
 
 impl TickError {
-    /// Another replica held the lock past `lock_timeout`: not a fault.
+    /// Another replica holds the lock (past `lock_timeout`, or at once
+    /// with `NOWAIT`): not a fault.
+    pub fn is_lock_busy(&self) -> bool {
+        matches!(self, TickError::Store(e) if e.is_lock_busy())
+    }
+
+    /// Alias of [`TickError::is_lock_busy`].
     pub fn is_lock_timeout(&self) -> bool {
-        matches!(self, TickError::Store(e) if e.is_lock_timeout())
+        self.is_lock_busy()
+    }
+
+    /// This replica should wait rather than count a failure.
+    fn is_back_off(&self) -> bool {
+        self.is_lock_busy() || matches!(self, TickError::FilterReplaced { .. })
     }
 }
 
@@ -201,6 +238,7 @@ impl Poller {
         replica_id: String,
         limits: TxLimits,
         metrics: Arc<StreamMetrics>,
+        push: Option<Arc<Push>>,
     ) -> Poller {
         Poller {
             stream,
@@ -208,17 +246,20 @@ impl Poller {
             replica_id,
             limits,
             metrics,
-            range_failures: Default::default(),
-            prefetch: std::sync::Mutex::new(None),
+            push,
+            seen: AtomicI64::new(i64::MIN),
+            head_seen: Mutex::new(None),
+            refusals: Mutex::default(),
+            prefetch: Mutex::new(None),
         }
     }
 
-    /// A cursor read under the lock below what this replica last saw moved
-    /// back behind its back: an operator's rewind, or a database failover
-    /// that lost commits (asynchronous replication). Inserts are idempotent,
-    /// so re-ingesting is safe; it is logged and counted, never hidden.
+    /// A cursor read below what this replica last saw moved back behind its
+    /// back: an operator's rewind, or a database failover that lost commits
+    /// (asynchronous replication). Inserts are idempotent, so re-ingesting
+    /// is safe; it is logged and counted, never hidden.
     pub(crate) fn note_regression(&self, read: i64) {
-        let seen = self.metrics.cursor_block.load(Ordering::Relaxed);
+        let seen = self.seen.swap(read, Ordering::Relaxed);
         if read < seen {
             self.metrics.cursor_regressions.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -230,26 +271,8 @@ impl Poller {
         }
     }
 
-    /// Starts fetching `[from, to]` in the background (replacing, and so
-    /// aborting, any earlier prefetch).
-    fn start_prefetch(&self, from: u64, to: u64) {
-        let endpoint = self.stream.chain.pick().index();
-        let next = parts::Parts::spawn(Arc::clone(&self.stream), endpoint, from, to);
-        *self.prefetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
-    }
-
-    /// The prefetched range, if it starts at `from` (the cursor read under
-    /// the lock, plus one), ends within `to` (today's plan) and comes from
-    /// the tick's endpoint; anything else was assumed on a cursor that has
-    /// moved (or another node), and is discarded.
-    fn take_prefetch(&self, from: u64, to: u64, endpoint: usize) -> Option<parts::Parts> {
-        let p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
-        if p.from != from || p.to > to || p.endpoint != endpoint {
-            self.metrics.prefetch_discarded.fetch_add(1, Ordering::Relaxed);
-            return None; // dropped: aborted
-        }
-        self.metrics.prefetch_used.fetch_add(1, Ordering::Relaxed);
-        Some(p)
+    fn saw(&self, cursor: i64) {
+        self.seen.fetch_max(cursor, Ordering::Relaxed);
     }
 
     /// Updates the metrics after a tick.
@@ -280,7 +303,7 @@ impl Poller {
                 m.events_inserted.fetch_add(*inserted, Ordering::Relaxed);
                 m.duplicates.fetch_add(*duplicates, Ordering::Relaxed);
                 m.dead_letters.fetch_add(*dead_lettered as u64, Ordering::Relaxed);
-                m.last_advance.store(now_secs(), Ordering::Relaxed);
+                m.last_advance.store(crate::metrics::now_secs(), Ordering::Relaxed);
                 m.lock_wait.observe(*lock_wait);
                 m.lock_hold.observe(*lock_hold);
             }
@@ -288,12 +311,18 @@ impl Poller {
                 cursor,
                 head,
                 safe_head,
-                lock_wait,
             }) => {
                 m.cursor_block.store(*cursor, Ordering::Relaxed);
                 m.chain_head.store(*head, Ordering::Relaxed);
                 m.safe_head.store(*safe_head, Ordering::Relaxed);
-                m.lock_wait.observe(*lock_wait);
+            }
+            Ok(TickOutcome::Partial {
+                inserted,
+                dead_lettered,
+                ..
+            }) => {
+                m.events_inserted.fetch_add(*inserted, Ordering::Relaxed);
+                m.dead_letters.fetch_add(*dead_lettered as u64, Ordering::Relaxed);
             }
             Ok(TickOutcome::Rewound { to, .. }) => {
                 m.reorgs.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +336,7 @@ impl Poller {
             Err(TickError::DeepReorg { .. }) => {
                 m.reorgs.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) if e.is_lock_timeout() => {
+            Err(e) if e.is_lock_busy() => {
                 m.lock_timeouts.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {}
@@ -318,7 +347,7 @@ impl Poller {
     /// subscription is live (a safety net: a head ends the wait at once),
     /// else `poll_interval`.
     fn idle_wait(&self) -> Duration {
-        match self.metrics.push.get() {
+        match &self.push {
             Some(p) if p.connected() => self.stream.cfg.ws_poll_interval,
             _ => self.stream.cfg.poll_interval,
         }
@@ -327,7 +356,7 @@ impl Poller {
     /// Ticks until `cancel` fires. Returns only then: failures are retried.
     pub async fn run(&self, cancel: CancellationToken) {
         let name = &self.stream.cfg.name;
-        let mut consecutive_failures = 0u32;
+        let mut failures = Failures::new(TICK);
         let mut progress = Progress::default();
         while !cancel.is_cancelled() {
             let result = self.tick(&cancel).await;
@@ -340,7 +369,7 @@ impl Poller {
                     safe_head,
                     ..
                 }) => {
-                    consecutive_failures = 0;
+                    failures.reset();
                     progress.advanced(
                         name,
                         to - from + 1,
@@ -351,25 +380,33 @@ impl Poller {
                     Duration::ZERO
                 }
                 Ok(TickOutcome::Idle { .. }) => {
-                    consecutive_failures = 0;
+                    failures.reset();
                     idle = true;
                     self.idle_wait()
                 }
-                Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. }) => Duration::ZERO,
+                Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. } | TickOutcome::Partial { .. }) => {
+                    Duration::ZERO
+                }
                 Err(TickError::Cancelled) => break,
-                Err(e) if e.is_lock_timeout() => {
-                    tracing::debug!(stream = %name, "cursor lock busy; another replica is working");
-                    jitter(self.limits.lock_timeout.min(Duration::from_secs(1)))
+                Err(e) if e.is_back_off() => {
+                    match &e {
+                        TickError::FilterReplaced { .. } => tracing::warn!(stream = %name, error = %e, "backing off"),
+                        _ => tracing::debug!(stream = %name, "cursor lock busy; another replica is working"),
+                    }
+                    jitter(
+                        self.limits
+                            .lock_timeout
+                            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+                    )
                 }
                 Err(e) => {
-                    consecutive_failures += 1;
-                    let delay = backoff(consecutive_failures);
-                    tracing::error!(stream = %name, error = %e, attempt = consecutive_failures, retry_in = ?delay, "tick failed and rolled back");
+                    let delay = failures.failed();
+                    tracing::error!(stream = %name, error = %e, attempt = failures.count(), retry_in = ?delay, "tick failed and rolled back");
                     delay
                 }
             };
             if !wait.is_zero() {
-                let push = self.metrics.push.get().filter(|_| idle);
+                let push = self.push.as_ref().filter(|_| idle);
                 if idle {
                     let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
                     self.metrics.idle_wait_ms.store(ms, Ordering::Relaxed);
@@ -390,7 +427,7 @@ impl Poller {
 /// stream is far behind, so a long backfill says how long it will take.
 #[derive(Default)]
 struct Progress {
-    window_start: Option<Instant>,
+    window_start: Option<tokio::time::Instant>,
     blocks: u64,
     events: u64,
 }
@@ -404,7 +441,7 @@ impl Progress {
             *self = Progress::default();
             return;
         }
-        let started = *self.window_start.get_or_insert_with(Instant::now);
+        let started = *self.window_start.get_or_insert_with(tokio::time::Instant::now);
         self.blocks += blocks;
         self.events += events;
         let elapsed = started.elapsed();
@@ -422,53 +459,5 @@ impl Progress {
             );
             *self = Progress::default();
         }
-    }
-}
-
-/// A log decoded under `events`, as the row it becomes.
-pub fn decode_log(events: &EventSet, log: &RawLog) -> Result<NewEvent, DecodeError> {
-    let decoded = events.decode(log)?;
-    Ok(NewEvent {
-        block_number: i64::try_from(log.block_number).unwrap_or(i64::MAX),
-        block_hash: log.block_hash,
-        tx_hash: log.tx_hash,
-        // The client rejects log indexes above i32::MAX.
-        log_index: i32::try_from(log.log_index).unwrap_or(i32::MAX),
-        address: log.address,
-        event_name: decoded.event_name,
-        params: decoded.params,
-    })
-}
-
-/// Exponential backoff from 500 ms, capped at [`MAX_BACKOFF`], with jitter
-/// so that replicas that failed together do not retry together.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(500).saturating_mul(1 << attempt.saturating_sub(1).min(10));
-    jitter(base.min(MAX_BACKOFF))
-}
-
-/// A random duration in [d/2, d].
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::thread_rng().gen::<f64>())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_then_stays_capped() {
-        for attempt in 1..40 {
-            let d = backoff(attempt);
-            let nominal = Duration::from_millis(500)
-                .saturating_mul(1 << (attempt - 1).min(10))
-                .min(MAX_BACKOFF);
-            assert!(
-                d >= nominal / 2 && d <= nominal,
-                "attempt {attempt}: {d:?} vs {nominal:?}"
-            );
-        }
-        assert!(backoff(30) <= MAX_BACKOFF);
     }
 }

@@ -1,11 +1,12 @@
-//! A range's logs as an ordered sequence of parts, fetched ahead of the
-//! writer, so that a backfill costs about the slower of fetching and
-//! writing rather than their sum, in bounded memory.
+//! A range's logs as an ordered sequence of parts, fetched and decoded
+//! ahead of the writer, so that a backfill costs about the slower of
+//! fetching and writing rather than their sum, in bounded memory. This
+//! module only fetches and decodes; writing goes through [`crate::write`],
+//! checking through [`super::verify`].
 //!
 //! `Parts::spawn` cuts `[from, to]` into sub-ranges ("parts") that a task
 //! of their own fetches `fetch_concurrency` at a time and decodes, handing
-//! them over in block order through a channel of [`QUEUED`] parts. While the
-//! tick's transaction writes part k, parts k+1… are being fetched. Memory
+//! them over in block order through a channel of [`QUEUED`] parts. Memory
 //! holds at most `fetch_concurrency + QUEUED + 1` parts, whatever the size
 //! of the range, and requests in flight are expected to hold at most
 //! [`LOGS_IN_FLIGHT`] logs (one at a time where single blocks are denser).
@@ -16,19 +17,15 @@
 //! stream has seen one part, the first request goes alone and spans at most
 //! [`PROBE_BLOCKS`] blocks.
 //!
-//! I1 (every canonical log at or below the cursor stored exactly once), I2
-//! (no row from an orphaned block) and I4 (no gaps) rest on these rules:
-//! - parts cover the range exactly, each block once, and are handed over in
-//!   order; a part that fails, or ends short (one block overflows the
-//!   provider right after it), is the last one handed over: nothing after a
-//!   gap is ever stored, so the cursor can move to the last part's end
-//!   (`perf::a_later_part_that_fails_commits_the_parts_before_it…`,
-//!   `perf::concurrent_sub_ranges_cover_every_tick_exactly_once`);
-//! - `Stored` moves the tick's cursor only to what was stored;
-//! - `verify` checks every block the logs name, and the end block, in one
-//!   batch of headers fetched after the last part: logs fetched before a
-//!   reorg never pass with headers fetched after it (`chain::malformed…`
-//!   with a wrong block hash, `chain::a_reorg_shallower_than…`).
+//! Every part carries, from the backend that served its logs, the header
+//! of its last block (same JSON-RPC batch) and the headers of its blocks
+//! with logs (asked right after): each log's block hash must equal its
+//! header's, and each row gets its block's timestamp.
+//!
+//! I1, I2 and I4 rest on these rules: parts cover the range exactly, each
+//! block once, and are handed over in order; a part that fails, or ends
+//! short (one block overflows the provider right after it), is the last
+//! one handed over, so nothing after a gap is ever stored.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,13 +35,11 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{field, info_span, Instrument};
 
-use super::tick::canonical_headers;
-use super::{decode_log, Stream, TickError};
-use crate::chain::abi::DecodeError;
-use crate::chain::{ChainErrorKind, Hash32, RawLog, Rpc};
-use crate::config::BadEventPolicy;
-use crate::store::events::{self, NewEvent};
-use crate::store::{dead_letters, GenericClient};
+use super::{Stream, TickError};
+use crate::chain::{ChainErrorKind, Rpc};
+use crate::store::events::NewEvent;
+use crate::types::{Hash32, Header, LogFilter, RawLog};
+use crate::write::{Batch, Row};
 
 /// The number of logs a part aims at.
 pub const LOGS_PER_PART: u64 = 2_000;
@@ -57,7 +52,7 @@ pub const QUEUED: usize = 2;
 /// stays bounded whatever `fetch_concurrency` says.
 pub const LOGS_IN_FLIGHT: u64 = 4 * LOGS_PER_PART;
 
-/// One sub-range, fetched and decoded, not yet checked against headers.
+/// One sub-range, fetched and decoded.
 pub(crate) struct Part {
     /// The last block covered: the asked end, or the block before a single
     /// block that overflows the provider (then `short`).
@@ -65,11 +60,13 @@ pub(crate) struct Part {
     pub short: bool,
     /// Logs the node returned.
     pub logs: usize,
-    pub rows: Vec<NewEvent>,
-    /// Logs that do not decode, with why.
-    pub bad: Vec<(RawLog, DecodeError)>,
+    /// Decoded rows and the logs that do not decode.
+    pub batch: Batch,
     /// Every block with logs and the hash its logs name, in block order.
     pub blocks: Vec<(u64, Hash32)>,
+    /// The header of the last block of every request of this part, from
+    /// the backend that served its logs (the last one is `to`'s).
+    pub ends: Vec<Header>,
 }
 
 /// The parts of `[from, to]`, being fetched by their own task (aborted
@@ -79,6 +76,8 @@ pub(crate) struct Parts {
     pub to: u64,
     /// The endpoint ([`Rpc::index`]) every request goes to.
     pub endpoint: usize,
+    /// When the fetch started (a prefetch past its time to live is dropped).
+    pub started: tokio::time::Instant,
     /// The next block to hand over.
     next: u64,
     rx: mpsc::Receiver<Result<Part, TickError>>,
@@ -86,15 +85,16 @@ pub(crate) struct Parts {
 }
 
 impl Parts {
-    /// Starts fetching `[from, to]` from endpoint `endpoint` of `stream`.
-    /// The task's spans are children of the current span.
-    pub fn spawn(stream: Arc<Stream>, endpoint: usize, from: u64, to: u64) -> Parts {
+    /// Starts fetching `[from, to]` of `filter` from endpoint `endpoint` of
+    /// `stream`. The task's spans are children of the current span.
+    pub fn spawn(stream: Arc<Stream>, endpoint: usize, from: u64, to: u64, filter: LogFilter) -> Parts {
         let (tx, rx) = mpsc::channel(QUEUED);
-        let task = tokio::spawn(produce(stream, endpoint, from, to, tx).in_current_span());
+        let task = tokio::spawn(produce(stream, endpoint, from, to, filter, tx).in_current_span());
         Parts {
             from,
             to,
             endpoint,
+            started: tokio::time::Instant::now(),
             next: from,
             rx,
             task,
@@ -134,7 +134,14 @@ impl Drop for Parts {
 /// The fetch task: keeps up to `fetch_concurrency` requests in flight and
 /// hands their parts over in order; stops after a failed or short part, or
 /// when the receiver is gone.
-async fn produce(stream: Arc<Stream>, endpoint: usize, from: u64, to: u64, out: mpsc::Sender<Result<Part, TickError>>) {
+async fn produce(
+    stream: Arc<Stream>,
+    endpoint: usize,
+    from: u64,
+    to: u64,
+    filter: LogFilter,
+    out: mpsc::Sender<Result<Part, TickError>>,
+) {
     let rpc = stream.chain.at(endpoint);
     let concurrency = stream.cfg.fetch_concurrency.max(1);
     let share = (to - from + 1).div_ceil(concurrency as u64);
@@ -151,7 +158,7 @@ async fn produce(stream: Arc<Stream>, endpoint: usize, from: u64, to: u64, out: 
                 break; // unknown density, or too dense: wait for the parts in flight
             }
             expected_in_flight = expected_in_flight.saturating_add(expected);
-            let fetch = fetch_part(&stream, &rpc, next, end);
+            let fetch = fetch_part(&stream, rpc, next, end, &filter);
             inflight.push_back(async move { (expected, fetch.await) });
             next = end + 1;
         }
@@ -178,8 +185,8 @@ fn part_span(endpoint_span: u64, share: u64, logs_per_kiloblock: Option<u64>) ->
     endpoint_span.min(share).min(fits).max(1)
 }
 
-/// One part: its logs, the block hashes they name, decoded.
-async fn fetch_part(stream: &Stream, rpc: &Rpc<'_>, from: u64, to: u64) -> Result<Part, TickError> {
+/// One part: its logs, the headers of its blocks, decoded.
+async fn fetch_part(stream: &Stream, rpc: Rpc<'_>, from: u64, to: u64, filter: &LogFilter) -> Result<Part, TickError> {
     let span = info_span!(
         "rpc.eth_getLogs",
         rpc.system = "jsonrpc",
@@ -189,11 +196,30 @@ async fn fetch_part(stream: &Stream, rpc: &Rpc<'_>, from: u64, to: u64) -> Resul
         to,
         rpc.result_count = field::Empty,
     );
-    let (logs, covered) = rpc.get_logs(from, to, &stream.filter).instrument(span.clone()).await?;
-    span.record("rpc.result_count", logs.len());
-    stream.density.observe(logs.len() as u64, covered - from + 1);
+    let fetched = rpc.get_logs(from, to, filter).instrument(span.clone()).await?;
+    span.record("rpc.result_count", fetched.logs.len());
+    stream
+        .density
+        .observe(fetched.logs.len() as u64, fetched.covered - from + 1);
+    let blocks = blocks_named(&rpc, &fetched.logs)?;
+    let times = block_times(&rpc, &blocks, &fetched.ends).await?;
+    let count = fetched.logs.len();
+    let batch = info_span!("decode", logs = count).in_scope(|| decode(stream, fetched.logs, &times));
+    Ok(Part {
+        to: fetched.covered,
+        short: fetched.covered < to,
+        logs: count,
+        batch,
+        blocks,
+        ends: fetched.ends,
+    })
+}
+
+/// Every block the logs name, with the hash they name it by; two hashes
+/// for one block is a malformed answer.
+fn blocks_named(rpc: &Rpc<'_>, logs: &[RawLog]) -> Result<Vec<(u64, Hash32)>, TickError> {
     let mut blocks: Vec<(u64, Hash32)> = Vec::new();
-    for log in &logs {
+    for log in logs {
         match blocks.last() {
             Some((n, h)) if *n == log.block_number => {
                 if *h != log.block_hash {
@@ -207,26 +233,78 @@ async fn fetch_part(stream: &Stream, rpc: &Rpc<'_>, from: u64, to: u64) -> Resul
             _ => blocks.push((log.block_number, log.block_hash)),
         }
     }
-    let count = logs.len();
-    let (rows, bad) = info_span!("decode", logs = count).in_scope(|| {
-        let mut rows = Vec::with_capacity(logs.len());
-        let mut bad = Vec::new();
-        for log in logs {
-            match decode_log(&stream.events, &log) {
-                Ok(e) => rows.push(e),
-                Err(e) => bad.push((log, e)),
-            }
+    Ok(blocks)
+}
+
+/// The timestamp of every block in `blocks`, from headers the same endpoint
+/// serves right after the logs (the request ends' headers are known
+/// already); a header whose hash is not the one the logs name is a
+/// malformed answer (or a reorg in between: the tick retries either way).
+async fn block_times(rpc: &Rpc<'_>, blocks: &[(u64, Hash32)], ends: &[Header]) -> Result<Vec<(u64, u64)>, TickError> {
+    let missing: Vec<u64> = blocks
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| !ends.iter().any(|h| h.number == *n))
+        .collect();
+    let fetched = if missing.is_empty() {
+        Vec::new()
+    } else {
+        rpc.canonical_headers(&missing)
+            .instrument(info_span!(
+                "rpc.eth_getBlockByNumber",
+                rpc.system = "jsonrpc",
+                rpc.method = "eth_getBlockByNumber",
+                server.address = rpc.endpoint(),
+                blocks = missing.len()
+            ))
+            .await?
+    };
+    let mut times = Vec::with_capacity(blocks.len());
+    for (n, named) in blocks {
+        let header = ends.iter().chain(&fetched).find(|h| h.number == *n).ok_or_else(|| {
+            rpc.error(
+                "eth_getBlockByNumber",
+                ChainErrorKind::Malformed(format!("no header for block {n}")),
+            )
+        })?;
+        if header.hash != *named {
+            let reason = format!("logs name block {n} as {named}, but its header says {}", header.hash);
+            return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
         }
-        (rows, bad)
-    });
-    Ok(Part {
-        to: covered,
-        short: covered < to,
-        logs: count,
-        rows,
-        bad,
-        blocks,
-    })
+        times.push((*n, header.timestamp));
+    }
+    Ok(times)
+}
+
+/// Decodes `logs` into a batch; `times` holds every block's timestamp.
+fn decode(stream: &Stream, logs: Vec<RawLog>, times: &[(u64, u64)]) -> Batch {
+    let times: std::collections::HashMap<u64, u64> = times.iter().copied().collect();
+    let mut batch = Batch {
+        rows: Vec::with_capacity(logs.len()),
+        undecodable: Vec::new(),
+    };
+    for log in logs {
+        match stream.cfg.events.decode(&log) {
+            Ok(decoded) => {
+                let block_timestamp = times.get(&log.block_number).copied();
+                batch.rows.push(Row {
+                    event: NewEvent {
+                        block_number: log.block_number,
+                        block_hash: log.block_hash,
+                        block_timestamp,
+                        tx_hash: log.tx_hash,
+                        log_index: u32::try_from(log.log_index).unwrap_or(u32::MAX),
+                        address: log.address,
+                        event_name: decoded.event_name,
+                        params: decoded.params,
+                    },
+                    raw: log,
+                });
+            }
+            Err(e) => batch.undecodable.push((log, e.to_string())),
+        }
+    }
+    batch
 }
 
 /// Logs per 1,000 blocks the stream has seen lately: rises at once, falls
@@ -252,91 +330,6 @@ impl Density {
             Some(next.saturating_add(1))
         });
     }
-}
-
-/// What the parts of one range stored so far, in one transaction.
-#[derive(Default)]
-pub(crate) struct Stored {
-    /// The last block stored; `None` before the first part.
-    pub to: Option<u64>,
-    /// The last part ended short: a single block overflows after `to`.
-    pub short: bool,
-    pub logs: usize,
-    pub dead_lettered: usize,
-    pub inserted: u64,
-    pub duplicates: u64,
-    /// Every block with logs and the hash its logs name.
-    pub blocks: Vec<(u64, Hash32)>,
-}
-
-impl Stored {
-    /// Stores one part: its events (idempotently), and its logs that do not
-    /// decode per `on_bad_event`: parked in `dead_letters`, or (halt) a
-    /// `Decode` error before anything of the part is written.
-    pub async fn store<C: GenericClient>(&mut self, c: &C, stream: &Stream, part: Part) -> Result<(), TickError> {
-        let cfg = &stream.cfg;
-        if let Some((log, why)) = part.bad.first() {
-            if cfg.on_bad_event == BadEventPolicy::Halt {
-                return Err(TickError::Decode {
-                    stream: cfg.name.clone(),
-                    block: log.block_number,
-                    tx_hash: log.tx_hash,
-                    log_index: log.log_index,
-                    source: why.clone(),
-                });
-            }
-            let parked: Vec<(&RawLog, String)> = part.bad.iter().map(|(l, e)| (l, e.to_string())).collect();
-            dead_letters::park(c, &cfg.name, cfg.chain_id, &parked).await?;
-            tracing::warn!(stream = %cfg.name, count = parked.len(), first_tx = %log.tx_hash, first_log_index = log.log_index, error = %why, "logs that do not decode were parked in dead_letters");
-        }
-        let outcome = events::insert(c, &cfg.name, cfg.chain_id, &part.rows)
-            .instrument(info_span!(
-                "db.insert_events",
-                db.system = "postgresql",
-                db.operation = "INSERT",
-                rows = part.rows.len()
-            ))
-            .await?;
-        self.to = Some(part.to);
-        self.short = part.short;
-        self.logs += part.logs;
-        self.dead_lettered += part.bad.len();
-        self.inserted += outcome.inserted;
-        self.duplicates += outcome.duplicates;
-        self.blocks.extend(part.blocks);
-        Ok(())
-    }
-}
-
-/// A stored range, checked against one batch of headers.
-pub(crate) struct Verified {
-    /// Every block with logs, and `to`, with their canonical hashes.
-    pub hashes: Vec<(u64, Hash32)>,
-    pub last_hash: Hash32,
-    /// Timestamp of block `to`.
-    pub last_time: u64,
-}
-
-/// Checks that every block the logs named has that hash on `rpc` now, and
-/// reads the header of `to`.
-pub(crate) async fn verify(rpc: &Rpc<'_>, blocks: &[(u64, Hash32)], to: u64) -> Result<Verified, TickError> {
-    let mut numbers: Vec<u64> = blocks.iter().map(|(n, _)| *n).collect();
-    if numbers.last() != Some(&to) {
-        numbers.push(to);
-    }
-    let headers = canonical_headers(rpc, &numbers).await?;
-    for ((n, named), header) in blocks.iter().zip(&headers) {
-        if *named != header.hash {
-            let reason = format!("logs name block {n} as {named}, but its header says {}", header.hash);
-            return Err(rpc.error("eth_getLogs", ChainErrorKind::Malformed(reason)).into());
-        }
-    }
-    let last = headers.last().copied();
-    Ok(Verified {
-        hashes: numbers.into_iter().zip(headers.iter().map(|h| h.hash)).collect(),
-        last_hash: last.map_or(Hash32([0; 32]), |h| h.hash),
-        last_time: last.map_or(0, |h| h.timestamp),
-    })
 }
 
 #[cfg(test)]

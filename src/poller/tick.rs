@@ -1,23 +1,26 @@
 //! One tick: one READ COMMITTED transaction that holds the stream's cursor
-//! row lock from the first statement to COMMIT.
+//! row lock from the first statement to COMMIT. Each phase is a method
+//! named as below.
 //!
 //! ```text
-//! BEGIN ISOLATION LEVEL READ COMMITTED
-//! set_config(lock_timeout / statement_timeout / idle_in_transaction_session_timeout, local)
-//! SELECT … FROM block_cursors WHERE id = $stream FOR UPDATE   -- replicas queue here
-//! pick one endpoint for the whole tick
-//! head ≥ cursor?  (else: the endpoint lags; fail, pass it over)
-//! header(cursor).hash = stored hash?  (else: deep reorg → halt or rewind)
-//! range := [cursor+1, min(latest − confirmations, [finalized], cursor + max_block_range)]
-//!   empty → COMMIT (nothing changed), caller waits poll_interval
-//! for each part of the range, in order (fetched and decoded ahead by a task
-//!   of their own, `fetch_concurrency` at a time; see `parts`):
-//!   logs that do not decode → dead_letters, or halt (roll back, record it)
-//!   COPY / INSERT … ON CONFLICT DO NOTHING (duplicates counted)
-//! headers of every block with logs + the range end in one batch; every log's
-//!   block hash must match its header; remember block hashes
-//! UPDATE block_cursors … WHERE last_processed_block = $old   -- exactly 1 row
-//! COMMIT
+//! look      head (one endpoint, pinned for the tick) and the cursor, unlocked:
+//!           at the safe head → Idle, no transaction, no lock, no xid
+//! lock      BEGIN; set_config(search_path, lock_timeout, statement_timeout,
+//!           idle_in_transaction_session_timeout, local)
+//!           SELECT … FROM block_cursors WHERE id = $stream FOR UPDATE   -- replicas queue here
+//!           the row's filter is ours (else adopt a new one, or back off: filter)
+//! plan      range := [cursor+1, min(safe_head, cursor + max_block_range)]
+//!           pin: headers(from, to) in one batch; parent(from) = cursor hash,
+//!           else a deep reorg → halt or rewind
+//! write     for each part (fetched and decoded ahead, `parts`):
+//!             the write seam: SAVEPOINT; COPY / INSERT … ON CONFLICT DO NOTHING;
+//!             handlers; RELEASE (a failing row is parked, the rest goes on)
+//!           until the range, max_logs_per_tick, or the savepoint budget ends
+//! verify    headers of the first block, every block with logs, every request's
+//!           end and the last block, in one batch: unchanged (`verify`)
+//! advance   UPDATE block_cursors … WHERE last_processed_block = $old
+//!             AND filter_fingerprint = $ours                    -- exactly 1 row
+//!           COMMIT
 //! ```
 //!
 //! While part k is written, parts k+1… are fetched; a part that fails after
@@ -27,49 +30,104 @@
 //! Why READ COMMITTED: a replica blocked on the row lock re-reads the row
 //! once the holder commits, and so sees the advanced cursor and polls only
 //! the new range (under REPEATABLE READ it would fail with 40001 instead).
-//! Any error drops the transaction, which rolls back: the events and the
-//! cursor move together or not at all (I1, I4).
+//! Any error drops the transaction, which rolls back: the events, their
+//! effects and the cursor move together or not at all (I1, I4, I10).
 //!
-//! I6 (no session idle in transaction past its bound): the transaction sets
-//! `idle_in_transaction_session_timeout` locally, and each RPC request has a
-//! deadline shorter than it (checked by config validation), so a replica
-//! that freezes while holding the lock is cut off by the server. While the
-//! writer waits for the next part the session is idle in transaction: that
-//! wait, like the RPC calls of the tick itself, gives up at 90% of the bound.
+//! I6 (no session idle in transaction past its bound) holds per idle
+//! stretch: while the tick waits on the chain it sends a heartbeat
+//! statement every third of `idle_in_transaction_timeout` ([`Session`]),
+//! so only a replica that cannot run at all (frozen, SIGSTOP) goes idle,
+//! and the server ends its session after the bound. A slow but healthy
+//! provider is bounded instead by `rpc_budget`, one deadline for all the
+//! RPC work of the tick; with `max_block_range` and `max_logs_per_tick` it
+//! bounds how long the lock is held.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio_postgres::types::Type;
-use tokio_postgres::IsolationLevel;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info_span, Instrument};
 
-use super::parts::{self, Part, Parts, Stored};
-use super::{Poller, TickError, TickOutcome};
-use crate::chain::{ChainError, ChainErrorKind, Hash32, Header, Rpc};
+use super::parts::{Part, Parts};
+use super::verify::{self, Expect};
+use super::{filter, Poller, TickError, TickOutcome, PREFETCH_TTL};
+use crate::chain::{ChainError, ChainErrorKind, Rpc};
 use crate::config::{DeepReorgPolicy, UnfetchablePolicy};
-use crate::store::{cursor, failed_ranges, reorg, StoreError};
+use crate::store::cursor::{self, Cursor, LockMode};
+use crate::store::{failed_ranges, reorg, StoreError};
+use crate::types::{BlockNumber, Hash32, Header, Processed};
+use crate::write::{Savepoints, WriteError};
 
-/// What the RPC phase of a tick found, before anything is written.
-enum Fetched {
-    /// The cursor is at the safe head.
-    Idle { head: u64, safe_head: u64 },
-    /// The block under the cursor is no longer canonical.
-    Reorged { canonical: Hash32 },
-    /// `[from, to]` failed again and the policy says skip it.
-    Unfetchable { from: u64, to: u64, error: String },
-    /// A range to store, `[from, to]` as planned: its first part, and the
-    /// task fetching the others.
-    Range {
-        from: u64,
-        to: u64,
-        head: u64,
-        safe_head: u64,
-        first: Part,
-        rest: Parts,
-    },
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// The heads a tick works against.
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    head: u64,
+    /// The head block's hash: when it changes while a stream is caught up,
+    /// the cursor's block is checked (a reorg at the same height).
+    head_hash: Hash32,
+    safe_head: u64,
+}
+
+/// Refusals of the range at one cursor position, counted toward
+/// `skip_and_backfill`'s `range_attempts`.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals {
+    /// The first block of the refused range.
+    at: u64,
+    count: u32,
+    /// Endpoints that refused it with a deterministic JSON-RPC error.
+    endpoints: std::collections::BTreeSet<usize>,
+}
+
+/// The tick's transaction while it waits on the chain.
+struct Session<'a> {
+    tx: &'a Tx<'a>,
+    /// A heartbeat statement this often keeps the session from being idle.
+    beat: Duration,
+    /// All the RPC work of the tick ends by then.
+    deadline: Instant,
+    budget: Duration,
+}
+
+impl Session<'_> {
+    /// Runs `work` (RPC only) with heartbeats, until the tick's deadline.
+    async fn wait<T>(&self, work: impl std::future::Future<Output = Result<T, TickError>>) -> Result<T, TickError> {
+        tokio::pin!(work);
+        let deadline = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                _ = &mut deadline => return Err(TickError::RpcBudget { budget: self.budget }),
+                _ = tokio::time::sleep(self.beat) => {
+                    self.tx
+                        .batch_execute("SELECT 1")
+                        .await
+                        .map_err(StoreError::db("heartbeat"))?;
+                }
+            }
+        }
+    }
+}
+
+/// What a range's parts stored so far, in one transaction.
+#[derive(Default)]
+struct Stored {
+    /// The last complete block; `None` before the first part.
+    to: Option<u64>,
+    logs: usize,
+    parked: u64,
+    inserted: u64,
+    duplicates: u64,
+    /// Every block with logs and the hash its logs name.
+    blocks: Vec<(u64, Hash32)>,
+    /// Every request's last block, as its backend had it.
+    ends: Vec<Header>,
+    /// The savepoint budget ran out inside block `at`.
+    stopped_at: Option<u64>,
 }
 
 impl Poller {
@@ -94,27 +152,22 @@ impl Poller {
         )
     )]
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
-        let started = Instant::now();
-        let result = self.tick_inner(cancel).await;
-        match &result {
-            Ok(_) => self.range_failures.store(0, Ordering::Relaxed),
-            Err(e) if is_unfetchable(e) => {
-                self.range_failures.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {}
-        }
+        let started = std::time::Instant::now();
+        let result = self.tick_inner(cancel, LockMode::Wait).await;
         if let Err(e) = &result {
-            if !(e.is_lock_timeout() || matches!(e, TickError::Cancelled)) {
+            if !(e.is_back_off() || matches!(e, TickError::Cancelled)) {
                 self.record_failure(e).await;
             }
         }
         let outcome = match &result {
             Ok(TickOutcome::Idle { .. }) => "idle",
             Ok(TickOutcome::Advanced { .. }) => "advanced",
+            Ok(TickOutcome::Partial { .. }) => "partial",
             Ok(TickOutcome::Rewound { .. }) => "rewound",
             Ok(TickOutcome::Skipped { .. }) => "skipped",
             Err(TickError::Cancelled) => "cancelled",
-            Err(e) if e.is_lock_timeout() => "lock_timeout",
+            Err(e) if e.is_lock_busy() => "lock_timeout",
+            Err(TickError::FilterReplaced { .. }) => "filter_replaced",
             Err(_) => "error",
         };
         let span = tracing::Span::current();
@@ -129,143 +182,345 @@ impl Poller {
         result
     }
 
-    async fn tick_inner(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
-        let s = &self.stream;
-        let name = s.cfg.name.as_str();
+    async fn tick_inner(&self, cancel: &CancellationToken, mode: LockMode) -> Result<TickOutcome, TickError> {
+        let rpc = self.stream.chain.pick();
+        tracing::Span::current().record("endpoint", rpc.endpoint());
+        let heads = self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?;
+        // Idle costs nothing: a plain read (no lock, no transaction id).
+        let (peeked, peeked_hash, halted) = self.peek().await?;
+        if let Some(c) = peeked.block().filter(|c| *c > heads.head) {
+            // After a failover, a node behind the cursor: never move back.
+            let e: TickError = rpc
+                .error(
+                    "eth_blockNumber",
+                    ChainErrorKind::Lagging {
+                        head: heads.head,
+                        needed: c,
+                    },
+                )
+                .into();
+            self.cool_down_after(&rpc, &e);
+            return Err(e);
+        }
+        // A halted stream is never idle: each tick checks again (a halt by
+        // a deep reorg stays until a rewind; one by a bad event until the
+        // stream gets past it).
+        let mut reorged = halted;
+        if peeked.next() > heads.safe_head && !halted {
+            let head_moved = self.head_changed(heads.head_hash);
+            if let (true, Some(block), Some(stored)) = (head_moved, peeked.block(), peeked_hash) {
+                // The chain changed while this stream is caught up: is the
+                // cursor's block still the one processed? (A reorg at the
+                // same height adds no range to pin.)
+                let now = rpc.canonical_headers(&[block]).await?;
+                reorged = now[0].hash != stored;
+            }
+            if !reorged {
+                self.saw(peeked.to_db());
+                return Ok(TickOutcome::Idle {
+                    cursor: peeked.to_db(),
+                    head: heads.head,
+                    safe_head: heads.safe_head,
+                });
+            }
+        }
         let mut client = self.db.get().await?;
-        let cancel_query = client.cancel_token();
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(StoreError::db("begin tick"))?;
-        tx.query_typed(
-            "SELECT set_config('lock_timeout', $1, true),
-                    set_config('statement_timeout', $2, true),
-                    set_config('idle_in_transaction_session_timeout', $3, true)",
-            &[
-                (&millis(self.limits.lock_timeout), Type::TEXT),
-                (&millis(self.limits.statement_timeout), Type::TEXT),
-                (&millis(self.limits.idle_in_transaction_timeout), Type::TEXT),
-            ],
-        )
-        .await
-        .map_err(StoreError::db("set transaction limits"))?;
+        let result = self.locked(&mut client, &rpc, heads, reorged, cancel, mode).await;
+        if let Err(TickError::Store(e)) = &result {
+            // The connection saw the server go away or turn read-only: never again.
+            if self.db.evict_if_broken(client, e).is_none() {
+                return result;
+            }
+        }
+        result
+    }
 
+    /// Everything under the lock.
+    async fn locked(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        rpc: &Rpc<'_>,
+        heads: Heads,
+        check_cursor: bool,
+        cancel: &CancellationToken,
+        mode: LockMode,
+    ) -> Result<TickOutcome, TickError> {
+        let (tx, current, lock_wait) = self.lock(client, cancel, mode).await?;
+        let locked_at = Instant::now();
+        let session = Session {
+            tx: &tx,
+            beat: self.limits.idle_in_transaction_timeout / 3,
+            deadline: locked_at + self.stream.cfg.rpc_budget,
+            budget: self.stream.cfg.rpc_budget,
+        };
+        filter::check(&*tx, &self.stream, &current, &self.replica_id).await?;
+        let Some((from, planned_to)) = plan_range(current.processed, heads.safe_head, self.stream.cfg.max_block_range)
+        else {
+            if let (true, Some(block), Some(stored)) = (check_cursor, current.processed.block(), current.hash) {
+                let now = session
+                    .wait(async { Ok(rpc.canonical_headers(&[block]).await?) })
+                    .await?;
+                if now[0].hash != stored {
+                    return self.deep_reorg(tx, rpc, current, now[0].hash).await;
+                }
+            }
+            // Another replica got here first.
+            tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
+            return Ok(TickOutcome::Idle {
+                cursor: current.processed.to_db(),
+                head: heads.head,
+                safe_head: heads.safe_head,
+            });
+        };
+        let pin = match session.wait(verify::pin(rpc, from, planned_to)).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.cool_down_after(rpc, &e);
+                return Err(e);
+            }
+        };
+        if let Err(canonical) = pin.check(current.hash) {
+            return self.deep_reorg(tx, rpc, current, canonical).await;
+        }
+        let span = tracing::Span::current();
+        span.record("from_block", from);
+        let first = self.first_part(rpc, &session, from, planned_to).await;
+        let (first, rest) = match first {
+            Ok(parts) => parts,
+            Err(e) => return self.refused(tx, rpc, &current, from, planned_to, e).await,
+        };
+        let stored = match self.write_parts(&tx, &session, rpc, first, rest).await {
+            Err(TickError::Write(e @ WriteError::Halt { .. })) => {
+                // Nothing of the range stays; the halt is recorded once the
+                // lock is released.
+                tx.rollback()
+                    .await
+                    .map_err(StoreError::db("roll back before halting"))?;
+                return Err(self.halt(e).await);
+            }
+            other => other?,
+        };
+        let Some(to) = stored.to.filter(|t| *t >= from) else {
+            // The savepoint budget ran out inside the first block: commit what
+            // was handled; the cursor stays and the next tick goes on.
+            let at = stored.stopped_at.unwrap_or(from);
+            tx.commit().await.map_err(StoreError::db("commit partial tick"))?;
+            return Ok(TickOutcome::Partial {
+                at,
+                inserted: stored.inserted,
+                dead_lettered: usize::try_from(stored.parked).unwrap_or(usize::MAX),
+            });
+        };
+        span.record("to_block", to);
+        let expect = Expect {
+            from,
+            cursor_hash: current.hash,
+            to,
+            pinned: pin.to,
+            named: &stored.blocks,
+            ends: &stored.ends,
+        };
+        let verified = match session.wait(verify::verify(rpc, &expect)).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.cool_down_after(rpc, &e);
+                return Err(e);
+            }
+        };
+        self.advance(tx, &current, to, &verified).await?;
+        span.record("events_inserted", stored.inserted);
+        span.record("duplicates", stored.duplicates);
+        if self.stream.cfg.pipeline && to == planned_to && to < heads.safe_head {
+            // Backfill: fetch the next range while this replica (or another)
+            // works on; used only if the cursor is still where it assumes.
+            self.start_prefetch(
+                to + 1,
+                heads.safe_head.min(to.saturating_add(self.stream.cfg.max_block_range)),
+            );
+        }
+        self.refusals_reset();
+        Ok(TickOutcome::Advanced {
+            from,
+            to,
+            head: heads.head,
+            safe_head: heads.safe_head,
+            to_timestamp: verified.last_time,
+            logs: stored.logs,
+            dead_lettered: usize::try_from(stored.parked).unwrap_or(usize::MAX),
+            inserted: stored.inserted,
+            duplicates: stored.duplicates,
+            lock_wait,
+            lock_hold: locked_at.elapsed(),
+        })
+    }
+
+    /// The head and the safe head, from the tick's endpoint.
+    async fn look(&self, rpc: &Rpc<'_>) -> Result<Heads, TickError> {
+        let cfg = &self.stream.cfg;
+        let latest = rpc
+            .latest()
+            .instrument(info_span!(
+                "rpc.eth_blockNumber",
+                rpc.system = "jsonrpc",
+                rpc.method = "eth_getBlockByNumber",
+                server.address = rpc.endpoint()
+            ))
+            .await?;
+        let head = latest.number;
+        let mut safe_head = head.saturating_sub(cfg.confirmations);
+        if let Some(tag) = cfg.finality.tag() {
+            // `None`: the node does not answer the tag; confirmations alone.
+            if let Some(tagged) = rpc.tagged_block(tag).await? {
+                safe_head = safe_head.min(tagged);
+            }
+        }
+        Ok(Heads {
+            head,
+            head_hash: latest.hash,
+            safe_head,
+        })
+    }
+
+    /// Whether the head's hash differs from the last one this stream saw.
+    fn head_changed(&self, now: Hash32) -> bool {
+        let mut seen = self.head_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *seen != Some(now);
+        *seen = Some(now);
+        changed
+    }
+
+    /// The cursor, its hash, and whether the stream is halted, read without a lock.
+    async fn peek(&self) -> Result<(Processed, Option<Hash32>, bool), TickError> {
+        let mut client = self.db.get().await?;
+        let tx = self.db.begin(&mut client, self.limits).await?;
+        let name = self.stream.cfg.name.as_str();
+        let found = cursor::get(&*tx, name).await?;
+        tx.commit().await.map_err(StoreError::db("read cursor"))?;
+        let row = found.ok_or_else(|| StoreError::CursorMissing(name.to_string()))?;
+        Ok((row.cursor.processed, row.cursor.hash, row.halted_reason.is_some()))
+    }
+
+    /// BEGIN, the local settings, and the row lock; how long the lock took.
+    async fn lock<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+        cancel: &CancellationToken,
+        mode: LockMode,
+    ) -> Result<(Tx<'c>, Cursor, Duration), TickError> {
+        let cancel_query = client.cancel_token();
+        let tx = self.db.begin(client, self.limits).await?;
         let wait_started = Instant::now();
         let current = tokio::select! {
-            r = cursor::lock(&*tx, name).instrument(info_span!("cursor.lock", db.system = "postgresql", db.operation = "SELECT FOR UPDATE")) => r?,
+            r = cursor::lock(&*tx, &self.stream.cfg.name, mode)
+                .instrument(info_span!("cursor.lock", db.system = "postgresql", db.operation = "SELECT FOR UPDATE")) => r?,
             _ = cancel.cancelled() => {
                 // Ask the server to abandon the lock wait; dropping `tx` then rolls back.
                 self.db.cancel(cancel_query).await;
                 return Err(TickError::Cancelled);
             }
         };
-        let lock_wait = wait_started.elapsed();
-        let locked_at = Instant::now();
-        self.note_regression(current.last_processed_block);
+        self.note_regression(current.processed.to_db());
+        Ok((tx, current, wait_started.elapsed()))
+    }
 
-        let rpc = s.chain.pick();
-        tracing::Span::current().record("endpoint", rpc.endpoint());
-        let skip_on_failure = s.cfg.on_unfetchable_range == UnfetchablePolicy::SkipAndBackfill
-            && self.range_failures.load(Ordering::Relaxed) + 1 >= s.cfg.range_attempts;
-        let fetched = match self.within_budget(self.fetch(&rpc, &current, skip_on_failure)).await {
-            Err(e) => {
-                if matches!(&e, TickError::Chain(c) if c.is_endpoint_fault()) {
-                    rpc.cool_down();
-                }
-                return Err(e);
-            }
-            Ok(f) => f,
-        };
-        let (from, planned_to, head, safe_head, first, mut rest) = match fetched {
-            Fetched::Idle { head, safe_head } => {
-                tx.commit().await.map_err(StoreError::db("commit idle tick"))?;
-                return Ok(TickOutcome::Idle {
-                    cursor: current.last_processed_block,
-                    head,
-                    safe_head,
-                    lock_wait,
-                });
-            }
-            Fetched::Reorged { canonical } => return self.deep_reorg(tx, &rpc, current, canonical).await,
-            Fetched::Unfetchable { from, to, error } => {
-                // Best effort: the header may be served when the logs are not.
-                let hash = self
-                    .within_budget(canonical_hashes(&rpc, &[to]))
-                    .await
-                    .ok()
-                    .map(|h| h[0]);
-                failed_ranges::record(&*tx, name, to_i64(from), to_i64(to), &error).await?;
-                cursor::advance(
-                    &*tx,
-                    name,
-                    current.last_processed_block,
-                    to_i64(to),
-                    hash,
-                    &self.replica_id,
-                )
-                .await?;
-                tx.commit().await.map_err(StoreError::db("commit skipped range"))?;
-                tracing::warn!(stream = name, from, to, %error, "skipped a range the provider will not serve; the gap-fill worker will fetch it");
-                return Ok(TickOutcome::Skipped { from, to, error });
-            }
-            Fetched::Range {
+    /// The first part of `[from, to]` (from the prefetch when it is for
+    /// exactly this), and the parts after it being fetched.
+    async fn first_part(
+        &self,
+        rpc: &Rpc<'_>,
+        session: &Session<'_>,
+        from: u64,
+        to: u64,
+    ) -> Result<(Part, Parts), TickError> {
+        let mut parts = match self.take_prefetch(from, to, rpc.index()) {
+            Some(p) => p,
+            None => Parts::spawn(
+                Arc::clone(&self.stream),
+                rpc.index(),
                 from,
                 to,
-                head,
-                safe_head,
-                first,
-                rest,
-            } => (from, to, head, safe_head, first, rest),
+                self.stream.filter.clone(),
+            ),
         };
-        let span = tracing::Span::current();
-        span.record("from_block", from);
+        let first = match session.wait(async { Ok(parts.next().await) }).await? {
+            Some(Ok(part)) => part,
+            Some(Err(e)) => return Err(e),
+            None => return Err(TickError::FetchEnded { at: from, to }),
+        };
+        Ok((first, parts))
+    }
 
-        // Write each part as it arrives; the next ones are fetched meanwhile.
+    /// Writes each part as it arrives (the next ones are fetched meanwhile)
+    /// until the range, `max_logs_per_tick` or the savepoint budget ends,
+    /// or a later part fails (then what was written stands).
+    async fn write_parts(
+        &self,
+        tx: &Tx<'_>,
+        session: &Session<'_>,
+        rpc: &Rpc<'_>,
+        first: Part,
+        mut rest: Parts,
+    ) -> Result<Stored, TickError> {
         let mut stored = Stored::default();
-        let mut next = Some(Ok(first));
-        while let Some(item) = match next.take() {
-            Some(item) => Some(item),
-            None => self.next_part(&mut rest).await,
-        } {
-            let part = match item {
-                Ok(part) => part,
-                Err(e) => {
-                    tracing::warn!(stream = name, error = %e, kept_to = ?stored.to, "a later part of the range failed; committing the parts before it");
-                    break;
-                }
+        let mut budget = Savepoints::new();
+        let mut next = Some(first);
+        loop {
+            let part = match next.take() {
+                Some(p) => p,
+                None => match session.wait(async { Ok(rest.next().await) }).await {
+                    Ok(None) => break,
+                    Ok(Some(Ok(p))) => p,
+                    Ok(Some(Err(e))) | Err(e) => {
+                        tracing::warn!(stream = %self.stream.cfg.name, error = %e, kept_to = ?stored.to, "a later part of the range failed; committing the parts before it");
+                        self.cool_down_after(rpc, &e);
+                        break;
+                    }
+                },
             };
-            match stored.store(&*tx, s, part).await {
-                Ok(()) => {}
-                Err(e @ TickError::Decode { .. }) => {
-                    // on_bad_event = halt: nothing of the range stays; the
-                    // halt is recorded on its own once the lock is released.
-                    tx.rollback()
-                        .await
-                        .map_err(StoreError::db("roll back before halting"))?;
-                    cursor::halt(&**client, name, &format!("{e}; on_bad_event = \"halt\"")).await?;
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
+            let (part_to, short, logs) = (part.to, part.short, part.logs);
+            let written = self.stream.writer.write(tx, &mut budget, part.batch).await?;
+            stored.logs += logs;
+            stored.parked += written.parked;
+            stored.inserted += written.inserted;
+            stored.duplicates += written.duplicates;
+            stored.blocks.extend(part.blocks);
+            stored.ends.extend(part.ends);
+            if let Some(stop) = written.stopped {
+                stored.stopped_at = Some(stop.incomplete_block);
+                stored.to = stop.incomplete_block.checked_sub(1).or(stored.to);
+                break;
             }
-            if stored.short {
-                break; // a single block overflows after this part
+            stored.to = Some(part_to);
+            if short || stored.logs as u64 >= self.stream.cfg.max_logs_per_tick || !budget.left() {
+                break; // the rest is the next tick's
             }
         }
-        drop(rest); // stops fetching past a stop
-        let to = stored.to.unwrap_or(from); // the first part was stored
-        span.record("to_block", to);
-        let verified = self.within_budget(parts::verify(&rpc, &stored.blocks, to)).await?;
-        let hashes: Vec<(i64, Hash32)> = verified.hashes.iter().map(|(n, h)| (to_i64(*n), *h)).collect();
-        reorg::remember_hashes(&*tx, name, &hashes, to_i64(to), s.cfg.max_reorg_depth).await?;
+        Ok(stored)
+    }
+
+    /// Records the verified hashes and moves the cursor; COMMIT.
+    async fn advance(
+        &self,
+        tx: Tx<'_>,
+        current: &Cursor,
+        to: u64,
+        verified: &verify::Verified,
+    ) -> Result<(), TickError> {
+        let name = self.stream.cfg.name.as_str();
+        let hashes: Vec<(i64, Hash32)> = verified
+            .hashes
+            .iter()
+            .map(|(n, h)| (BlockNumber::saturating(*n).to_db(), *h))
+            .collect();
+        let to = BlockNumber::saturating(to);
+        reorg::remember_hashes(&*tx, name, &hashes, to.to_db(), self.stream.cfg.max_reorg_depth).await?;
         cursor::advance(
             &*tx,
             name,
-            current.last_processed_block,
-            to_i64(to),
+            current.processed,
+            to,
             Some(verified.last_hash),
+            self.stream.fingerprint,
             &self.replica_id,
         )
         .instrument(info_span!(
@@ -282,35 +537,109 @@ impl Poller {
             ))
             .await
             .map_err(StoreError::db("commit tick"))?;
-
-        span.record("events_inserted", stored.inserted);
-        span.record("duplicates", stored.duplicates);
-        if s.cfg.pipeline && to == planned_to && to < safe_head {
-            // Backfill: fetch the next range while this replica (or another)
-            // works on; used only if the cursor is still where it assumes.
-            self.start_prefetch(to + 1, safe_head.min(to.saturating_add(s.cfg.max_block_range)));
-        }
-        Ok(TickOutcome::Advanced {
-            from,
-            to,
-            head,
-            safe_head,
-            to_timestamp: verified.last_time,
-            logs: stored.logs,
-            dead_lettered: stored.dead_lettered,
-            inserted: stored.inserted,
-            duplicates: stored.duplicates,
-            lock_wait,
-            lock_hold: locked_at.elapsed(),
-        })
+        self.saw(to.to_db());
+        Ok(())
     }
 
-    /// The next part, waited for at most 90% of the idle-in-transaction
-    /// timeout (the session is idle in transaction meanwhile: I6).
-    async fn next_part(&self, parts: &mut Parts) -> Option<Result<Part, TickError>> {
-        self.within_budget(async { parts.next().await.transpose() })
-            .await
-            .transpose()
+    /// The first part of the range failed. With `skip_and_backfill`, a
+    /// range the provider itself refuses (a block too large, the same
+    /// deterministic error from every endpoint) `range_attempts` times is
+    /// recorded in `failed_ranges` and passed; anything else (429, 5xx,
+    /// timeouts, a lagging or malformed endpoint) is retried, never skipped.
+    async fn refused(
+        &self,
+        tx: Tx<'_>,
+        rpc: &Rpc<'_>,
+        current: &Cursor,
+        from: u64,
+        to: u64,
+        e: TickError,
+    ) -> Result<TickOutcome, TickError> {
+        self.cool_down_after(rpc, &e);
+        let TickError::Chain(c) = &e else {
+            return Err(e);
+        };
+        if self.stream.cfg.on_unfetchable_range != UnfetchablePolicy::SkipAndBackfill
+            || !self.refused_enough(from, rpc.index(), c)
+        {
+            return Err(e);
+        }
+        // A single block that overflows is skipped alone.
+        let (from, to) = match c.kind {
+            ChainErrorKind::BlockTooLarge { block, .. } => (block, block),
+            _ => (from, to),
+        };
+        // Best effort: the header may be served when the logs are not.
+        let hash = rpc.canonical_headers(&[to]).await.ok().map(|h| h[0].hash);
+        let name = self.stream.cfg.name.as_str();
+        let error = e.to_string();
+        let (from_db, to_db) = (
+            BlockNumber::saturating(from).to_db(),
+            BlockNumber::saturating(to).to_db(),
+        );
+        failed_ranges::record(&*tx, name, from_db, to_db, &error).await?;
+        cursor::advance(
+            &*tx,
+            name,
+            current.processed,
+            BlockNumber::saturating(to),
+            hash,
+            self.stream.fingerprint,
+            &self.replica_id,
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::db("commit skipped range"))?;
+        self.refusals_reset();
+        tracing::warn!(stream = name, from, to, %error, "skipped a range the provider will not serve; the gap-fill worker will fetch it");
+        Ok(TickOutcome::Skipped { from, to, error })
+    }
+
+    /// Counts a refusal of the range at `from`; whether it may be skipped now.
+    fn refused_enough(&self, from: u64, endpoint: usize, e: &ChainError) -> bool {
+        if !e.refuses_the_range() {
+            return false;
+        }
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if r.at != from {
+            *r = super::tick::Refusals {
+                at: from,
+                ..Default::default()
+            };
+        }
+        r.count += 1;
+        if matches!(e.kind, ChainErrorKind::Rpc { .. }) {
+            r.endpoints.insert(endpoint);
+        }
+        let everywhere =
+            matches!(e.kind, ChainErrorKind::BlockTooLarge { .. }) || r.endpoints.len() >= self.stream.chain.len();
+        r.count >= self.stream.cfg.range_attempts && everywhere
+    }
+
+    fn refusals_reset(&self) {
+        *self.refusals.lock().unwrap_or_else(|p| p.into_inner()) = Refusals::default();
+    }
+
+    /// An endpoint that failed, answered inconsistently or made the tick
+    /// exceed its budget is passed over: the next tick takes another.
+    fn cool_down_after(&self, rpc: &Rpc<'_>, e: &TickError) {
+        let fault = match e {
+            TickError::Chain(c) => c.is_endpoint_fault(),
+            TickError::RpcBudget { .. } | TickError::Reorged { .. } | TickError::FetchEnded { .. } => true,
+            _ => false,
+        };
+        if fault && self.stream.chain.len() > 1 {
+            rpc.cool_down();
+        }
+    }
+
+    /// A policy said halt: once the tick's transaction is rolled back,
+    /// record the halt on its own, outside the lock.
+    async fn halt(&self, e: WriteError) -> TickError {
+        if let Ok(client) = self.db.get().await {
+            let reason = e.to_string();
+            let _ = cursor::halt(&**client, &self.stream.cfg.name, &reason).await;
+        }
+        e.into()
     }
 
     /// Notes the failure on the cursor row, for `status` (best effort: the
@@ -321,172 +650,30 @@ impl Poller {
         }
     }
 
-    /// The RPC work of a tick must end before the server's idle-in-transaction
-    /// timeout would end the session (I6): give up a little earlier, cleanly.
-    async fn within_budget<T>(
-        &self,
-        work: impl std::future::Future<Output = Result<T, TickError>>,
-    ) -> Result<T, TickError> {
-        let budget = self.limits.idle_in_transaction_timeout.mul_f64(0.9);
-        tokio::time::timeout(budget, work)
-            .await
-            .unwrap_or(Err(TickError::RpcBudget { budget }))
-    }
-
-    /// Everything the tick needs from the chain, from one endpoint, checked
-    /// for consistency: the head is not behind the cursor, the cursor's block
-    /// still has its stored hash, every log carries its header's hash.
-    async fn fetch(
-        &self,
-        rpc: &Rpc<'_>,
-        current: &cursor::Cursor,
-        skip_on_failure: bool,
-    ) -> Result<Fetched, TickError> {
-        let cfg = &self.stream.cfg;
-        let head = rpc
-            .block_number()
-            .instrument(info_span!(
-                "rpc.eth_blockNumber",
-                rpc.system = "jsonrpc",
-                rpc.method = "eth_blockNumber",
-                server.address = rpc.endpoint()
-            ))
-            .await?;
-        let cursor_block = u64::try_from(current.last_processed_block).ok();
-        if let Some(c) = cursor_block.filter(|c| *c > head) {
-            return Err(rpc
-                .error("eth_blockNumber", ChainErrorKind::Lagging { head, needed: c })
-                .into());
-        }
-        if let (Some(c), Some(stored)) = (cursor_block, current.last_block_hash) {
-            let canonical = canonical_hashes(rpc, &[c]).await?[0];
-            if canonical != stored {
-                return Ok(Fetched::Reorged { canonical });
-            }
-        }
-        let mut safe_head = head.saturating_sub(cfg.confirmations);
-        if let Some(tag) = cfg.finality.tag() {
-            // A node without the tag (pre-merge, some L2s) has nothing final yet.
-            let tagged = rpc.tagged_header(tag).await?.map_or(0, |h| h.number);
-            safe_head = safe_head.min(tagged);
-        }
-        let Some((from, to)) = plan_range(current.last_processed_block, safe_head, cfg.max_block_range) else {
-            return Ok(Fetched::Idle { head, safe_head });
-        };
-        let endpoint = rpc.index();
-        let (rest, first) = match self.take_prefetch(from, to, endpoint) {
-            Some(mut p) => match p.next().await {
-                Some(Ok(part)) => (p, Ok(part)),
-                // A failed prefetch is just fetched again, inside the tick.
-                _ => self.first_part(from, to, endpoint).await,
-            },
-            None => self.first_part(from, to, endpoint).await,
-        };
-        match first {
-            Ok(first) => Ok(Fetched::Range {
-                from,
-                to: rest.to,
-                head,
-                safe_head,
-                first,
-                rest,
-            }),
-            Err(e) if skip_on_failure && is_unfetchable(&e) => {
-                // A single block that overflows is skipped alone.
-                let (from, to) = match &e {
-                    TickError::Chain(ChainError {
-                        kind: ChainErrorKind::BlockTooLarge { block, .. },
-                        ..
-                    }) => (*block, *block),
-                    _ => (from, rest.to),
-                };
-                Ok(Fetched::Unfetchable {
-                    from,
-                    to,
-                    error: e.to_string(),
-                })
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Starts fetching `[from, to]` and waits for its first part.
-    async fn first_part(&self, from: u64, to: u64, endpoint: usize) -> (Parts, Result<Part, TickError>) {
-        let mut parts = Parts::spawn(Arc::clone(&self.stream), endpoint, from, to);
-        let first = parts
-            .next()
-            .await
-            .unwrap_or(Err(TickError::FetchEnded { at: from, to }));
-        (parts, first)
-    }
-}
-
-/// A failure of the range itself (the provider will not serve it), as
-/// opposed to a lagging node or the database.
-fn is_unfetchable(e: &TickError) -> bool {
-    matches!(e, TickError::Chain(c) if !matches!(c.kind, ChainErrorKind::Lagging { .. }))
-}
-
-/// The canonical hashes of `blocks` (one batched request); a block the
-/// node does not have means it is lagging.
-pub(crate) async fn canonical_hashes(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Hash32>, TickError> {
-    Ok(canonical_headers(rpc, blocks)
-        .await?
-        .into_iter()
-        .map(|h| h.hash)
-        .collect())
-}
-
-/// The canonical headers of `blocks`; see [`canonical_hashes`].
-pub(crate) async fn canonical_headers(rpc: &Rpc<'_>, blocks: &[u64]) -> Result<Vec<Header>, TickError> {
-    let headers = rpc
-        .headers(blocks)
-        .instrument(info_span!(
-            "rpc.eth_getBlockByNumber",
-            rpc.system = "jsonrpc",
-            rpc.method = "eth_getBlockByNumber",
-            server.address = rpc.endpoint(),
-            blocks = blocks.len()
-        ))
-        .await?;
-    blocks
-        .iter()
-        .zip(headers)
-        .map(|(n, h)| {
-            h.ok_or_else(|| {
-                let head = blocks.iter().copied().min().unwrap_or(0).saturating_sub(1);
-                rpc.error("eth_getBlockByNumber", ChainErrorKind::Lagging { head, needed: *n })
-                    .into()
-            })
-        })
-        .collect()
-}
-
-impl Poller {
     /// The block under the cursor was reorganised away: halt the stream, or
     /// rewind it to the newest stored block that is still canonical.
     async fn deep_reorg(
         &self,
-        tx: deadpool_postgres::Transaction<'_>,
+        tx: Tx<'_>,
         rpc: &Rpc<'_>,
-        current: cursor::Cursor,
+        current: Cursor,
         canonical: Hash32,
     ) -> Result<TickOutcome, TickError> {
         let cfg = &self.stream.cfg;
         let name = cfg.name.as_str();
-        let height = current.last_processed_block;
-        let stored = current.last_block_hash.unwrap_or(Hash32([0; 32]));
+        let height = current.processed.to_db();
+        let stored = current.hash.unwrap_or_default();
         let found = format!("block {height} was {stored} when processed, the chain now has {canonical}");
         let ancestor = match cfg.on_deep_reorg {
             DeepReorgPolicy::Halt => None,
             DeepReorgPolicy::Rewind => {
                 let candidates = reorg::recent_hashes(&*tx, name, height, cfg.max_reorg_depth).await?;
                 let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
-                let now = self.within_budget(canonical_hashes(rpc, &numbers)).await?;
+                let now = rpc.canonical_headers(&numbers).await?;
                 candidates
                     .into_iter()
                     .zip(now)
-                    .find(|((_, was), is)| was == is)
+                    .find(|((_, was), is)| *was == is.hash)
                     .map(|((n, h), _)| (n, h))
             }
         };
@@ -503,7 +690,8 @@ impl Poller {
             });
         };
         let reason = format!("reorg below the safe head: {found}");
-        let deleted = reorg::rewind(
+        let deleted = self.stream.writer.remove_above(&tx, to).await?;
+        reorg::rewind(
             &*tx,
             name,
             height,
@@ -512,6 +700,7 @@ impl Poller {
             Some(to_hash),
             &reason,
             &self.replica_id,
+            deleted,
         )
         .await?;
         tx.commit().await.map_err(StoreError::db("commit rewind"))?;
@@ -522,36 +711,59 @@ impl Poller {
             events_deleted: deleted,
         })
     }
+
+    /// Starts fetching `[from, to]` in the background (replacing, and so
+    /// aborting, any earlier prefetch).
+    fn start_prefetch(&self, from: u64, to: u64) {
+        let endpoint = self.stream.chain.pick().index();
+        let next = Parts::spawn(Arc::clone(&self.stream), endpoint, from, to, self.stream.filter.clone());
+        *self.prefetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+    }
+
+    /// The prefetched range, if it starts at `from` (the cursor read under
+    /// the lock, plus one), ends within `to` (today's plan), comes from the
+    /// tick's endpoint and is younger than [`PREFETCH_TTL`]; anything else
+    /// was assumed on a cursor that has moved (or another node, or an older
+    /// chain), and is discarded. What is used is verified like any part.
+    fn take_prefetch(&self, from: u64, to: u64, endpoint: usize) -> Option<Parts> {
+        let p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        if p.from != from || p.to > to || p.endpoint != endpoint || p.started.elapsed() > PREFETCH_TTL {
+            self.metrics
+                .prefetch_discarded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None; // dropped: aborted
+        }
+        self.metrics
+            .prefetch_used
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(p)
+    }
 }
 
 /// The tick's range: `[cursor + 1, min(safe_head, cursor + max_range)]`,
 /// or `None` when the cursor has reached the safe head.
-pub fn plan_range(cursor: i64, safe_head: u64, max_range: u64) -> Option<(u64, u64)> {
-    let from = u64::try_from(cursor + 1).ok()?;
+pub fn plan_range(cursor: Processed, safe_head: u64, max_range: u64) -> Option<(u64, u64)> {
+    let from = cursor.next();
     let to = safe_head.min(from.saturating_add(max_range.max(1) - 1));
     (to >= from).then_some((from, to))
 }
 
-fn millis(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
-fn to_i64(block: u64) -> i64 {
-    i64::try_from(block).unwrap_or(i64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::plan_range;
+    use super::*;
+
+    fn at(n: i64) -> Processed {
+        Processed::from_db(n)
+    }
 
     #[test]
     fn range_starts_after_the_cursor_and_stops_at_the_safe_head_or_the_cap() {
-        assert_eq!(plan_range(-1, 10, 2000), Some((0, 10)));
-        assert_eq!(plan_range(-1, 0, 2000), Some((0, 0)));
-        assert_eq!(plan_range(9, 10, 2000), Some((10, 10)));
-        assert_eq!(plan_range(10, 10, 2000), None);
-        assert_eq!(plan_range(12, 10, 2000), None, "a cursor above the safe head waits");
-        assert_eq!(plan_range(99, 10_000, 100), Some((100, 199)));
-        assert_eq!(plan_range(99, 10_000, 1), Some((100, 100)));
+        assert_eq!(plan_range(at(-1), 10, 2000), Some((0, 10)));
+        assert_eq!(plan_range(at(-1), 0, 2000), Some((0, 0)));
+        assert_eq!(plan_range(at(9), 10, 2000), Some((10, 10)));
+        assert_eq!(plan_range(at(10), 10, 2000), None);
+        assert_eq!(plan_range(at(12), 10, 2000), None, "a cursor above the safe head waits");
+        assert_eq!(plan_range(at(99), 10_000, 100), Some((100, 199)));
+        assert_eq!(plan_range(at(99), 10_000, 1), Some((100, 100)));
     }
 }

@@ -1,15 +1,21 @@
-//! Schema migrations from `sql/`, embedded in the binary.
+//! Schema migrations from `sql/`, embedded in the binary, applied inside the
+//! configured schema (`database.schema`): the schema is created if missing,
+//! and `search_path` is set to it for the migration's transaction, so every
+//! table, sequence, function and view the files create lives there. Two
+//! deployments with different schemas share a database without seeing
+//! each other.
 //!
 //! Singleton role: N replicas may start at once, and each runs [`migrate`].
 //! They never race because the whole run happens in one transaction that
-//! first takes `pg_advisory_xact_lock(MIGRATION_LOCK_KEY)`: the first replica
-//! applies what is missing and commits; the others wait on the lock, then
-//! find nothing left to apply. The lock is transaction-scoped, so it is
-//! released by COMMIT or by the session dying, and works behind a
+//! first takes `pg_advisory_xact_lock(MIGRATION_LOCK_CLASS, hashtext(schema))`:
+//! the first replica applies what is missing and commits; the others wait on
+//! the lock, then find nothing left to apply. The lock is transaction-scoped,
+//! so it is released by COMMIT or by the session dying, and works behind a
 //! transaction-mode PgBouncer (a session-level advisory lock would not).
 
 use tokio_postgres::types::Type;
 
+use super::pool::{Database, TxLimits};
 use super::{Result, StoreError};
 
 /// One numbered file of `sql/`.
@@ -41,23 +47,67 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "failed_ranges",
         sql: include_str!("../../sql/0004_failed_ranges.sql"),
     },
+    Migration {
+        version: 5,
+        name: "no_holes",
+        sql: include_str!("../../sql/0005_no_holes.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "handlers",
+        sql: include_str!("../../sql/0006_handlers.sql"),
+    },
 ];
 
-/// Advisory lock key that serializes migrations ("logcurso" in ASCII).
-pub const MIGRATION_LOCK_KEY: i64 = 0x6c6f_6763_7572_736f;
+/// Advisory lock class that serializes migrations of one schema ("lcmg" in ASCII).
+pub const MIGRATION_LOCK_CLASS: i32 = 0x6c63_6d67;
 
-/// Applies the missing migrations; returns the versions this call applied
-/// (empty when another replica already did). Refuses a database whose schema
-/// is newer than this binary.
-pub async fn migrate(client: &mut tokio_postgres::Client, applied_by: &str) -> Result<Vec<i32>> {
-    let tx = client.transaction().await.map_err(StoreError::db("begin migration"))?;
-    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&MIGRATION_LOCK_KEY, Type::INT8)])
+/// The highest version this binary knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Applies the missing migrations in `db`'s schema; returns the versions
+/// this call applied (empty when another replica already did). Refuses a
+/// schema that is newer than this binary.
+pub async fn migrate(db: &Database, applied_by: &str) -> Result<Vec<i32>> {
+    let mut client = db.get().await?;
+    let limits = TxLimits {
+        // Migrations may wait for other replicas' and build indexes.
+        lock_timeout: std::time::Duration::from_secs(300),
+        statement_timeout: std::time::Duration::from_secs(3600),
+        idle_in_transaction_timeout: std::time::Duration::from_secs(300),
+    };
+    let tx = db.begin(&mut client, limits).await?;
+    tx.execute_typed(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[(&MIGRATION_LOCK_CLASS, Type::INT4), (&db.schema(), Type::TEXT)],
+    )
+    .await
+    .map_err(StoreError::db("take the migration lock"))?;
+    // Created only when missing (an owner role may lack CREATE on the
+    // database but own its schema). The name is quoted by the server
+    // (format's %I), never spliced by us.
+    let create: Option<String> = tx
+        .query_typed_one(
+            "SELECT CASE WHEN to_regnamespace(quote_ident($1::text)) IS NULL
+                         THEN format('CREATE SCHEMA %I', $1::text) END",
+            &[(&db.schema(), Type::TEXT)],
+        )
         .await
-        .map_err(StoreError::db("take the migration lock"))?;
+        .map_err(StoreError::db("look for the schema"))?
+        .get(0);
+    if let Some(create) = create {
+        tx.batch_execute(&create)
+            .await
+            .map_err(StoreError::db("create the schema"))?;
+    }
     // Quiet the "already exists, skipping" NOTICE every later start would log.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(StoreError::db("quiet notices"))?;
     tx.batch_execute(
-        "SET LOCAL client_min_messages = warning;
-         CREATE TABLE IF NOT EXISTS logcursor_migrations (
+        "CREATE TABLE IF NOT EXISTS logcursor_migrations (
              version    integer     PRIMARY KEY,
              name       text        NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now(),

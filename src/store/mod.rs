@@ -1,16 +1,22 @@
-//! PostgreSQL: the connection pool, migrations, the cursor row and the
-//! events table. Every function takes any executor ([`GenericClient`]: a
-//! pooled client or a transaction), so the caller decides what is atomic;
-//! the tick passes its one transaction to all of them.
+//! PostgreSQL: the connection pool, migrations, and one module per table.
+//! Every function takes any executor ([`GenericClient`]: a pooled client or
+//! a transaction), so the caller decides what is atomic; the tick passes its
+//! one transaction to all of them.
 //!
 //! All SQL here uses unnamed statements (`query_typed`/`execute_typed`):
 //! one round trip each, and nothing that outlives its transaction, which is
-//! what a transaction-mode PgBouncer requires.
+//! what a transaction-mode PgBouncer requires. Table names are unqualified:
+//! every transaction sets `search_path` to the configured schema locally
+//! ([`pool::Database::begin`]), so the schema name is never spliced into SQL.
+//!
+//! The store imports only the leaf [`crate::types`]: neither the chain
+//! layer nor the configuration.
 
 pub mod cursor;
 pub mod dead_letters;
 pub mod events;
 pub mod failed_ranges;
+pub mod filters;
 pub mod migrate;
 pub mod pool;
 pub mod privileges;
@@ -41,8 +47,12 @@ pub enum StoreError {
     CursorMoved { stream: String, expected: i64, rows: u64 },
     /// The schema is older than this binary (or missing): migrations have
     /// not been applied, and this role may not apply them.
-    #[error("the database schema is at version {have:?}, this binary needs {need}: run `logcursor migrate` with the owner role")]
-    SchemaBehind { have: Option<i32>, need: i32 },
+    #[error("the database schema {schema:?} is at version {have:?}, this binary needs {need}: run `logcursor migrate` with the owner role")]
+    SchemaBehind {
+        schema: String,
+        have: Option<i32>,
+        need: i32,
+    },
     /// The role lacks privileges the runtime needs.
     #[error("database role {role:?} lacks {}; grant them (see sql/roles.example.sql)", missing.join(", "))]
     Privileges { role: String, missing: Vec<String> },
@@ -64,15 +74,56 @@ impl StoreError {
         }
     }
 
-    /// The lock wait timed out (`lock_timeout`): another replica is working.
-    pub fn is_lock_timeout(&self) -> bool {
+    /// The lock wait timed out (`lock_timeout`) or was refused (`NOWAIT`):
+    /// another replica is working.
+    pub fn is_lock_busy(&self) -> bool {
         self.sqlstate() == Some("55P03")
     }
+
+    /// The connection is unusable or points at a server that cannot take
+    /// writes: it must leave the pool rather than be handed out again
+    /// (a closed socket; SQLSTATE class 08; 57P01–57P03, an administrator or
+    /// crash shutdown; 25006, a primary that became a read-only standby).
+    pub fn is_connection_broken(&self) -> bool {
+        match self {
+            StoreError::Db { source, .. } => {
+                source.is_closed()
+                    || source.code().is_some_and(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "25006")
+                    })
+            }
+            _ => false,
+        }
+    }
+
+    /// An error about the rows of one statement rather than the session or
+    /// the server: a value the column refuses, a constraint, an exception
+    /// raised by a trigger or a handler function. Such an error is isolated
+    /// to the rows that cause it (I8, I10); any other error fails the
+    /// transaction and is retried whole.
+    ///
+    /// Classes: 09 triggered action, 21 cardinality, 22 data, 23 integrity
+    /// (23505 never reaches here from an insert: ON CONFLICT), 27 triggered
+    /// data change, 2F/38/39 routine exceptions, 42 (a handler's broken
+    /// SQL), 44 check option, P0 PL/pgSQL `RAISE`.
+    pub fn is_per_row(&self) -> bool {
+        self.sqlstate().is_some_and(is_per_row_sqlstate)
+    }
+}
+
+/// See [`StoreError::is_per_row`].
+pub fn is_per_row_sqlstate(code: &str) -> bool {
+    let class = &code[..code.len().min(2)];
+    matches!(
+        class,
+        "09" | "21" | "22" | "23" | "27" | "2F" | "38" | "39" | "42" | "44" | "P0"
+    )
 }
 
 /// A database error with its SQLSTATE and server message; never the
 /// connection string.
-fn describe_pg(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe_pg(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({}) {}", db.message(), db.code().code(), db.detail().unwrap_or(""))
             .trim_end()
@@ -90,4 +141,27 @@ fn describe_pg(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// `name` as a quoted SQL identifier (for `search_path`, never spliced into
+/// a statement).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_errors_are_told_from_session_errors_by_class() {
+        for per_row in ["22P05", "23514", "23502", "P0001", "42P01", "2F005", "22003"] {
+            assert!(is_per_row_sqlstate(per_row), "{per_row}");
+        }
+        for whole in [
+            "40001", "40P01", "55P03", "57014", "08006", "57P01", "53100", "25P02", "XX000",
+        ] {
+            assert!(!is_per_row_sqlstate(whole), "{whole}");
+        }
+    }
+}

@@ -1,20 +1,70 @@
-//! The connection pool, and start-up's bounded wait for the database.
+//! The connection pool, the transactions every caller opens through it, and
+//! start-up's bounded wait for the database.
 //!
 //! Every connection carries the replica id as `application_name` (so
 //! `pg_stat_activity` shows who holds a cursor lock), a connect deadline,
 //! and TCP keepalives plus `tcp_user_timeout`, so a dead peer is noticed in
-//! seconds rather than after the kernel's two-hour default.
+//! seconds rather than after the kernel's two-hour default. A checkout waits
+//! at most `checkout_timeout`. A connection that saw the server go away or
+//! turn read-only is evicted ([`Database::evict_if_broken`]) instead of
+//! being handed out again.
+//!
+//! Every transaction starts with [`Database::begin`]: READ COMMITTED, and
+//! `search_path`, `lock_timeout`, `statement_timeout` and
+//! `idle_in_transaction_session_timeout` set locally (one round trip), so
+//! nothing depends on a server session (PgBouncer's transaction mode).
 
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Timeouts};
 use tokio_postgres::config::Host;
-use tokio_postgres::{CancelToken, NoTls};
+use tokio_postgres::types::Type;
+use tokio_postgres::{CancelToken, IsolationLevel, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
-use super::{Result, StoreError};
-use crate::config::DatabaseConfig;
+use super::{quote_ident, Result, StoreError};
+use crate::backoff::CONNECT;
+use crate::redact::Secret;
+
+/// How to reach the database; built by the configuration.
+#[derive(Debug, Clone)]
+pub struct DbSettings {
+    /// The connection URL. Secret: it may carry the password.
+    pub url: Secret,
+    /// Overrides a password in the URL.
+    pub password: Option<Secret>,
+    /// Overrides the URL's `sslmode`.
+    pub sslmode: Option<super::tls::SslMode>,
+    /// Overrides the URL's `sslrootcert`.
+    pub sslrootcert: Option<std::path::PathBuf>,
+    /// The schema that holds every object logcursor creates (validated: a
+    /// plain identifier; always quoted).
+    pub schema: String,
+    /// Connections in this replica's pool.
+    pub pool_size: usize,
+    /// TCP connect deadline for one attempt.
+    pub connect_timeout: Duration,
+    /// The longest wait for a free pooled connection.
+    pub checkout_timeout: Duration,
+}
+
+/// The `SET LOCAL` bounds of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxLimits {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl TxLimits {
+    /// Bounds for short administrative transactions (claims, status, CLI).
+    pub const SHORT: TxLimits = TxLimits {
+        lock_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(60),
+    };
+}
 
 /// A pool plus the printable name of what it connects to.
 #[derive(Clone)]
@@ -24,11 +74,14 @@ pub struct Database {
     target: String,
     /// The TLS connector, also used for query cancellation; `None`: plaintext.
     tls: Option<MakeRustlsConnect>,
+    /// `search_path` value: the quoted schema.
+    search_path: String,
+    schema: String,
 }
 
 impl Database {
     /// Builds the pool; connects lazily (see [`Database::wait_until_reachable`]).
-    pub fn new(cfg: &DatabaseConfig, replica_id: &str) -> Result<Database> {
+    pub fn new(cfg: &DbSettings, replica_id: &str) -> Result<Database> {
         let invalid = |reason: String| StoreError::Pool {
             target: "<database.url>".into(),
             reason,
@@ -68,7 +121,11 @@ impl Database {
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
-            .create_timeout(Some(cfg.connect_timeout))
+            .timeouts(Timeouts {
+                wait: Some(cfg.checkout_timeout),
+                create: Some(cfg.connect_timeout),
+                recycle: Some(cfg.connect_timeout),
+            })
             .build()
             .map_err(|e| StoreError::Pool {
                 target: target.clone(),
@@ -78,6 +135,8 @@ impl Database {
             pool,
             target,
             tls: connector,
+            search_path: quote_ident(&cfg.schema),
+            schema: cfg.schema.clone(),
         })
     }
 
@@ -86,7 +145,17 @@ impl Database {
         &self.target
     }
 
-    /// A pooled connection.
+    /// The schema every object lives in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The `search_path` value every transaction sets (the quoted schema).
+    pub fn search_path(&self) -> &str {
+        &self.search_path
+    }
+
+    /// A pooled connection (waiting at most `checkout_timeout`).
     pub async fn get(&self) -> Result<Object> {
         self.pool.get().await.map_err(|e| StoreError::Pool {
             target: self.target.clone(),
@@ -94,11 +163,60 @@ impl Database {
         })
     }
 
+    /// Connections open now, and how many are idle in the pool.
+    pub fn usage(&self) -> (usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available)
+    }
+
+    /// Starts a READ COMMITTED transaction on `client` with the schema's
+    /// `search_path` and `limits`, all set locally in one round trip.
+    pub async fn begin<'a>(
+        &self,
+        client: &'a mut Object,
+        limits: TxLimits,
+    ) -> Result<deadpool_postgres::Transaction<'a>> {
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(StoreError::db("begin"))?;
+        tx.query_typed(
+            "SELECT set_config('search_path', $1, true),
+                    set_config('lock_timeout', $2, true),
+                    set_config('statement_timeout', $3, true),
+                    set_config('idle_in_transaction_session_timeout', $4, true)",
+            &[
+                (&self.search_path, Type::TEXT),
+                (&millis(limits.lock_timeout), Type::TEXT),
+                (&millis(limits.statement_timeout), Type::TEXT),
+                (&millis(limits.idle_in_transaction_timeout), Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(StoreError::db("set transaction limits"))?;
+        Ok(tx)
+    }
+
+    /// Takes `client` out of the pool for good when `err` says its
+    /// connection is broken or read-only (see
+    /// [`StoreError::is_connection_broken`]); otherwise returns it.
+    pub fn evict_if_broken(&self, client: Object, err: &StoreError) -> Option<Object> {
+        if err.is_connection_broken() {
+            tracing::warn!(database = %self.target, error = %err, "evicting a database connection");
+            drop(Object::take(client));
+            None
+        } else {
+            Some(client)
+        }
+    }
+
     /// Tries to connect until it works, `give_up_after` passes, or `cancel`
-    /// fires; backs off exponentially between attempts (capped at 5 s).
+    /// fires; backs off with the [`CONNECT`] schedule between attempts.
     pub async fn wait_until_reachable(&self, give_up_after: Duration, cancel: &CancellationToken) -> Result<()> {
         let started = Instant::now();
-        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
         loop {
             match self.get().await {
                 Ok(_) => return Ok(()),
@@ -108,19 +226,20 @@ impl Database {
                         StoreError::Pool { reason, .. } => reason,
                         other => other.to_string(),
                     };
-                    let waited = humantime::format_duration(round_secs(started.elapsed()));
+                    let waited = humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()));
                     return Err(StoreError::Pool {
                         target: self.target.clone(),
                         reason: format!("unreachable for {waited}: {cause}"),
                     });
                 }
                 Err(e) => {
+                    attempt += 1;
+                    let delay = CONNECT.delay(attempt);
                     tracing::warn!(database = %self.target, error = %e, retry_in = ?delay, "database not reachable yet");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = cancel.cancelled() => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -141,8 +260,9 @@ impl Database {
     }
 }
 
-fn round_secs(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs())
+/// A duration as a PostgreSQL setting value.
+pub fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 fn describe_target(pg: &tokio_postgres::Config) -> String {
@@ -162,7 +282,7 @@ fn describe_pool_error(e: deadpool_postgres::PoolError) -> String {
     use deadpool_postgres::PoolError;
     match e {
         PoolError::Backend(pg) => super::describe_pg(&pg),
-        PoolError::Timeout(kind) => format!("timed out ({kind:?})"),
+        PoolError::Timeout(kind) => format!("timed out waiting for a connection ({kind:?})"),
         other => other.to_string(),
     }
 }

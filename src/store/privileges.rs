@@ -18,16 +18,39 @@ pub const NEEDED: &[(&str, &str, &[&str])] = &[
     ("table", "cursor_rewinds", &["INSERT"]),
     ("table", "dead_letters", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
     ("table", "failed_ranges", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+    ("table", "stream_filters", &["SELECT", "INSERT", "UPDATE"]),
     ("sequence", "events_id_seq", &["USAGE"]),
     ("sequence", "cursor_rewinds_id_seq", &["USAGE"]),
     ("sequence", "dead_letters_id_seq", &["USAGE"]),
     ("sequence", "failed_ranges_id_seq", &["USAGE"]),
+    ("function", "logcursor_handle(text, bigint[])", &["EXECUTE"]),
 ];
 
-/// Fails unless the schema is migrated to this binary's version and the
-/// current role holds every privilege in [`NEEDED`].
-pub async fn check<C: GenericClient>(c: &C) -> Result<()> {
+/// Fails unless `schema` is migrated to this binary's version and the
+/// current role holds every privilege in [`NEEDED`]. `c` must have the
+/// schema on its `search_path` (a transaction from `Database::begin`).
+pub async fn check<C: GenericClient>(c: &C, schema: &str) -> Result<()> {
     let need = MIGRATIONS.last().map_or(0, |m| m.version);
+    let usage: Option<bool> = c
+        .query_typed_one(
+            "SELECT CASE WHEN to_regnamespace(quote_ident($1::text)) IS NOT NULL
+                         THEN has_schema_privilege($1::text, 'USAGE') END",
+            &[(&schema, Type::TEXT)],
+        )
+        .await
+        .map_err(StoreError::db("look for the schema"))?
+        .get(0);
+    if usage == Some(false) {
+        let role: String = c
+            .query_typed_one("SELECT current_user::text", &[])
+            .await
+            .map_err(StoreError::db("read role"))?
+            .get(0);
+        return Err(StoreError::Privileges {
+            role,
+            missing: vec![format!("USAGE on schema {schema}")],
+        });
+    }
     let migrated: bool = c
         .query_typed_one("SELECT to_regclass('logcursor_migrations') IS NOT NULL", &[])
         .await
@@ -42,7 +65,11 @@ pub async fn check<C: GenericClient>(c: &C) -> Result<()> {
         None
     };
     if have.unwrap_or(0) < need {
-        return Err(StoreError::SchemaBehind { have, need });
+        return Err(StoreError::SchemaBehind {
+            schema: schema.to_string(),
+            have,
+            need,
+        });
     }
     let (mut kinds, mut objects, mut privileges) = (Vec::new(), Vec::new(), Vec::new());
     for (kind, object, privs) in NEEDED {
@@ -54,9 +81,10 @@ pub async fn check<C: GenericClient>(c: &C) -> Result<()> {
     }
     let rows = c
         .query_typed(
-            "SELECT current_user::text, u.p || ' on ' || CASE u.k WHEN 'sequence' THEN 'sequence ' ELSE '' END || u.o
+            "SELECT current_user::text, u.p || ' on ' || CASE u.k WHEN 'table' THEN '' ELSE u.k || ' ' END || u.o
                FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k, o, p)
               WHERE NOT CASE u.k WHEN 'table' THEN has_table_privilege(u.o, u.p)
+                                 WHEN 'function' THEN has_function_privilege(u.o, u.p)
                                  ELSE has_sequence_privilege(u.o, u.p) END",
             &[
                 (&kinds, Type::TEXT_ARRAY),

@@ -10,12 +10,15 @@
 //!
 //! I3's one exception: [`rewind`] moves the cursor backward, and only
 //! together with a row in `cursor_rewinds` saying from where, to where, why
-//! and by whom.
+//! and by whom. Everything stored above the target goes with it in the same
+//! transaction: events (through the write seam, which reverts their
+//! effects: I10), dead letters, block hashes, the part of pending ranges
+//! above it.
 
 use tokio_postgres::types::Type;
 
 use super::{GenericClient, Result, StoreError};
-use crate::chain::Hash32;
+use crate::types::Hash32;
 
 /// Records the hashes of processed blocks and forgets those more than
 /// `keep` blocks below `cursor`.
@@ -79,9 +82,10 @@ pub async fn recent_hashes<C: GenericClient>(
 }
 
 /// One audited move of the cursor back to `to` (from `from`, the value
-/// read under the row lock): deletes the stream's events and block hashes
-/// above `to`, moves the cursor, clears any halt, and records the rewind.
-/// Returns the number of events deleted.
+/// read under the row lock): deletes the stream's block hashes and dead
+/// letters above `to`, trims its pending ranges at `to`, moves the cursor,
+/// clears any halt, and records the rewind with the number of events the
+/// caller deleted (through the write seam, which reverts their effects).
 #[allow(clippy::too_many_arguments, reason = "each is one column of the audit row")]
 pub async fn rewind<C: GenericClient>(
     c: &C,
@@ -92,7 +96,8 @@ pub async fn rewind<C: GenericClient>(
     new_hash: Option<Hash32>,
     reason: &str,
     by: &str,
-) -> Result<u64> {
+    events_deleted: u64,
+) -> Result<()> {
     if to >= from {
         return Err(StoreError::CursorMoved {
             stream: stream.to_string(),
@@ -100,19 +105,14 @@ pub async fn rewind<C: GenericClient>(
             rows: 0,
         });
     }
-    let deleted = c
-        .execute_typed(
-            "DELETE FROM events WHERE stream = $1 AND block_number > $2",
-            &[(&stream, Type::TEXT), (&to, Type::INT8)],
-        )
-        .await
-        .map_err(StoreError::db("delete orphaned events"))?;
     c.execute_typed(
         "DELETE FROM block_hashes WHERE stream = $1 AND block_number > $2",
         &[(&stream, Type::TEXT), (&to, Type::INT8)],
     )
     .await
     .map_err(StoreError::db("delete orphaned block hashes"))?;
+    super::dead_letters::delete_above(c, stream, to).await?;
+    super::failed_ranges::forget_above(c, stream, to).await?;
     let new_bytes: Option<&[u8]> = new_hash.as_ref().map(|h| &h.0[..]);
     let old_bytes: Option<&[u8]> = old_hash.as_ref().map(|h| &h.0[..]);
     let moved = c
@@ -138,7 +138,7 @@ pub async fn rewind<C: GenericClient>(
             rows: moved,
         });
     }
-    let deleted_i64 = i64::try_from(deleted).unwrap_or(i64::MAX);
+    let deleted = i64::try_from(events_deleted).unwrap_or(i64::MAX);
     c.execute_typed(
         "INSERT INTO cursor_rewinds (stream, from_block, to_block, old_hash, new_hash, events_deleted, reason, by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -148,12 +148,41 @@ pub async fn rewind<C: GenericClient>(
             (&to, Type::INT8),
             (&old_bytes, Type::BYTEA),
             (&new_bytes, Type::BYTEA),
-            (&deleted_i64, Type::INT8),
+            (&deleted, Type::INT8),
             (&reason, Type::TEXT),
             (&by, Type::TEXT),
         ],
     )
     .await
     .map_err(StoreError::db("audit rewind"))?;
-    Ok(deleted)
+    Ok(())
+}
+
+/// The block hashes `stream`'s rows record at or below `at`, newest first,
+/// at most `depth` blocks back: from `block_hashes` and from the events
+/// themselves (one row per block), so that an operator's rewind target can
+/// be checked against the chain.
+pub async fn stored_hashes_at_or_below<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    at: i64,
+    depth: u64,
+) -> Result<Vec<(i64, Hash32)>> {
+    let oldest = at.saturating_sub(i64::try_from(depth).unwrap_or(i64::MAX));
+    let rows = c
+        .query_typed(
+            "SELECT block_number, block_hash FROM block_hashes
+              WHERE stream = $1 AND block_number <= $2 AND block_number >= $3
+             UNION
+             SELECT DISTINCT block_number, block_hash FROM events
+              WHERE stream = $1 AND block_number <= $2 AND block_number >= $3
+             ORDER BY 1 DESC",
+            &[(&stream, Type::TEXT), (&at, Type::INT8), (&oldest, Type::INT8)],
+        )
+        .await
+        .map_err(StoreError::db("read stored block hashes"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| Hash32::from_slice(r.get::<_, &[u8]>(1)).map(|h| (r.get::<_, i64>(0), h)))
+        .collect())
 }

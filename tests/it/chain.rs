@@ -382,6 +382,10 @@ async fn a_lagging_endpoint_is_passed_over_and_the_cursor_neither_moves_back_nor
             v["result"] = json!("0x3");
             v
         })),
+        "eth_getBlockByNumber" if r["params"][0] == "latest" => Action::Rewrite(Box::new(|mut v| {
+            v["result"]["number"] = json!("0x3");
+            v
+        })),
         "eth_getLogs" => Action::Rewrite(Box::new(|mut v| {
             v["result"] = json!([]);
             v
@@ -464,6 +468,7 @@ async fn a_deep_reorg_under_halt_stops_the_stream_saying_why_until_an_operator_r
     let r = logcursor::admin::rewind(
         &config(&config_toml(&db.url, &chain.url, &emitter, "", "")),
         "operator",
+        &Default::default(),
         "burns",
         to,
     )

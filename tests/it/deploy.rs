@@ -62,7 +62,7 @@ fn the_kubernetes_manifests_parse_and_ship_a_valid_config_for_three_graceful_rep
     let grace = pod["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
-    let needed = config.service.shutdown_grace + config.database.lock_timeout;
+    let needed = config.service.shutdown_grace + config.database.limits.lock_timeout;
     assert!(
         grace > needed.as_secs(),
         "grace {grace}s must exceed shutdown_grace + lock_timeout ({needed:?})"

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use logcursor::app::{App, AppError, BuildOptions};
 use logcursor::chain::ChainErrorKind;
 use logcursor::poller::{TickError, TickOutcome};
+use logcursor::write::WriteError;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -37,11 +38,11 @@ async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_th
         assert!(
             matches!(
                 err,
-                TickError::Decode {
+                TickError::Write(WriteError::Halt {
                     block: 2,
                     log_index: 0,
                     ..
-                }
+                })
             ),
             "{msg}"
         );

@@ -53,15 +53,35 @@ impl TestDb {
     /// Applies the schema and installs the test-only cursor history trigger
     /// (the same file the demo uses), which records every cursor move.
     pub async fn migrate_with_history(&self) -> tokio_postgres::Client {
-        let mut c = self.client().await;
-        logcursor::store::migrate::migrate(&mut c, "test")
-            .await
-            .expect("migrate");
+        let c = self.client().await;
+        migrate_as(&self.url, "test").await;
         c.batch_execute(include_str!("../sql/cursor_history.sql"))
             .await
             .expect("install cursor history trigger");
         c
     }
+}
+
+/// A pool to `url`, in the default schema.
+pub fn database(url: &str) -> logcursor::store::pool::Database {
+    let settings = logcursor::store::pool::DbSettings {
+        url: logcursor::redact::Secret::new(url),
+        password: None,
+        sslmode: None,
+        sslrootcert: None,
+        schema: "public".into(),
+        pool_size: 2,
+        connect_timeout: Duration::from_secs(5),
+        checkout_timeout: Duration::from_secs(5),
+    };
+    logcursor::store::pool::Database::new(&settings, "test").expect("pool")
+}
+
+/// Applies the schema as whoever `url` names.
+pub async fn migrate_as(url: &str, by: &str) {
+    let db = database(url);
+    logcursor::store::migrate::migrate(&db, by).await.expect("migrate");
+    db.close();
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {

@@ -23,7 +23,7 @@ async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
         total > 65_535,
         "more rows than one statement could bind one parameter each for"
     );
-    let extra = "max_block_range = 200\nrpc_timeout = \"15s\"\nrpc_attempts = 1";
+    let extra = "max_block_range = 200\nmax_logs_per_tick = 100000\nrpc_timeout = \"15s\"\nrpc_attempts = 1";
     let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, extra, "")), "big").await;
     let head = chain.block_number().await;
     let first = app.pollers()[0]

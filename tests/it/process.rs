@@ -39,7 +39,9 @@ async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_part
     let lingering = wait_for("the replica's sessions to close", Duration::from_secs(10), || async {
         let n: i64 = pg
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sigterm-replica' OR state LIKE 'idle in transaction%'",
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database()
+                    AND (application_name = 'sigterm-replica' OR state LIKE 'idle in transaction%')",
                 &[],
             )
             .await
@@ -197,6 +199,13 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     });
     let limits = "lock_timeout = \"500ms\"\nstatement_timeout = \"5s\"\nidle_in_transaction_timeout = \"3s\"";
     let rpc = "rpc_timeout = \"1s\"\nrpc_attempts = 2";
+    // The other replica is built (connected, migrated, chain checked)
+    // first, so that it ticks as soon as the first one freezes.
+    let other_cfg = config(&config_toml(&db.url, &anvil.url, &emitter, rpc, limits));
+    let token = CancellationToken::new();
+    let other = App::build(&other_cfg, "other", BuildOptions { migrate: true }, &token)
+        .await
+        .expect("build");
     let frozen_cfg = write_config(&config_toml(&db.url, &proxy.url, &emitter, rpc, limits));
     let frozen = logcursor_cmd(&["run"], frozen_cfg.path(), "frozen")
         .spawn()
@@ -207,12 +216,6 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     .await;
     signal(&frozen, "STOP");
     let stopped_at = std::time::Instant::now();
-
-    let other_cfg = config(&config_toml(&db.url, &anvil.url, &emitter, rpc, limits));
-    let token = CancellationToken::new();
-    let other = App::build(&other_cfg, "other", BuildOptions { migrate: true }, &token)
-        .await
-        .expect("build");
     let run = tokio::spawn(other.run(token.clone()));
     wait_for(
         "the other replica to advance the cursor",
@@ -253,7 +256,7 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     let summary = run.await.expect("join").expect("run");
     assert!(
         summary[0].lock_timeouts > 0,
-        "the other replica met the held lock and backed off"
+        "the other replica met the held lock and backed off: {summary:?}"
     );
 
     let head = chain.block_number().await;

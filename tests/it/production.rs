@@ -210,7 +210,7 @@ async fn tls_verify_full_ingests_and_a_wrong_ca_a_wrong_host_or_no_tls_fail_clea
     let full = with(format!("?sslmode=verify-full&sslrootcert={}", good_pem.display()));
     let app = build_with(&full, "tls", true).await.unwrap_or_else(|e| panic!("{e}"));
     tick_until_idle(&app).await;
-    let db = logcursor::store::pool::Database::new(&config(&full).database, "tls-check").expect("pool");
+    let db = logcursor::store::pool::Database::new(&config(&full).database.settings, "tls-check").expect("pool");
     let client = db.get().await.expect("connection");
     let encrypted: bool = client
         .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
@@ -355,10 +355,8 @@ async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
     admin.batch_execute(part1).await.expect("roles");
     let as_role = |role: &str| db.url.replacen("postgres@", &format!("{role}@"), 1);
 
-    let mut owner_client = connect(&as_role(&owner)).await;
-    logcursor::store::migrate::migrate(&mut owner_client, "owner")
-        .await
-        .expect("migrate as owner");
+    let owner_client = connect(&as_role(&owner)).await;
+    migrate_as(&as_role(&owner), "owner").await;
     owner_client.batch_execute(part2).await.expect("grants");
 
     let anvil = Anvil::start().await;

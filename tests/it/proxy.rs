@@ -1,6 +1,11 @@
-//! A fault-injecting JSON-RPC proxy in front of anvil: each request goes
+//! A fault-injecting JSON-RPC proxy in front of anvil: each call goes
 //! through a rule that forwards it, answers with an error, rewrites the
-//! answer, sends a broken body, or never answers. Every request is recorded.
+//! answer, sends a broken body, or never answers. Every call is recorded.
+//! A JSON-RPC batch is split into its calls, each through the rule: the
+//! forwarded ones go to anvil as one batch, the answers are put back in
+//! order; a call that hangs, or is answered with a non-200 status or a
+//! body that is not JSON, decides the fate of its whole batch (as a real
+//! backend's failure would).
 //! HTTP/1.1 with `Connection: close`: one request per connection keeps it
 //! small, and reqwest simply opens a new connection each time.
 
@@ -17,12 +22,13 @@ pub enum Action {
     /// Answer with this HTTP status and body, without asking anvil.
     Reply(u16, String),
     /// Forward, then rewrite anvil's JSON answer.
-    Rewrite(Box<dyn FnOnce(Value) -> Value + Send>),
+    Rewrite(Rewriter),
     /// Never answer (the client's deadline fires).
     Hang,
 }
 
 type Rule = Box<dyn FnMut(&Value) -> Action + Send>;
+type Rewriter = Box<dyn FnOnce(Value) -> Value + Send>;
 
 pub struct Proxy {
     pub url: String,
@@ -37,7 +43,7 @@ impl Drop for Proxy {
     }
 }
 
-/// The method of a request (of its first element, for a batch).
+/// The method of a call (of its first element, for a batch).
 pub fn method_of(request: &Value) -> &str {
     let first = request.as_array().and_then(|a| a.first()).unwrap_or(request);
     first["method"].as_str().unwrap_or("")
@@ -92,7 +98,7 @@ impl Proxy {
         self.set(|_| Action::Forward);
     }
 
-    /// Every request seen so far, in arrival order.
+    /// Every call seen so far (a batch's calls one by one), in arrival order.
     pub fn seen(&self) -> Vec<Value> {
         self.seen.lock().expect("seen lock").clone()
     }
@@ -136,30 +142,29 @@ async fn serve(
     }
     let body = buf[header_end..header_end + length].to_vec();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    seen.lock().expect("seen lock").push(request.clone());
-    let action = (rule.lock().expect("rule lock"))(&request);
-    let forward = || async {
-        let resp = http
-            .post(&upstream)
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("upstream");
-        let status = resp.status().as_u16();
-        (status, resp.text().await.expect("upstream body"))
-    };
-    let (status, text) = match action {
-        Action::Forward => forward().await,
-        Action::Reply(status, text) => (status, text),
-        Action::Rewrite(f) => {
-            let (status, text) = forward().await;
-            let v: Value = serde_json::from_str(&text).expect("upstream json");
-            (status, f(v).to_string())
+    let (status, text) = match request {
+        Value::Array(calls) => {
+            let Some(answer) = batch(calls, &rule, &seen, &http, &upstream).await else {
+                return Ok(()); // hung
+            };
+            answer
         }
-        Action::Hang => {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            return Ok(());
+        single => {
+            seen.lock().expect("seen lock").push(single.clone());
+            let action = (rule.lock().expect("rule lock"))(&single);
+            match action {
+                Action::Forward => forward(&http, &upstream, &single).await,
+                Action::Reply(status, text) => (status, text),
+                Action::Rewrite(f) => {
+                    let (status, text) = forward(&http, &upstream, &single).await;
+                    let v: Value = serde_json::from_str(&text).expect("upstream json");
+                    (status, f(v).to_string())
+                }
+                Action::Hang => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return Ok(());
+                }
+            }
         }
     };
     let response = format!(
@@ -168,6 +173,72 @@ async fn serve(
     );
     conn.write_all(response.as_bytes()).await?;
     conn.shutdown().await
+}
+
+async fn forward(http: &reqwest::Client, upstream: &str, body: &Value) -> (u16, String) {
+    let resp = http
+        .post(upstream)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("upstream");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("upstream body"))
+}
+
+/// A batch: each call through the rule (see the module doc); `None` when it hangs.
+async fn batch(
+    calls: Vec<Value>,
+    rule: &Arc<Mutex<Rule>>,
+    seen: &Arc<Mutex<Vec<Value>>>,
+    http: &reqwest::Client,
+    upstream: &str,
+) -> Option<(u16, String)> {
+    seen.lock().expect("seen lock").extend(calls.iter().cloned());
+    let actions: Vec<Action> = {
+        let mut r = rule.lock().expect("rule lock");
+        calls.iter().map(&mut *r).collect()
+    };
+    let mut answers: Vec<Option<Value>> = vec![None; calls.len()];
+    let mut rewrites: Vec<(usize, Rewriter)> = Vec::new();
+    let mut upstream_calls = Vec::new();
+    for (i, action) in actions.into_iter().enumerate() {
+        match action {
+            Action::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return None;
+            }
+            Action::Reply(200, text) => match serde_json::from_str::<Value>(&text) {
+                Ok(v) => answers[i] = Some(v),
+                Err(_) => return Some((200, text)), // a broken body breaks the batch
+            },
+            Action::Reply(status, text) => return Some((status, text)),
+            Action::Forward => upstream_calls.push((i, calls[i].clone())),
+            Action::Rewrite(f) => {
+                upstream_calls.push((i, calls[i].clone()));
+                rewrites.push((i, f));
+            }
+        }
+    }
+    if !upstream_calls.is_empty() {
+        let body = Value::Array(upstream_calls.iter().map(|(_, c)| c.clone()).collect());
+        let (status, text) = forward(http, upstream, &body).await;
+        if status != 200 {
+            return Some((status, text));
+        }
+        let got: Vec<Value> = serde_json::from_str(&text).expect("upstream batch json");
+        for (i, call) in &upstream_calls {
+            answers[*i] = got.iter().find(|a| a["id"] == call["id"]).cloned();
+        }
+    }
+    for (i, f) in rewrites {
+        if let Some(a) = answers[i].take() {
+            answers[i] = Some(f(a));
+        }
+    }
+    let out: Vec<Value> = answers.into_iter().flatten().collect();
+    Some((200, Value::Array(out).to_string()))
 }
 
 /// A TCP proxy that can cut every connection through it and refuse new

@@ -28,13 +28,14 @@ fn keys(e: &ConfigError) -> Vec<&str> {
 #[test]
 fn the_documented_example_parses_with_its_values() {
     let c = parse(GOOD).expect("valid");
-    assert_eq!(c.database.pool_size, 8);
+    assert_eq!(c.database.settings.pool_size, 8);
+    assert_eq!(c.database.settings.schema, "public", "the default schema");
     let s = &c.streams[0];
     assert_eq!(
         (
             s.name.as_str(),
             s.chain_id,
-            s.start_block,
+            s.start_block.get(),
             s.confirmations,
             s.max_block_range
         ),
@@ -127,7 +128,7 @@ fn database_url_comes_from_the_environment_over_the_file() {
         ..Default::default()
     };
     let c = Config::parse(GOOD, "t", &env).expect("valid");
-    assert_eq!(c.database.url.expose(), "postgres://env-host/envdb");
+    assert_eq!(c.database.settings.url.expose(), "postgres://env-host/envdb");
     let without_url = GOOD.replace("url = \"postgres://logcursor:hunter2@localhost:5432/logcursor\"", "");
     assert!(Config::parse(&without_url, "t", &env).is_ok());
     assert!(keys(&parse(&without_url).expect_err("no url")).contains(&"database.url"));
@@ -145,20 +146,102 @@ fn secrets_never_appear_in_problems() {
 }
 
 #[test]
-fn timeout_combinations_that_break_the_lock_bound_are_refused() {
+fn timeout_combinations_that_break_a_bound_are_refused() {
     let text = GOOD
         .replace(
             "pool_size = 8",
-            "pool_size = 8\nlock_timeout = \"40s\"\nstatement_timeout = \"30s\"\nidle_in_transaction_timeout = \"5s\"",
+            "pool_size = 8\nlock_timeout = \"40s\"\nstatement_timeout = \"30s\"\nidle_in_transaction_timeout = \"100ms\"",
         )
         .replace(
             "poll_interval = \"1s\"",
-            "poll_interval = \"1s\"\nrpc_timeout = \"10s\"",
+            "poll_interval = \"1s\"\nrpc_timeout = \"10s\"\nrpc_budget = \"5s\"",
         );
     let e = parse(&text).expect_err("invalid");
     let got = keys(&e);
     assert!(got.contains(&"database.lock_timeout"), "{got:?}");
-    assert!(got.contains(&"streams[0].rpc_timeout"), "{got:?}");
+    assert!(got.contains(&"database.idle_in_transaction_timeout"), "{got:?}");
+    assert!(got.contains(&"streams[0].rpc_budget"), "{got:?}");
+    // A slow provider no longer has to fit the idle bound: the tick's
+    // heartbeat keeps its session busy while it waits (I6), and rpc_budget
+    // bounds the wait instead.
+    let slow = GOOD.replace(
+        "poll_interval = \"1s\"",
+        "poll_interval = \"1s\"\nrpc_timeout = \"30s\"\nrpc_attempts = 3",
+    );
+    let c = parse(&slow).expect("valid");
+    assert_eq!(
+        c.database.limits.idle_in_transaction_timeout,
+        Duration::from_secs(15),
+        "the default bound"
+    );
+}
+
+#[test]
+fn defaults_are_inherited_by_every_stream_and_a_stream_overrides_them() {
+    let second = GOOD
+        .split("[[streams]]")
+        .nth(1)
+        .expect("stream table")
+        .replace("\"burns\"", "\"minted\"")
+        .replace("Burned(address indexed from, uint256 amount)", "Minted(uint256 amount)")
+        .replace("confirmations = 2\n", "");
+    let text = format!("{GOOD}\n[[streams]]{second}")
+        .replace("confirmations = 2\n", "")
+        .replace(
+            "[database]",
+            "[defaults]\nconfirmations = 12\nrpc_budget = \"20s\"\n\n[database]",
+        );
+    let text = text.replacen("max_block_range = 2000", "max_block_range = 2000\nconfirmations = 3", 1);
+    let c = parse(&text).expect("valid");
+    assert_eq!(c.streams[0].confirmations, 3, "the stream's own value wins");
+    assert_eq!(c.streams[1].confirmations, 12, "inherited");
+    assert_eq!(c.streams[1].rpc_budget, Duration::from_secs(20));
+    let bad = text.replace("[defaults]", "[defaults]\nname = \"x\"\ncolour = 1");
+    let e = parse(&bad).expect_err("invalid");
+    assert_eq!(keys(&e), ["defaults.colour", "defaults.name"]);
+}
+
+#[test]
+fn environment_references_fill_any_value_and_a_missing_one_names_key_and_variable() {
+    let text = GOOD
+        .replace(
+            "postgres://logcursor:hunter2@localhost:5432/logcursor",
+            "postgres://logcursor:${APP_DB_PASSWORD}@${APP_DB_HOST:-localhost}:5432/logcursor",
+        )
+        .replace(
+            "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+            "${APP_BURN_CONTRACT_ADDRESS}",
+        )
+        .replace("chain_id = 31337", "chain_id = \"${APP_CHAIN_ID}\"");
+    let vars = |pairs: &[(&str, &str)]| EnvOverrides {
+        vars: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    };
+    let env = vars(&[
+        ("APP_DB_PASSWORD", "s3cret"),
+        (
+            "APP_BURN_CONTRACT_ADDRESS",
+            "0x5fbdb2315678afecb367f032d93f642f64180aa3",
+        ),
+        ("APP_CHAIN_ID", "31337"),
+    ]);
+    let c = Config::parse(&text, "t", &env).expect("valid");
+    assert_eq!(
+        c.database.settings.url.expose(),
+        "postgres://logcursor:s3cret@localhost:5432/logcursor"
+    );
+    assert_eq!(c.streams[0].chain_id, 31337, "a whole reference is read as a number");
+    let e = Config::parse(&text, "t", &vars(&[("APP_DB_PASSWORD", "s3cret")])).expect_err("missing");
+    let shown = e.to_string();
+    let got = keys(&e);
+    assert!(got.contains(&"streams[0].addresses[0]"), "{shown}");
+    assert!(got.contains(&"streams[0].chain_id"), "{shown}");
+    assert!(
+        !got.contains(&"database.url"),
+        "a default fills a missing variable: {shown}"
+    );
+    assert!(shown.contains("APP_BURN_CONTRACT_ADDRESS is not set"), "{shown}");
+    assert!(!shown.contains("s3cret"), "a value never appears in a problem: {shown}");
 }
 
 #[test]

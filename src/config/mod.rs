@@ -1,0 +1,591 @@
+//! Typed configuration from a TOML file plus the environment.
+//!
+//! [`Config::load`] reports every problem at once — unknown keys, wrong types,
+//! missing keys, values out of range, unset `${VAR}` references, and
+//! combinations that break an invariant — each naming its key, e.g.
+//! `streams[1].confirmations`. `main` turns them into exit status 64
+//! (EX_USAGE).
+//!
+//! | module     | owns                                                      |
+//! |------------|-----------------------------------------------------------|
+//! | [`env`]    | `${VAR}` / `${VAR:-default}` in any string value          |
+//! | [`fields`] | reading a table key by key, collecting problems           |
+//! | [`stream`] | one `[[streams]]` table (after `[defaults]`)               |
+//!
+//! Parse, don't validate: what comes out holds parsed values (a stream's
+//! [`EventSet`], its [`StreamName`], [`BlockNumber`]s), so nothing
+//! downstream parses or checks them again.
+
+mod env;
+mod fields;
+mod stream;
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::time::Duration;
+
+use fields::Fields;
+
+use crate::chain::abi::EventSet;
+use crate::chain::EndpointConfig;
+use crate::redact::Secret;
+use crate::store::pool::{DbSettings, TxLimits};
+use crate::types::{Address, BlockNumber, Hash32, LogFilter, StreamName};
+use crate::write::OnFailure;
+
+/// The whole configuration of one `logcursor` process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where events and cursors live, and how long a tick may hold the lock.
+    pub database: DatabaseConfig,
+    /// Process-level behaviour (shutdown).
+    pub service: ServiceConfig,
+    /// The HTTP endpoints (health, metrics, status).
+    pub telemetry: TelemetryConfig,
+    /// The event streams; each one is a `block_cursors` row.
+    pub streams: Vec<StreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// How to connect: the URL (`DATABASE_URL`, else the content of
+    /// `url_file`, else `url`), TLS, the schema, the pool.
+    pub settings: DbSettings,
+    /// How long start-up keeps retrying an unreachable database before it
+    /// gives up and exits non-zero.
+    pub connect_retry_for: Duration,
+    /// The `SET LOCAL` bounds of a tick: `lock_timeout` (how long a tick
+    /// waits for the cursor row lock), `statement_timeout`, and
+    /// `idle_in_transaction_session_timeout` (the server ends a tick's
+    /// session that sits idle this long, e.g. a frozen replica: I6).
+    pub limits: TxLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Where `/livez`, `/readyz`, `/metrics` and `/status` are served;
+    /// `None` (an empty string in the file) turns the server off.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// When set, `/readyz` also fails while a stream is more blocks than
+    /// this behind its safe head (off by default: lag takes every replica
+    /// out of rotation at once, which helps nobody).
+    pub max_lag_blocks: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// After SIGTERM/SIGINT, how long the tick in flight may take to commit
+    /// or roll back before it is cut off.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// The stream's name and its `block_cursors.id`.
+    pub name: StreamName,
+    /// Must equal every endpoint's `eth_chainId`; part of the event key.
+    pub chain_id: u64,
+    /// JSON-RPC endpoints, preferred in order. Their URLs are secrets:
+    /// they often carry API keys.
+    pub rpc: Vec<EndpointConfig>,
+    /// Contracts whose logs are ingested.
+    pub addresses: Vec<Address>,
+    /// The decoder of the configured events (parsed once, here).
+    pub events: EventSet,
+    /// The event signatures as written in the file.
+    pub event_signatures: Vec<String>,
+    /// First block ingested; only seeds a new cursor (never moves one).
+    pub start_block: BlockNumber,
+    /// Safe head = latest − confirmations.
+    pub confirmations: u64,
+    /// The most blocks one tick covers.
+    pub max_block_range: u64,
+    /// The most logs one tick stores: with `max_block_range`, bounds how
+    /// long a tick holds the lock.
+    pub max_logs_per_tick: u64,
+    /// Wait between ticks when there is nothing new (and no push
+    /// subscription is live).
+    pub poll_interval: Duration,
+    /// WebSocket endpoints whose `newHeads` subscription wakes the poll
+    /// loop at once (empty: polling only). Secrets, like `rpc`.
+    pub ws: Vec<Secret>,
+    /// Wait between ticks while a push subscription is live: a safety net
+    /// only, since a tick starts as soon as a head arrives.
+    pub ws_poll_interval: Duration,
+    /// Deadline for one JSON-RPC request.
+    pub rpc_timeout: Duration,
+    /// The most time the RPC work of one tick may take, the lock held
+    /// meanwhile: a slower endpoint is given up (and cooled down).
+    pub rpc_budget: Duration,
+    /// Sub-ranges of one tick fetched at once (hides a remote provider's latency).
+    pub fetch_concurrency: usize,
+    /// While a backfill tick commits, fetch the next range already.
+    pub pipeline: bool,
+    /// Tries per request on retryable errors (1 = no retry).
+    pub rpc_attempts: u32,
+    /// How long a failing endpoint is passed over.
+    pub rpc_cooldown: Duration,
+    /// Which block tag, if any, also bounds the safe head.
+    pub finality: Finality,
+    /// What to do when a block at or below the cursor was reorganised away.
+    pub on_deep_reorg: DeepReorgPolicy,
+    /// How far back a rewind may look for the common ancestor; also how
+    /// many processed block hashes are kept.
+    pub max_reorg_depth: u64,
+    /// What to do with a log that does not decode, or whose row the
+    /// database refuses.
+    pub on_bad_event: OnFailure,
+    /// What to do with an event a handler fails on.
+    pub on_handler_error: OnFailure,
+    /// A SQL function `f(batch events[])` called once per batch of newly
+    /// stored rows, in their transaction.
+    pub handler_function: Option<String>,
+    /// A SQL function `f(batch events[])` called with the rows a rewind removes.
+    pub revert_function: Option<String>,
+    /// What to do with a range the provider will not serve.
+    pub on_unfetchable_range: UnfetchablePolicy,
+    /// Failed attempts at one range before `skip_and_backfill` skips it.
+    pub range_attempts: u32,
+    /// A stream failing this long reports itself as stuck.
+    pub stuck_after: Duration,
+    /// The gap-fill worker's settings for this stream's pending ranges.
+    pub gapfill: GapFillConfig,
+}
+
+impl StreamConfig {
+    /// The `eth_getLogs` filter: every address × every configured topic0.
+    pub fn filter(&self) -> LogFilter {
+        LogFilter {
+            addresses: self.addresses.clone(),
+            topic0s: self.events.topic0s(),
+        }
+    }
+
+    /// What the cursor's meaning depends on (I9).
+    pub fn fingerprint(&self) -> Hash32 {
+        self.filter().fingerprint(self.chain_id)
+    }
+}
+
+/// Policy for a range that keeps failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnfetchablePolicy {
+    /// Keep retrying it with backoff; the cursor waits.
+    Retry,
+    /// After `range_attempts` refusals of the range itself (never for rate
+    /// limits, 5xx or timeouts), record it in `failed_ranges`, move the
+    /// cursor past it, and let the gap-fill worker fetch it later.
+    SkipAndBackfill,
+}
+
+/// How the gap-fill worker retries a pending range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GapFillConfig {
+    /// Attempts before a range is marked dead.
+    pub max_attempts: u32,
+    /// How long a claim holds a range.
+    pub lease: Duration,
+    /// Wait before the first retry; doubles each time.
+    pub backoff: Duration,
+    /// The longest wait between retries.
+    pub backoff_max: Duration,
+}
+
+/// The safe head: `latest − confirmations`, and optionally no higher than
+/// the node's `safe` or `finalized` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finality {
+    Latest,
+    Safe,
+    Finalized,
+}
+
+impl Finality {
+    /// The JSON-RPC block tag, if any.
+    pub fn tag(self) -> Option<&'static str> {
+        match self {
+            Finality::Latest => None,
+            Finality::Safe => Some("safe"),
+            Finality::Finalized => Some("finalized"),
+        }
+    }
+}
+
+/// Policy for a reorg deeper than the safe head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeepReorgPolicy {
+    /// Stop the stream (others go on) until an operator runs `logcursor rewind`.
+    Halt,
+    /// Find the common ancestor, delete orphaned events (reverting their
+    /// effects), move the cursor back to it (audited), and re-ingest.
+    Rewind,
+}
+
+/// One thing wrong with the configuration, naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the key, e.g. `streams[0].rpc_urls`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the problems were found in (or `<environment>`).
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration in {}:", self.source_name)?;
+        for p in &self.problems {
+            writeln!(f, "  - {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// The environment the file is read with. Taken as a value so tests need
+/// not touch the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct EnvOverrides {
+    /// `DATABASE_URL`: overrides `database.url`.
+    pub database_url: Option<String>,
+    /// `LOGCURSOR_HTTP_LISTEN`: overrides `telemetry.http_listen`, so that
+    /// replicas sharing one file can each have their own port.
+    pub http_listen: Option<String>,
+    /// The variables `${VAR}` references read; `None`: the process's.
+    pub vars: Option<std::collections::HashMap<String, String>>,
+}
+
+impl EnvOverrides {
+    pub fn from_process() -> Self {
+        Self {
+            database_url: std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()),
+            http_listen: std::env::var("LOGCURSOR_HTTP_LISTEN").ok(),
+            vars: None,
+        }
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        match &self.vars {
+            Some(map) => map.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &std::path::Path, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                key: "<file>".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::parse(&text, &name, env)
+    }
+
+    /// Parses and validates TOML text; `source_name` is used in messages.
+    pub fn parse(text: &str, source_name: &str, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_string(),
+            problems,
+        };
+        let mut table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(fail(vec![Problem {
+                    key: "<syntax>".into(),
+                    message: e.to_string().trim().replace('\n', " "),
+                }]))
+            }
+        };
+        env::expand(&mut table, &|name| env.var(name), &mut problems);
+        let mut root = Fields::new(&table, "", &mut problems);
+        let database_table = root.table("database");
+        let service_table = root.table("service");
+        let telemetry_table = root.table("telemetry");
+        let defaults = root.table("defaults");
+        let stream_tables = root.array_of_tables("streams");
+        root.finish();
+
+        let database = parse_database(database_table.as_ref(), env, &mut problems);
+        let service = parse_service(service_table.as_ref(), &mut problems);
+        let telemetry = parse_telemetry(telemetry_table.as_ref(), env, &mut problems);
+        if let Some(d) = &defaults {
+            for k in d.keys().filter(|k| !stream::KEYS.contains(&k.as_str()) || *k == "name") {
+                problems.push(Problem {
+                    key: format!("defaults.{k}"),
+                    message: if k == "name" {
+                        "a name is each stream's own".into()
+                    } else {
+                        "unknown key (defaults take the keys of a stream)".into()
+                    },
+                });
+            }
+        }
+        let mut streams = Vec::new();
+        match stream_tables {
+            Some(ts) if !ts.is_empty() => {
+                for (i, t) in ts.iter().enumerate() {
+                    let merged = with_defaults(t, defaults.as_ref());
+                    if let Some(s) = stream::parse_stream(&merged, i, &mut problems) {
+                        streams.push(s);
+                    }
+                }
+            }
+            _ => problems.push(Problem {
+                key: "streams".into(),
+                message: "at least one [[streams]] table is required".into(),
+            }),
+        }
+        check_streams_together(&streams, &mut problems);
+        if let Some(db) = &database {
+            check_timeouts(db, &streams, &mut problems);
+        }
+        match (database, service, telemetry) {
+            (Some(database), Some(service), Some(telemetry)) if problems.is_empty() => Ok(Config {
+                database,
+                service,
+                telemetry,
+                streams,
+            }),
+            _ => Err(fail(problems)),
+        }
+    }
+}
+
+/// A stream table with every `[defaults]` key it does not set itself.
+fn with_defaults(stream: &toml::Table, defaults: Option<&toml::Table>) -> toml::Table {
+    let mut merged = defaults.cloned().unwrap_or_default();
+    merged.retain(|k, _| stream::KEYS.contains(&k) && k != "name");
+    for (k, v) in stream {
+        merged.insert(k.clone(), v.clone());
+    }
+    merged
+}
+
+/// A schema name: a plain identifier, so that it reads the same quoted or not.
+fn schema_name(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok && !name.starts_with("pg_") {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "must be 1-63 characters of [a-z0-9_], starting with a letter or _, and not pg_…; got {name:?}"
+        ))
+    }
+}
+
+fn parse_database(
+    table: Option<&toml::Table>,
+    env: &EnvOverrides,
+    problems: &mut Vec<Problem>,
+) -> Option<DatabaseConfig> {
+    let empty = toml::Table::new();
+    let mut f = Fields::new(table.unwrap_or(&empty), "database", problems);
+    let file_url: Option<String> = f.optional("url");
+    let url_file = f.secret_file("url_file");
+    let password = f.secret_file("password_file");
+    let sslmode = f.optional::<String>("sslmode").and_then(|m| match m.parse() {
+        Ok(mode) => Some(mode),
+        Err(e) => {
+            f.problem("sslmode", e);
+            None
+        }
+    });
+    let sslrootcert: Option<String> = f.optional("sslrootcert");
+    let schema = f.optional::<String>("schema").unwrap_or_else(|| "public".into());
+    let schema = match schema_name(&schema) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            f.problem("schema", e);
+            None
+        }
+    };
+    let pool_size = f.int_in("pool_size", Some(4), 1..=1000);
+    let connect_timeout = f.duration("connect_timeout", "5s");
+    let checkout_timeout = f.positive_duration("checkout_timeout", "5s");
+    let connect_retry_for = f.duration("connect_retry_for", "60s");
+    let lock_timeout = f.duration("lock_timeout", "5s");
+    let statement_timeout = f.duration("statement_timeout", "30s");
+    let idle = f.duration("idle_in_transaction_timeout", "15s");
+    let url = match env
+        .database_url
+        .clone()
+        .or(url_file.map(|s| s.expose().to_string()))
+        .or(file_url)
+    {
+        None => {
+            f.problem("url", "required (or url_file, or set DATABASE_URL)".into());
+            None
+        }
+        Some(u) => match crate::store::tls::split_url(&u)
+            .and_then(|(rest, _)| rest.parse::<tokio_postgres::Config>().map_err(|e| e.to_string()))
+        {
+            Ok(_) => Some(Secret::new(u)),
+            Err(e) => {
+                // The parsers' messages never echo the URL, so no secret leaks.
+                f.problem("url", format!("not a valid PostgreSQL URL: {e}"));
+                None
+            }
+        },
+    };
+    f.finish();
+    Some(DatabaseConfig {
+        settings: DbSettings {
+            url: url?,
+            password,
+            sslmode,
+            sslrootcert: sslrootcert.map(std::path::PathBuf::from),
+            schema: schema?,
+            pool_size: usize::try_from(pool_size?).ok()?,
+            connect_timeout: connect_timeout?,
+            checkout_timeout: checkout_timeout?,
+        },
+        connect_retry_for: connect_retry_for?,
+        limits: TxLimits {
+            lock_timeout: lock_timeout?,
+            statement_timeout: statement_timeout?,
+            idle_in_transaction_timeout: idle?,
+        },
+    })
+}
+
+fn parse_service(table: Option<&toml::Table>, problems: &mut Vec<Problem>) -> Option<ServiceConfig> {
+    let empty = toml::Table::new();
+    let mut f = Fields::new(table.unwrap_or(&empty), "service", problems);
+    let shutdown_grace = f.duration("shutdown_grace", "20s");
+    f.finish();
+    Some(ServiceConfig {
+        shutdown_grace: shutdown_grace?,
+    })
+}
+
+fn parse_telemetry(
+    table: Option<&toml::Table>,
+    env: &EnvOverrides,
+    problems: &mut Vec<Problem>,
+) -> Option<TelemetryConfig> {
+    let empty = toml::Table::new();
+    let mut f = Fields::new(table.unwrap_or(&empty), "telemetry", problems);
+    let in_file = f.optional::<String>("http_listen");
+    let listen = env
+        .http_listen
+        .clone()
+        .or(in_file)
+        .unwrap_or_else(|| "0.0.0.0:9464".into());
+    let http_listen = if listen.is_empty() {
+        Some(None)
+    } else {
+        match listen.parse() {
+            Ok(a) => Some(Some(a)),
+            Err(_) => {
+                f.problem(
+                    "http_listen",
+                    format!("not an address like \"0.0.0.0:9464\": {listen:?}"),
+                );
+                None
+            }
+        }
+    };
+    let max_lag_blocks = if f.optional::<toml::Value>("max_lag_blocks").is_some() {
+        f.int_in("max_lag_blocks", None, 0..=i64::MAX).map(Some)
+    } else {
+        Some(None)
+    };
+    f.finish();
+    Some(TelemetryConfig {
+        http_listen: http_listen?,
+        max_lag_blocks: max_lag_blocks?,
+    })
+}
+
+/// Rules that involve more than one stream.
+fn check_streams_together(streams: &[StreamConfig], problems: &mut Vec<Problem>) {
+    let mut names = HashSet::new();
+    for (i, s) in streams.iter().enumerate() {
+        if !names.insert(s.name.clone()) {
+            problems.push(Problem {
+                key: format!("streams[{i}].name"),
+                message: format!(
+                    "{:?} is used by an earlier stream; names are cursor ids and must be unique",
+                    s.name
+                ),
+            });
+        }
+    }
+    // Events are keyed by (chain_id, tx_hash, log_index) across streams, so
+    // two streams watching the same event of the same contract would each
+    // see the other's rows as duplicates; refuse the ambiguity.
+    let mut watched: Vec<(usize, u64, Address, BTreeSet<[u8; 32]>)> = Vec::new();
+    for (i, s) in streams.iter().enumerate() {
+        let topics: BTreeSet<[u8; 32]> = s.events.topic0s().into_iter().map(|t| t.0).collect();
+        for a in &s.addresses {
+            if let Some((j, ..)) = watched
+                .iter()
+                .find(|(j, c, wa, wt)| *j != i && *c == s.chain_id && wa == a && !wt.is_disjoint(&topics))
+            {
+                problems.push(Problem {
+                    key: format!("streams[{i}].addresses"),
+                    message: format!(
+                        "{a} on chain {} with an overlapping event is already watched by streams[{j}]; an event is stored once, so two streams cannot share it",
+                        s.chain_id
+                    ),
+                });
+            }
+            watched.push((i, s.chain_id, *a, topics.clone()));
+        }
+    }
+}
+
+/// Timeout combinations that would break a bound.
+///
+/// I6 (no session idle in transaction past its bound) no longer depends on
+/// the RPC settings: a tick that waits on the chain keeps its session busy
+/// (a heartbeat statement every third of the bound), so only a frozen
+/// replica goes idle, and the server ends it.
+fn check_timeouts(db: &DatabaseConfig, streams: &[StreamConfig], problems: &mut Vec<Problem>) {
+    let limits = &db.limits;
+    if limits.lock_timeout >= limits.statement_timeout {
+        problems.push(Problem {
+            key: "database.lock_timeout".into(),
+            message: format!(
+                "({}) must be shorter than database.statement_timeout ({}): the lock wait is part of a statement",
+                humantime::format_duration(limits.lock_timeout),
+                humantime::format_duration(limits.statement_timeout)
+            ),
+        });
+    }
+    if limits.idle_in_transaction_timeout < Duration::from_millis(300) {
+        problems.push(Problem {
+            key: "database.idle_in_transaction_timeout".into(),
+            message: "must be at least 300ms: a tick's heartbeat runs every third of it".into(),
+        });
+    }
+    for (i, s) in streams.iter().enumerate() {
+        if s.rpc_budget < s.rpc_timeout {
+            problems.push(Problem {
+                key: format!("streams[{i}].rpc_budget"),
+                message: format!(
+                    "({}) must be at least rpc_timeout ({}): a tick must have time for one request",
+                    humantime::format_duration(s.rpc_budget),
+                    humantime::format_duration(s.rpc_timeout)
+                ),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

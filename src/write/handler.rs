@@ -1,0 +1,126 @@
+//! The effects a stream's batches carry into the transaction that stores
+//! them: Rust [`Handler`]s registered by an embedding application, and a
+//! configured set-based SQL function.
+
+use std::sync::Arc;
+
+pub use crate::store::events::StoredEvent as Event;
+
+/// The transaction a handler runs in: the tick's (or gap fill's, or a
+/// replay's), inside a savepoint of the write seam. Whatever the handler
+/// writes through it commits with the events and the cursor, or not at all.
+pub type Transaction<'a> = tokio_postgres::Transaction<'a>;
+
+/// A user's effect, run exactly once per newly stored event, atomically
+/// with it (I10).
+///
+/// `handle` receives the tick's transaction and the batch of events that
+/// this write stored for the first time (never a duplicate), in block and
+/// log order, for blocks at or below the safe head. `revert` receives the
+/// events a rewind removes (a reorg deeper than the safe head, or an
+/// operator's `logcursor rewind`), in the rewind's transaction.
+///
+/// An error parks events in `dead_letters` instead of stopping the stream
+/// (`on_handler_error = "dead_letter"`, the default): the event the error
+/// names ([`HandlerError::at`]), or, when it names none, the failing event
+/// found by retrying halves of the batch. The rest of the batch commits.
+/// `logcursor dlq replay` runs the handler again for a parked event, once.
+///
+/// ```
+/// use logcursor::{Event, Handler, HandlerError, Transaction};
+///
+/// /// Credits `amount` to `from` for every Burned event.
+/// struct Credit;
+///
+/// #[logcursor::async_trait]
+/// impl Handler for Credit {
+///     async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
+///         for (i, e) in events.iter().enumerate() {
+///             let account = e.params["from"].as_str().unwrap_or_default();
+///             let amount = e.params["amount"].as_str().unwrap_or("0");
+///             let credited = tx
+///                 .execute(
+///                     "UPDATE balances SET amount = amount + $2::text::numeric WHERE account = $1",
+///                     &[&account, &amount],
+///                 )
+///                 .await?;
+///             if credited == 0 {
+///                 return Err(HandlerError::at(i, format!("unknown account {account}")));
+///             }
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Applies the effect of `events`, newly stored in `tx`.
+    async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError>;
+
+    /// Undoes the effect of `events`, which a rewind removes in `tx`.
+    /// The default does nothing.
+    async fn revert(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
+        let _ = (tx, events);
+        Ok(())
+    }
+}
+
+/// Why a handler failed, and on which event if it knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    /// Index into the batch of the event that failed, when known.
+    pub event: Option<usize>,
+    pub message: String,
+}
+
+impl HandlerError {
+    /// The event at `index` of the batch cannot be handled.
+    pub fn at(index: usize, message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            event: Some(index),
+            message: message.into(),
+        }
+    }
+
+    /// The batch failed; which event is found by retrying parts of it.
+    pub fn batch(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            event: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for HandlerError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        HandlerError::batch(crate::store::describe_pg(&e))
+    }
+}
+
+/// The handlers of one stream.
+#[derive(Clone, Default)]
+pub struct Handlers {
+    pub rust: Vec<Arc<dyn Handler>>,
+    /// A SQL function `f(batch events[])` called once per batch of new rows.
+    pub sql: Option<String>,
+    /// A SQL function `f(batch events[])` called with the rows a rewind removes.
+    pub sql_revert: Option<String>,
+}
+
+impl Handlers {
+    /// Whether any effect runs on a write (then new rows need their ids).
+    pub fn any(&self) -> bool {
+        !self.rust.is_empty() || self.sql.is_some()
+    }
+}
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handlers")
+            .field("rust", &self.rust.len())
+            .field("sql", &self.sql)
+            .field("sql_revert", &self.sql_revert)
+            .finish()
+    }
+}

@@ -1,0 +1,499 @@
+//! The one write seam: every batch of decoded events is stored here, in the
+//! caller's transaction — by a tick, by gap fill, by `dlq replay` alike —
+//! and every rewind removes events here. A write is, per batch:
+//!
+//! ```text
+//! logs that do not decode → dead_letters (or halt, per on_bad_event)
+//! logs parked already (same block hash) → skipped: they wait for replay
+//! SAVEPOINT
+//!   COPY (≥ 500 rows) or INSERT … ON CONFLICT DO NOTHING RETURNING id   -- new rows only
+//!   SELECT logcursor_handle(handler_function, ids of the new rows)       -- set-based SQL handler
+//!   Handler::handle(tx, new rows) for each Rust handler
+//! RELEASE
+//! ```
+//!
+//! Row triggers on `events` fire inside the same savepoint, for new rows
+//! only (with `AFTER INSERT`; a `BEFORE` trigger also sees duplicates).
+//!
+//! I8 (no input from the chain can stop a stream) and I10 (a failing effect
+//! parks its event, never stops the stream unless asked to): an error that
+//! concerns rows ([`StoreError::is_per_row`]: a value PostgreSQL refuses, a
+//! constraint, a trigger's or handler's exception) rolls back to the
+//! savepoint only. The failing row is then found — the one a handler names,
+//! else by retrying halves of the batch — and parked whole in
+//! `dead_letters` with the server's or handler's message; the others are
+//! stored. `on_bad_event`/`on_handler_error = "halt"` stop instead. Any
+//! other error (connection, timeout, serialization) fails the transaction.
+//!
+//! I10 (effects exactly once per stored row): handlers run in the savepoint
+//! that stores their rows, for rows that are new in it, so they commit
+//! exactly when the rows do; a duplicate runs nothing; a rewind reverts
+//! the effects of the rows it removes in its own transaction
+//! ([`Writer::remove_above`]).
+//!
+//! No more than [`MAX_SAVEPOINTS`] savepoints in one transaction (more
+//! overflow PostgreSQL's per-backend subtransaction cache and slow every
+//! session of the cluster): [`Savepoints`] counts them, and a write that
+//! would exceed the budget stops at the last row it finished, so that the
+//! caller commits what is done (the rows handled form a prefix of the batch)
+//! and the next transaction goes on.
+
+pub mod handler;
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use tokio_postgres::types::Type;
+use tracing::{info_span, Instrument};
+
+pub use handler::{Event, Handler, HandlerError, Handlers, Transaction};
+
+use crate::store::dead_letters::{self, Kind};
+use crate::store::events::{self, Inserted, NewEvent, StoredEvent, COPY_FROM_ROWS};
+use crate::store::{GenericClient, StoreError};
+use crate::types::{RawLog, StreamName};
+
+/// Savepoints one transaction may take.
+pub const MAX_SAVEPOINTS: u32 = 64;
+
+/// What to do with an event that cannot be stored or handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Park it whole in `dead_letters` (same transaction) and go on.
+    DeadLetter,
+    /// Stop the stream before it (the transaction rolls back).
+    Halt,
+}
+
+/// The savepoint budget of one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Savepoints {
+    used: u32,
+}
+
+impl Default for Savepoints {
+    fn default() -> Self {
+        Savepoints::new()
+    }
+}
+
+impl Savepoints {
+    pub fn new() -> Savepoints {
+        Savepoints { used: 0 }
+    }
+
+    /// Savepoints taken so far.
+    pub fn used(&self) -> u32 {
+        self.used
+    }
+
+    /// Whether another one may be taken.
+    pub fn left(&self) -> bool {
+        self.used < MAX_SAVEPOINTS
+    }
+
+    fn take(&mut self) -> bool {
+        if self.left() {
+            self.used += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One decoded log and the log itself (kept to park it whole).
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub event: NewEvent,
+    pub raw: RawLog,
+}
+
+/// A batch to store: rows in (block, log index) order, and logs that did
+/// not decode, with why.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub rows: Vec<Row>,
+    pub undecodable: Vec<(RawLog, String)>,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    pub inserted: u64,
+    pub duplicates: u64,
+    /// Logs parked by this write (undecodable, refused, or failed by a handler).
+    pub parked: u64,
+    /// Logs skipped because they were parked before.
+    pub skipped_parked: u64,
+    /// `None`: every row was handled. `Some(b)`: the savepoint budget ran
+    /// out; every block up to and including `b` is complete (`b` may be
+    /// below the batch's first block: nothing is complete).
+    pub stopped: Option<Stop>,
+}
+
+/// Where an unfinished write stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    /// The first block not completely handled.
+    pub incomplete_block: u64,
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A policy said halt: the caller rolls back and records the halt.
+    #[error(
+        "stream {stream}: log {log_index} of tx {tx_hash} (block {block}) {what}: {reason}; the cursor stays before it"
+    )]
+    Halt {
+        stream: String,
+        block: u64,
+        tx_hash: crate::types::Hash32,
+        log_index: u64,
+        what: &'static str,
+        reason: String,
+    },
+    /// A handler failed while reverting a rewind (nothing was removed).
+    #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
+    Revert { stream: String, reason: String },
+}
+
+/// The write seam of one stream.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    pub stream: StreamName,
+    pub chain_id: u64,
+    pub on_bad_event: OnFailure,
+    pub on_handler_error: OnFailure,
+    pub handlers: Handlers,
+}
+
+/// How one attempt at a segment of rows ended.
+enum Attempt {
+    Stored {
+        inserted: u64,
+        duplicates: u64,
+    },
+    /// A per-row failure; `at`: the segment index the failure names;
+    /// `duplicate`: a unique violation (COPY met a stored row).
+    Failed {
+        kind: Kind,
+        message: String,
+        at: Option<usize>,
+        duplicate: bool,
+    },
+    /// No savepoint left.
+    NoBudget,
+}
+
+impl Writer {
+    /// Stores `batch` in `tx` (see the module doc). `budget` is the
+    /// transaction's savepoint budget.
+    pub async fn write(
+        &self,
+        tx: &handler::Transaction<'_>,
+        budget: &mut Savepoints,
+        batch: Batch,
+    ) -> Result<Written, WriteError> {
+        let mut out = Written::default();
+        if let Some((log, why)) = batch.undecodable.first() {
+            if self.on_bad_event == OnFailure::Halt {
+                return Err(self.halt(log, "does not decode", why.clone()));
+            }
+            let parked: Vec<(&RawLog, String)> = batch.undecodable.iter().map(|(l, e)| (l, e.clone())).collect();
+            dead_letters::park(tx, &self.stream, self.chain_id, Kind::Decode, &parked).await?;
+            out.parked += parked.len() as u64;
+            tracing::warn!(stream = %self.stream, count = parked.len(), first_tx = %log.tx_hash, first_log_index = log.log_index, error = %why, "logs that do not decode were parked in dead_letters");
+        }
+        let rows = self.without_parked(tx, batch.rows, &mut out).await?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        // Segments of rows still to store, in order: what is handled is
+        // always a prefix of `rows` (see `Stop`).
+        let mut queue: VecDeque<Range<usize>> = VecDeque::new();
+        queue.push_back(0..rows.len());
+        let mut copy_refused = false;
+        while let Some(seg) = queue.pop_front() {
+            let use_copy = seg.len() >= COPY_FROM_ROWS && !copy_refused;
+            match self.attempt(tx, budget, &rows[seg.clone()], use_copy).await? {
+                Attempt::Stored { inserted, duplicates } => {
+                    out.inserted += inserted;
+                    out.duplicates += duplicates;
+                }
+                Attempt::NoBudget => {
+                    out.stopped = Some(Stop {
+                        incomplete_block: rows[seg.start].event.block_number,
+                    });
+                    tracing::info!(stream = %self.stream, savepoints = MAX_SAVEPOINTS, "savepoint budget of this transaction spent; committing what is done");
+                    return Ok(out);
+                }
+                Attempt::Failed {
+                    kind,
+                    message,
+                    at,
+                    duplicate,
+                } => {
+                    if duplicate && use_copy {
+                        // COPY met rows stored before: store them the way that skips them.
+                        copy_refused = true;
+                        queue.push_front(seg);
+                        continue;
+                    }
+                    let policy = match kind {
+                        Kind::Handler => self.on_handler_error,
+                        _ => self.on_bad_event,
+                    };
+                    let culprit = at.or((seg.len() == 1).then_some(0));
+                    match culprit {
+                        Some(i) => {
+                            let row = &rows[seg.start + i];
+                            if policy == OnFailure::Halt {
+                                let what = match kind {
+                                    Kind::Handler => "failed in a handler (on_handler_error = \"halt\")",
+                                    _ => "was refused by the database (on_bad_event = \"halt\")",
+                                };
+                                return Err(self.halt(&row.raw, what, message));
+                            }
+                            dead_letters::park(tx, &self.stream, self.chain_id, kind, &[(&row.raw, message.clone())])
+                                .await?;
+                            out.parked += 1;
+                            tracing::warn!(stream = %self.stream, block = row.raw.block_number, tx = %row.raw.tx_hash, log_index = row.raw.log_index, kind = kind.as_str(), error = %message, "an event was parked in dead_letters; the rest of its batch goes on");
+                            let after = seg.start + i + 1..seg.end;
+                            let before = seg.start..seg.start + i;
+                            if !after.is_empty() {
+                                queue.push_front(after);
+                            }
+                            if !before.is_empty() {
+                                queue.push_front(before);
+                            }
+                        }
+                        None => {
+                            let mid = seg.start + seg.len() / 2;
+                            queue.push_front(mid..seg.end);
+                            queue.push_front(seg.start..mid);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `rows` without those parked already under the same block hash.
+    async fn without_parked<C: GenericClient>(
+        &self,
+        tx: &C,
+        rows: Vec<Row>,
+        out: &mut Written,
+    ) -> Result<Vec<Row>, WriteError> {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(rows);
+        };
+        let parked =
+            dead_letters::parked_keys(tx, &self.stream, first.event.block_number, last.event.block_number).await?;
+        if parked.is_empty() {
+            return Ok(rows);
+        }
+        let before = rows.len();
+        let kept: Vec<Row> = rows
+            .into_iter()
+            .filter(|r| !parked.contains(&(r.event.tx_hash, r.event.log_index, r.event.block_hash)))
+            .collect();
+        out.skipped_parked += (before - kept.len()) as u64;
+        Ok(kept)
+    }
+
+    /// One savepoint: store `rows` and run the handlers on the new ones.
+    async fn attempt(
+        &self,
+        tx: &handler::Transaction<'_>,
+        budget: &mut Savepoints,
+        rows: &[Row],
+        use_copy: bool,
+    ) -> Result<Attempt, WriteError> {
+        if !budget.take() {
+            return Ok(Attempt::NoBudget);
+        }
+        tx.batch_execute("SAVEPOINT logcursor_write")
+            .await
+            .map_err(StoreError::db("savepoint"))?;
+        let result = self.store_and_handle(tx, rows, use_copy).await;
+        match result {
+            Ok((inserted, duplicates)) => {
+                match tx.batch_execute("RELEASE SAVEPOINT logcursor_write").await {
+                    Ok(()) => Ok(Attempt::Stored { inserted, duplicates }),
+                    // 25P02: a handler swallowed an error of its own statement.
+                    Err(e) if e.code().map(|c| c.code()) == Some("25P02") => {
+                        self.roll_back(tx).await?;
+                        Ok(Attempt::Failed {
+                            kind: Kind::Handler,
+                            message: "a handler returned success after one of its statements failed (the transaction was aborted)".into(),
+                            at: None,
+                            duplicate: false,
+                        })
+                    }
+                    Err(e) => Err(StoreError::db("release savepoint")(e).into()),
+                }
+            }
+            Err(Failure::Row {
+                kind,
+                message,
+                at,
+                duplicate,
+            }) => {
+                self.roll_back(tx).await?;
+                Ok(Attempt::Failed {
+                    kind,
+                    message,
+                    at,
+                    duplicate,
+                })
+            }
+            Err(Failure::Fatal(e)) => Err(e),
+        }
+    }
+
+    async fn roll_back<C: GenericClient>(&self, tx: &C) -> Result<(), WriteError> {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT logcursor_write; RELEASE SAVEPOINT logcursor_write")
+            .await
+            .map_err(StoreError::db("roll back to savepoint"))?;
+        Ok(())
+    }
+
+    /// Inserts `rows` and runs the handlers on the new ones; (inserted, duplicates).
+    async fn store_and_handle(
+        &self,
+        tx: &handler::Transaction<'_>,
+        rows: &[Row],
+        use_copy: bool,
+    ) -> Result<(u64, u64), Failure> {
+        let events: Vec<NewEvent> = rows.iter().map(|r| r.event.clone()).collect();
+        let span = info_span!(
+            "db.insert_events",
+            db.system = "postgresql",
+            db.operation = if use_copy { "COPY" } else { "INSERT" },
+            rows = events.len()
+        );
+        let inserted: Inserted = if use_copy {
+            events::copy(tx, &self.stream, self.chain_id, &events, self.handlers.any())
+                .instrument(span)
+                .await
+                .map_err(|e| Failure::from_db(StoreError::db("COPY events")(e), Kind::Data))?
+        } else {
+            events::insert(tx, &self.stream, self.chain_id, &events)
+                .instrument(span)
+                .await
+                .map_err(|e| Failure::from_db(e, Kind::Data))?
+        };
+        let new = inserted.new.len() as u64;
+        if new > 0 && self.handlers.any() {
+            let stored: Vec<StoredEvent> = inserted
+                .new
+                .iter()
+                .map(|(i, id)| StoredEvent::from_new(&events[*i], *id, &self.stream, self.chain_id))
+                .collect();
+            if let Some(function) = &self.handlers.sql {
+                let ids: Vec<i64> = stored.iter().map(|e| e.id).collect();
+                tx.execute_typed(
+                    "SELECT logcursor_handle($1, $2)",
+                    &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
+                )
+                .instrument(info_span!("handler.sql", function = %function, events = ids.len()))
+                .await
+                .map_err(|e| Failure::from_db(StoreError::db("handler_function")(e), Kind::Handler))?;
+            }
+            for h in &self.handlers.rust {
+                h.handle(tx, &stored)
+                    .instrument(info_span!("handler.rust", events = stored.len()))
+                    .await
+                    .map_err(|e| Failure::Row {
+                        kind: Kind::Handler,
+                        // The handler's index is into the new rows; ours into the segment.
+                        at: e.event.and_then(|i| inserted.new.get(i)).map(|(row, _)| *row),
+                        message: e.message,
+                        duplicate: false,
+                    })?;
+            }
+        }
+        Ok((new, events.len() as u64 - new))
+    }
+
+    fn halt(&self, log: &RawLog, what: &'static str, reason: String) -> WriteError {
+        WriteError::Halt {
+            stream: self.stream.to_string(),
+            block: log.block_number,
+            tx_hash: log.tx_hash,
+            log_index: log.log_index,
+            what,
+            reason,
+        }
+    }
+
+    /// Removes the stream's events above block `to` in `tx`, reverting
+    /// their effects first (the SQL revert function and every Rust
+    /// handler's `revert`; row triggers `AFTER DELETE` fire on the delete).
+    /// Returns how many were removed.
+    pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
+        let reverting = self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty();
+        if reverting {
+            let removed = events::above(tx, &self.stream, to).await?;
+            if !removed.is_empty() {
+                if let Some(function) = &self.handlers.sql_revert {
+                    let ids: Vec<i64> = removed.iter().map(|e| e.id).collect();
+                    tx.execute_typed(
+                        "SELECT logcursor_handle($1, $2)",
+                        &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
+                    )
+                    .await
+                    .map_err(|e| WriteError::Revert {
+                        stream: self.stream.to_string(),
+                        reason: crate::store::describe_pg(&e),
+                    })?;
+                }
+                for h in &self.handlers.rust {
+                    h.revert(tx, &removed).await.map_err(|e| WriteError::Revert {
+                        stream: self.stream.to_string(),
+                        reason: e.message,
+                    })?;
+                }
+            }
+        }
+        Ok(events::delete_above(tx, &self.stream, to).await?)
+    }
+}
+
+/// Why storing a segment failed.
+enum Failure {
+    /// The rows (or one of them) are at fault.
+    Row {
+        kind: Kind,
+        message: String,
+        at: Option<usize>,
+        duplicate: bool,
+    },
+    Fatal(WriteError),
+}
+
+impl Failure {
+    /// A database error: per-row if its class says so (a trigger's or
+    /// function's exception counts as a handler's), else fatal.
+    fn from_db(e: StoreError, kind: Kind) -> Failure {
+        if e.is_per_row() {
+            let raised_by_code = e
+                .sqlstate()
+                .is_some_and(|c| ["P0", "38", "39", "2F", "09", "27"].iter().any(|p| c.starts_with(p)));
+            Failure::Row {
+                kind: if raised_by_code { Kind::Handler } else { kind },
+                duplicate: e.sqlstate() == Some("23505"),
+                message: e.to_string(),
+                at: None,
+            }
+        } else {
+            Failure::Fatal(e.into())
+        }
+    }
+}
