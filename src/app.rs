@@ -20,6 +20,7 @@ use crate::backoff::CONNECT;
 use crate::chain::ws::Push;
 use crate::chain::{ChainError, Endpoints};
 use crate::config::Config;
+use crate::delivery::Deliverer;
 use crate::http::HttpState;
 use crate::metrics::Registry;
 use crate::poller::gapfill::GapFiller;
@@ -74,6 +75,8 @@ pub struct App {
     pollers: Vec<Arc<Poller>>,
     /// Fills the ranges that `skip_and_backfill` streams skipped, if any do.
     gap_filler: Option<Arc<GapFiller>>,
+    /// Delivers the outbox to the streams' webhooks, if any have some.
+    deliverer: Option<Arc<Deliverer>>,
     grace: Duration,
 }
 
@@ -191,6 +194,7 @@ impl App {
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
         let gap_filler =
             GapFiller::new(&streams, db.clone(), replica_id.to_string(), cfg.database.limits).map(Arc::new);
+        let deliverer = Deliverer::new(&streams, db.clone(), replica_id.to_string()).map(Arc::new);
         crate::telemetry::export_metrics(&registry);
         Ok(App {
             db,
@@ -200,6 +204,7 @@ impl App {
             replica_id: replica_id.to_string(),
             pollers,
             gap_filler,
+            deliverer,
             grace: cfg.service.shutdown_grace,
         })
     }
@@ -222,6 +227,11 @@ impl App {
     /// The gap-fill worker (skipped ranges and filter backfills).
     pub fn gap_filler(&self) -> Option<&Arc<GapFiller>> {
         self.gap_filler.as_ref()
+    }
+
+    /// The webhook delivery workers, when a stream has webhooks.
+    pub fn deliverer(&self) -> Option<&Arc<Deliverer>> {
+        self.deliverer.as_ref()
     }
 
     /// Runs every stream until `shutdown` fires, then drains.
@@ -260,6 +270,13 @@ impl App {
                     name
                 });
             }
+        }
+        if let Some(d) = &self.deliverer {
+            let (d, token) = (Arc::clone(d), stop.clone());
+            tasks.spawn(async move {
+                d.run(token).await;
+                "webhook delivery".to_string()
+            });
         }
         if let Some(g) = &self.gap_filler {
             let (g, token) = (Arc::clone(g), stop.clone());

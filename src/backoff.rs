@@ -8,6 +8,7 @@
 //! | [`TICK`]      | 500 ms | 30 s  | a stream's failed ticks (I5), gap fill passes, delivery workers |
 //! | [`RPC`]       | 100 ms | 2 s   | one JSON-RPC request's retries               |
 //! | [`CONNECT`]   | 100 ms | 5 s   | start-up's wait for the database and the chain, WebSocket reconnects |
+//! | webhook's     | 1 s    | 5 min | a webhook delivery's retries (`backoff`, `backoff_max` of the webhook; a longer `Retry-After` wins) |
 //!
 //! Retries of a skipped range (gap fill) and of a webhook delivery are
 //! scheduled on the database clock: their delays come from a [`Backoff`]

@@ -64,6 +64,18 @@ pub enum Command {
         #[command(subcommand)]
         action: GapfillAction,
     },
+    /// Webhook deliveries (the outbox): list them, send dead ones again,
+    /// or discard them.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
+    /// Durable SQL consumers of a stream (see `logcursor_claim`): list them
+    /// with their lag, or move one.
+    Consumers {
+        #[command(subcommand)]
+        action: ConsumersAction,
+    },
     /// Make this configuration's filter (addresses × events) the one the
     /// stream's cursor advances under, backfilling what it adds: to return
     /// to a filter that a newer deployment replaced.
@@ -102,6 +114,43 @@ pub enum DlqAction {
     Discard {
         #[arg(required = true)]
         ids: Vec<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// List deliveries, newest first.
+    List {
+        /// Only this webhook's.
+        #[arg(long)]
+        webhook: Option<String>,
+        /// Only those with this status: pending, delivered or dead.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Send dead deliveries again (same delivery id and body): ids, or --all.
+    Replay {
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete deliveries for good.
+    Discard {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsumersAction {
+    /// List consumers: stream, position, lag.
+    List,
+    /// Move a consumer: --to start | latest | XID/ID (a position `list` shows).
+    Reset {
+        name: String,
+        #[arg(long)]
+        to: crate::store::consumers::Target,
     },
 }
 
@@ -190,6 +239,8 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str, handlers
         }
         Command::Dlq { action } => dlq(action, cfg, replica_id, handlers).await,
         Command::Gapfill { action } => gapfill(action, cfg, replica_id).await,
+        Command::Outbox { action } => outbox(action, cfg, replica_id).await,
+        Command::Consumers { action } => consumers(action, cfg, replica_id).await,
         Command::AdoptFilter { stream } => {
             let added = crate::admin::adopt_filter(cfg, replica_id, stream).await?;
             println!(
@@ -208,6 +259,63 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str, handlers
             Ok(())
         }
     }
+}
+
+async fn outbox(action: &OutboxAction, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+    use crate::admin::delivery as admin;
+    match action {
+        OutboxAction::List { webhook, status } => {
+            let rows = admin::outbox_list(cfg, replica_id, webhook.as_deref(), status.as_deref()).await?;
+            println!(
+                "{:>8}  {:<36}  {:<12} {:<16} {:<7} {:>6}  {:<9} {:>8}  {:>6}  LAST ERROR",
+                "ID", "DELIVERY ID", "STREAM", "WEBHOOK", "KIND", "EVENTS", "STATUS", "ATTEMPTS", "HTTP"
+            );
+            for r in &rows {
+                println!(
+                    "{:>8}  {:<36}  {:<12} {:<16} {:<7} {:>6}  {:<9} {:>8}  {:>6}  {}",
+                    r.id,
+                    r.delivery_id,
+                    r.stream,
+                    r.webhook,
+                    r.kind,
+                    r.events,
+                    r.status,
+                    r.attempts,
+                    r.last_status.map_or("-".into(), |s| s.to_string()),
+                    r.last_error.as_deref().unwrap_or("")
+                );
+            }
+            println!("{} deliveries", rows.len());
+        }
+        OutboxAction::Replay { ids, all } => {
+            let ids: &[i64] = if *all { &[] } else { ids };
+            let n = admin::outbox_replay(cfg, replica_id, ids).await?;
+            println!("{n} dead deliveries due again");
+        }
+        OutboxAction::Discard { ids } => {
+            let n = admin::outbox_discard(cfg, replica_id, ids).await?;
+            println!("discarded {n} deliveries");
+        }
+    }
+    Ok(())
+}
+
+async fn consumers(action: &ConsumersAction, cfg: &Config, replica_id: &str) -> Result<(), AppError> {
+    use crate::admin::delivery as admin;
+    match action {
+        ConsumersAction::List => {
+            let rows = admin::consumers_list(cfg, replica_id).await?;
+            println!("{:<24} {:<16} {:<24} {:>8}", "CONSUMER", "STREAM", "POSITION", "LAG");
+            for c in &rows {
+                println!("{:<24} {:<16} {:<24} {:>8}", c.name, c.stream, c.position, c.lag);
+            }
+        }
+        ConsumersAction::Reset { name, to } => {
+            let at = admin::consumers_reset(cfg, replica_id, name, to).await?;
+            println!("consumer {name} now at {at}");
+        }
+    }
+    Ok(())
 }
 
 async fn gapfill(action: &GapfillAction, cfg: &Config, replica_id: &str) -> Result<(), AppError> {

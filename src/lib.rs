@@ -14,7 +14,7 @@
 //! main.rs, cli            command line → config → app
 //! app, admin, status      build and run replicas; operator commands
 //! http, telemetry         endpoints, logs, traces, metrics export
-//! poller                  the tick (one transaction) and the loops
+//! poller, delivery        the tick (one transaction) and the loops; webhook workers
 //! write                   the one write seam: rows, then handlers
 //! chain    store          JSON-RPC (only importer of ethers) | PostgreSQL
 //! config                  TOML + env → typed values of the layers below
@@ -28,7 +28,8 @@
 //! | [`config`]   | TOML + env → typed config; every problem reported at once     |
 //! | [`chain`]    | the only user of ethers: JSON-RPC client, ABI decoding        |
 //! | [`store`]    | PostgreSQL: pool, migrations, one module per table            |
-//! | [`write`]    | the write seam: events, handlers, isolation of failing rows   |
+//! | [`write`]    | the write seam: events, handlers, outbox, isolation of failing rows |
+//! | [`delivery`] | webhook delivery workers (the outbox, claimed and POSTed)     |
 //! | [`poller`]   | the tick, the per-stream loop, gap fill                       |
 //! | [`app`]      | build (connect, migrate, verify chain, seed) and run (drain)  |
 //! | [`status`]   | `logcursor status`                                            |
@@ -83,6 +84,7 @@ pub mod backoff;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod metrics;
 pub mod poller;

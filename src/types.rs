@@ -131,6 +131,13 @@ impl StreamName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The stream's notification channel in `schema`: `<schema>.<stream>`
+    /// (`LISTEN "public.burns"`). Each commit that stores rows of the
+    /// stream sends `{"stream", "from", "to", "rows"}` on it.
+    pub fn channel(&self, schema: &str) -> String {
+        format!("{schema}.{}", self.0)
+    }
 }
 
 impl FromStr for StreamName {

@@ -11,6 +11,7 @@
 //! | [`env`]    | `${VAR}` / `${VAR:-default}` in any string value          |
 //! | [`fields`] | reading a table key by key, collecting problems           |
 //! | [`stream`] | one `[[streams]]` table (after `[defaults]`)               |
+//! | [`webhook`]| one `[[streams.webhooks]]` table                           |
 //!
 //! Parse, don't validate: what comes out holds parsed values (a stream's
 //! [`EventSet`], its [`StreamName`], [`BlockNumber`]s), so nothing
@@ -19,6 +20,7 @@
 mod env;
 mod fields;
 mod stream;
+pub mod webhook;
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
@@ -142,6 +144,8 @@ pub struct StreamConfig {
     pub handler_function: Option<String>,
     /// A SQL function `f(batch events[])` called with the rows a rewind removes.
     pub revert_function: Option<String>,
+    /// Where the stream's new events are delivered, through the outbox.
+    pub webhooks: Vec<webhook::WebhookConfig>,
     /// What to do with a range the provider will not serve.
     pub on_unfetchable_range: UnfetchablePolicy,
     /// Failed attempts at one range before `skip_and_backfill` skips it.
@@ -349,6 +353,17 @@ impl Config {
         check_streams_together(&streams, &mut problems);
         if let Some(db) = &database {
             check_timeouts(db, &streams, &mut problems);
+            for (i, s) in streams.iter().enumerate() {
+                let channel = s.name.channel(&db.settings.schema);
+                if channel.len() > 63 {
+                    problems.push(Problem {
+                        key: format!("streams[{i}].name"),
+                        message: format!(
+                            "with database.schema the notification channel {channel:?} is longer than PostgreSQL's 63 bytes: shorten the stream name or the schema"
+                        ),
+                    });
+                }
+            }
         }
         match (database, service, telemetry) {
             (Some(database), Some(service), Some(telemetry)) if problems.is_empty() => Ok(Config {

@@ -3,6 +3,7 @@
 //! the stream keeps, names and blocks as their types.
 
 use super::fields::{read_secret, Fields};
+use super::webhook::WebhookConfig;
 use super::{DeepReorgPolicy, Finality, GapFillConfig, Problem, StreamConfig, UnfetchablePolicy};
 use crate::chain::abi::EventSet;
 use crate::chain::EndpointConfig;
@@ -44,6 +45,7 @@ pub(super) const KEYS: &[&str] = &[
     "on_handler_error",
     "handler_function",
     "revert_function",
+    "webhooks",
 ];
 
 pub(super) fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Problem>) -> Option<StreamConfig> {
@@ -127,7 +129,27 @@ pub(super) fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Pro
     let on_handler_error = f.choice("on_handler_error", "dead_letter", &policies);
     let handler_function = sql_function(&mut f, "handler_function");
     let revert_function = sql_function(&mut f, "revert_function");
+    let webhook_tables: Vec<toml::Table> = f.optional("webhooks").unwrap_or_default();
+    let prefix = f.key("webhooks");
     f.finish();
+    let webhooks: Option<Vec<WebhookConfig>> = {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (j, t) in webhook_tables.iter().enumerate() {
+            match super::webhook::parse(t, &format!("{prefix}[{j}]"), problems) {
+                Some(w) if out.iter().any(|o: &WebhookConfig| o.name == w.name) => {
+                    problems.push(Problem {
+                        key: format!("{prefix}[{j}].name"),
+                        message: format!("{:?} is used by an earlier webhook of this stream", w.name),
+                    });
+                    ok = false;
+                }
+                Some(w) => out.push(w),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    };
     Some(StreamConfig {
         name: name?,
         chain_id: chain_id?,
@@ -155,6 +177,7 @@ pub(super) fn parse_stream(table: &toml::Table, i: usize, problems: &mut Vec<Pro
         on_handler_error: on_handler_error?,
         handler_function: handler_function.ok()?,
         revert_function: revert_function.ok()?,
+        webhooks: webhooks?,
         on_unfetchable_range: on_unfetchable_range?,
         range_attempts: u32::try_from(range_attempts?).ok()?,
         stuck_after: stuck_after?,

@@ -213,7 +213,12 @@ impl GapFiller {
             // Dropping `tx` rolls the inserts back; the new claimer redoes them.
             return Ok(GapOutcome::LeaseLost { id: claim.id });
         }
+        let done_block = BlockNumber::from_db(done).map_or(0, BlockNumber::get);
+        super::tick::announce(&*tx, self.db.schema(), stream, from, done_block, inserted).await?;
         tx.commit().await.map_err(StoreError::db("commit gap-fill"))?;
+        if inserted > 0 {
+            stream.committed.notify_waiters();
+        }
         Ok(if done >= claim.to_block {
             GapOutcome::Filled {
                 id: claim.id,

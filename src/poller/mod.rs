@@ -53,6 +53,9 @@ pub struct Stream {
     pub density: parts::Density,
     /// The one write seam, with the stream's handlers.
     pub writer: Writer,
+    /// Told after each commit that stored rows of this stream (wakes the
+    /// stream's delivery workers at once).
+    pub committed: tokio::sync::Notify,
 }
 
 impl Stream {
@@ -78,6 +81,7 @@ impl Stream {
             on_bad_event: cfg.on_bad_event,
             on_handler_error: cfg.on_handler_error,
             handlers,
+            webhooks: cfg.webhooks.iter().map(|w| (w.name.clone(), w.batch_size)).collect(),
         };
         Stream {
             cfg,
@@ -86,6 +90,7 @@ impl Stream {
             chain,
             density: parts::Density::default(),
             writer,
+            committed: tokio::sync::Notify::new(),
         }
     }
 }

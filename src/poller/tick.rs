@@ -20,6 +20,7 @@
 //!           end and the last block, in one batch: unchanged (`verify`)
 //! advance   UPDATE block_cursors … WHERE last_processed_block = $old
 //!             AND filter_fingerprint = $ours                    -- exactly 1 row
+//!           pg_notify('<schema>.<stream>', {"stream","from","to","rows"})  -- when rows were stored
 //!           COMMIT
 //! ```
 //!
@@ -327,7 +328,8 @@ impl Poller {
                 return Err(e);
             }
         };
-        self.advance(tx, &current, to, &verified).await?;
+        self.advance(tx, &current, (from, to), stored.inserted, &verified)
+            .await?;
         span.record("events_inserted", stored.inserted);
         span.record("duplicates", stored.duplicates);
         if self.stream.cfg.pipeline && to == planned_to && to < heads.safe_head {
@@ -498,12 +500,14 @@ impl Poller {
         Ok(stored)
     }
 
-    /// Records the verified hashes and moves the cursor; COMMIT.
+    /// Records the verified hashes and moves the cursor; announces the
+    /// stored rows (delivered at COMMIT); COMMIT.
     async fn advance(
         &self,
         tx: Tx<'_>,
         current: &Cursor,
-        to: u64,
+        (from, to): (u64, u64),
+        inserted: u64,
         verified: &verify::Verified,
     ) -> Result<(), TickError> {
         let name = self.stream.cfg.name.as_str();
@@ -529,6 +533,7 @@ impl Poller {
             db.operation = "UPDATE"
         ))
         .await?;
+        announce(&*tx, self.db.schema(), &self.stream, from, to.get(), inserted).await?;
         tx.commit()
             .instrument(info_span!(
                 "db.commit",
@@ -537,6 +542,9 @@ impl Poller {
             ))
             .await
             .map_err(StoreError::db("commit tick"))?;
+        if inserted > 0 {
+            self.stream.committed.notify_waiters();
+        }
         self.saw(to.to_db());
         Ok(())
     }
@@ -738,6 +746,33 @@ impl Poller {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(p)
     }
+}
+
+/// Sends the stream's commit notification in `tx` when `rows` were stored
+/// (PostgreSQL delivers it at COMMIT, never for a rollback).
+pub(crate) async fn announce<C: crate::store::GenericClient>(
+    tx: &C,
+    schema: &str,
+    stream: &super::Stream,
+    from: u64,
+    to: u64,
+    rows: u64,
+) -> Result<(), TickError> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let payload =
+        serde_json::json!({"stream": stream.cfg.name.as_str(), "from": from, "to": to, "rows": rows}).to_string();
+    tx.execute_typed(
+        "SELECT pg_notify($1, $2)",
+        &[
+            (&stream.cfg.name.channel(schema), tokio_postgres::types::Type::TEXT),
+            (&payload, tokio_postgres::types::Type::TEXT),
+        ],
+    )
+    .await
+    .map_err(StoreError::db("notify"))?;
+    Ok(())
 }
 
 /// The tick's range: `[cursor + 1, min(safe_head, cursor + max_range)]`,

@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "handlers",
         sql: include_str!("../../sql/0006_handlers.sql"),
     },
+    Migration {
+        version: 8,
+        name: "delivery",
+        sql: include_str!("../../sql/0008_delivery.sql"),
+    },
 ];
 
 /// Advisory lock class that serializes migrations of one schema ("lcmg" in ASCII).

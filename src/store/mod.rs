@@ -12,12 +12,14 @@
 //! The store imports only the leaf [`crate::types`]: neither the chain
 //! layer nor the configuration.
 
+pub mod consumers;
 pub mod cursor;
 pub mod dead_letters;
 pub mod events;
 pub mod failed_ranges;
 pub mod filters;
 pub mod migrate;
+pub mod outbox;
 pub mod pool;
 pub mod privileges;
 pub mod reorg;

@@ -9,6 +9,7 @@
 //!   COPY (≥ 500 rows) or INSERT … ON CONFLICT DO NOTHING RETURNING id   -- new rows only
 //!   SELECT logcursor_handle(handler_function, ids of the new rows)       -- set-based SQL handler
 //!   Handler::handle(tx, new rows) for each Rust handler
+//!   INSERT INTO outbox … one delivery per (webhook, batch of new rows)   -- store::outbox
 //! RELEASE
 //! ```
 //!
@@ -50,6 +51,7 @@ pub use handler::{Event, Handler, HandlerError, Handlers, Transaction};
 
 use crate::store::dead_letters::{self, Kind};
 use crate::store::events::{self, Inserted, NewEvent, StoredEvent, COPY_FROM_ROWS};
+use crate::store::outbox;
 use crate::store::{GenericClient, StoreError};
 use crate::types::{RawLog, StreamName};
 
@@ -169,6 +171,8 @@ pub struct Writer {
     pub on_bad_event: OnFailure,
     pub on_handler_error: OnFailure,
     pub handlers: Handlers,
+    /// The stream's webhooks: (name, events per delivery).
+    pub webhooks: Vec<(String, usize)>,
 }
 
 /// How one attempt at a segment of rows ended.
@@ -379,7 +383,7 @@ impl Writer {
             rows = events.len()
         );
         let inserted: Inserted = if use_copy {
-            events::copy(tx, &self.stream, self.chain_id, &events, self.handlers.any())
+            events::copy(tx, &self.stream, self.chain_id, &events, self.wants_ids())
                 .instrument(span)
                 .await
                 .map_err(|e| Failure::from_db(StoreError::db("COPY events")(e), Kind::Data))?
@@ -390,6 +394,14 @@ impl Writer {
                 .map_err(|e| Failure::from_db(e, Kind::Data))?
         };
         let new = inserted.new.len() as u64;
+        if new > 0 && !self.webhooks.is_empty() {
+            let ids: Vec<i64> = inserted.new.iter().map(|(_, id)| *id).collect();
+            for (webhook, batch_size) in &self.webhooks {
+                outbox::enqueue(tx, &self.stream, webhook, &ids, *batch_size)
+                    .await
+                    .map_err(|e| Failure::Fatal(e.into()))?;
+            }
+        }
         if new > 0 && self.handlers.any() {
             let stored: Vec<StoredEvent> = inserted
                 .new
@@ -422,6 +434,11 @@ impl Writer {
         Ok((new, events.len() as u64 - new))
     }
 
+    /// New rows need their ids (handlers and deliveries refer to them).
+    fn wants_ids(&self) -> bool {
+        self.handlers.any() || !self.webhooks.is_empty()
+    }
+
     fn halt(&self, log: &RawLog, what: &'static str, reason: String) -> WriteError {
         WriteError::Halt {
             stream: self.stream.to_string(),
@@ -438,9 +455,14 @@ impl Writer {
     /// handler's `revert`; row triggers `AFTER DELETE` fire on the delete).
     /// Returns how many were removed.
     pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
-        let reverting = self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty();
+        let reverting =
+            self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() || !self.webhooks.is_empty();
         if reverting {
             let removed = events::above(tx, &self.stream, to).await?;
+            if !self.webhooks.is_empty() {
+                let ids: Vec<i64> = removed.iter().map(|e| e.id).collect();
+                outbox::revert(tx, &self.stream, &ids).await?;
+            }
             if !removed.is_empty() {
                 if let Some(function) = &self.handlers.sql_revert {
                     let ids: Vec<i64> = removed.iter().map(|e| e.id).collect();

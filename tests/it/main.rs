@@ -9,6 +9,7 @@
 )]
 
 mod chain;
+mod delivery;
 mod deploy;
 mod faults;
 mod helpers;
@@ -19,3 +20,4 @@ mod perf;
 mod process;
 mod production;
 mod proxy;
+mod receiver;

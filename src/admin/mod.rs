@@ -1,6 +1,7 @@
 //! Operator commands that change state: `logcursor rewind`,
 //! `logcursor dlq list|show|replay|discard`, `logcursor gapfill
-//! list|retry` and `logcursor adopt-filter`. Each runs in one transaction,
+//! list|retry`, `logcursor adopt-filter`, and ([`delivery`]) `logcursor
+//! outbox …` and `logcursor consumers …`. Each runs in one transaction,
 //! under the stream's cursor lock where it touches what a tick writes, and
 //! stores or removes events only through the write seam (so handlers run,
 //! or revert, exactly once).
@@ -9,6 +10,8 @@
 //! letter only after its block's header shows the hash it was parked under
 //! (else it stays, saying why); `rewind --to N` refuses an N whose stored
 //! hash is no longer canonical and names the newest safe N.
+
+pub mod delivery;
 
 use std::sync::Arc;
 

@@ -1,0 +1,345 @@
+//! Delivery beyond the database: commit notifications, durable SQL
+//! consumers, and webhooks through the outbox.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use futures::future::poll_fn;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::helpers::*;
+use crate::receiver::{Receiver, Reply};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_stores_rows_notifies_its_stream_channel_and_an_idle_tick_does_not() {
+    let (anvil, db, chain, emitter) = world().await;
+    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, "", "")), "r").await;
+    let (listener, mut conn) = tokio_postgres::connect(&db.url, NoTls).await.expect("connect");
+    let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = poll_fn(|cx| conn.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    listener.batch_execute("LISTEN \"public.burns\"").await.expect("listen");
+
+    chain.emit_burns(&emitter, 3, |_| 2).await;
+    tick_until_idle(&app).await;
+    let (channel, payload) = tokio::time::timeout(Duration::from_secs(10), notes.recv())
+        .await
+        .expect("a notification within 10 s")
+        .expect("one");
+    assert_eq!(channel, "public.burns");
+    let p: Value = serde_json::from_str(&payload).expect("json payload");
+    assert_eq!(p["stream"], "burns");
+    assert_eq!(p["rows"], 6, "{p}");
+    assert!(p["from"].as_u64() <= p["to"].as_u64(), "{p}");
+
+    // An idle tick commits nothing and says nothing.
+    tick_until_idle(&app).await;
+    listener.batch_execute("SELECT 1").await.expect("round trip");
+    assert!(notes.try_recv().is_err(), "no notification without stored rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_apply_each_event_exactly_once_while_gap_fill_stores_an_older_range() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
+    let toml = config_toml(&db.url, &anvil.url, &emitter, "", "");
+    let app = build_app(&config(&toml), "seed").await;
+    tick_until_idle(&app).await;
+    let pg = db.client().await;
+    // Three ranges become gaps that gap fill stores later, in transactions
+    // newer than every row the consumers have seen.
+    for (f, t) in [(3i64, 6i64), (12, 14), (20, 25)] {
+        pg.execute("DELETE FROM events WHERE block_number BETWEEN $1 AND $2", &[&f, &t])
+            .await
+            .expect("gap");
+        pg.execute(
+            "INSERT INTO failed_ranges (stream, from_block, to_block, last_error) VALUES ('burns', $1, $2, 'test gap')",
+            &[&f, &t],
+        )
+        .await
+        .expect("failed range");
+    }
+    pg.batch_execute("CREATE TABLE applied (tx_hash bytea, log_index int, by_consumer int)")
+        .await
+        .expect("effects table");
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut consumers = Vec::new();
+    for me in 0..2i32 {
+        let (url, stop) = (db.url.clone(), stop.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut c = connect(&url).await;
+            while !stop.is_cancelled() {
+                let tx = c.transaction().await.expect("begin");
+                let rows = tx
+                    .query(
+                        "SELECT tx_hash, log_index FROM logcursor_claim('ledger', 'burns', 4)",
+                        &[],
+                    )
+                    .await
+                    .expect("claim");
+                for r in &rows {
+                    let (hash, index): (Vec<u8>, i32) = (r.get(0), r.get(1));
+                    tx.execute("INSERT INTO applied VALUES ($1, $2, $3)", &[&hash, &index, &me])
+                        .await
+                        .expect("apply");
+                }
+                tx.commit().await.expect("commit");
+                if rows.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    let applied = || async {
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM applied", &[])
+            .await
+            .expect("count")
+            .get(0);
+        n
+    };
+    let stored: i64 = pg
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .expect("count")
+        .get(0);
+    wait_for(
+        "the consumers to apply what is stored",
+        Duration::from_secs(30),
+        || async { (applied().await == stored).then_some(()) },
+    )
+    .await;
+    let filler = app.gap_filler().expect("gap filler");
+    loop {
+        match filler.work_once().await.expect("gap fill") {
+            logcursor::poller::gapfill::GapOutcome::Idle => break,
+            logcursor::poller::gapfill::GapOutcome::Filled { .. }
+            | logcursor::poller::gapfill::GapOutcome::Progressed { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let head = chain.block_number().await;
+    let on_chain = chain.burned_logs(&emitter, head).await;
+    wait_for(
+        "the consumers to apply the filled ranges",
+        Duration::from_secs(30),
+        || async { (applied().await == on_chain.len() as i64).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    for c in consumers {
+        c.await.expect("consumer");
+    }
+    let twice: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM applied GROUP BY tx_hash, log_index HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(twice, 0, "no event applied twice");
+    let got: BTreeSet<(String, i64)> = pg
+        .query(
+            "SELECT '0x' || encode(tx_hash, 'hex'), log_index::int8 FROM applied",
+            &[],
+        )
+        .await
+        .expect("applied")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want: BTreeSet<(String, i64)> = on_chain.into_iter().map(|(tx, i, _)| (tx, i)).collect();
+    assert_eq!(
+        got, want,
+        "every event applied exactly once, the older ones stored later included"
+    );
+    let by: Vec<i32> = pg
+        .query("SELECT DISTINCT by_consumer FROM applied ORDER BY 1", &[])
+        .await
+        .expect("by")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!by.is_empty());
+}
+
+/// The webhook table of a stream, appended to a `config_toml` config.
+fn with_webhook(toml: &str, url: &str, secret_file: &std::path::Path) -> String {
+    format!(
+        "{toml}\n[[streams.webhooks]]\nname = \"payments-api\"\nurl = \"{url}\"\nsecret_file = \"{}\"\n\
+         batch_size = 1\ntimeout = \"400ms\"\nmax_attempts = 100\nbackoff = \"20ms\"\nbackoff_max = \"200ms\"\n",
+        secret_file.display()
+    )
+}
+
+/// (tx hash, log index) of every event of a delivery body.
+fn events_of(body: &Value) -> Vec<(String, i64)> {
+    body["events"]
+        .as_array()
+        .map(|evs| {
+            evs.iter()
+                .map(|e| {
+                    (
+                        e["tx_hash"].as_str().unwrap_or("").to_string(),
+                        e["log_index"].as_i64().unwrap_or(-1),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_while_replicas_die() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 12, |i| i % 2 + 1).await;
+    let doomed = chain.burn(&emitter, 1, 999_999).await;
+    chain.emit_burns(&emitter, 8, |_| 1).await;
+    let receiver = Receiver::start().await;
+    let secret = "whsec-TEST-SECRET-42";
+    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
+    std::fs::write(secret_file.path(), secret).expect("write secret");
+    let doomed_hash = doomed.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    receiver.set(move |body| {
+        if events_of(body).iter().any(|(tx, _)| *tx == doomed_hash) {
+            return Reply::Status(410);
+        }
+        match rng.gen_range(0..100) {
+            0..=19 => Reply::Status(503),
+            20..=23 => Reply::Hang,
+            _ => Reply::Status(200),
+        }
+    });
+    let toml = with_webhook(
+        &config_toml(&db.url, &anvil.url, &emitter, "", ""),
+        &receiver.url,
+        secret_file.path(),
+    );
+    let cfg = write_config(&toml);
+    let mut replicas: Vec<_> = (0..3)
+        .map(|i| spawn_replica(cfg.path(), &format!("r{i}"), &[]))
+        .collect();
+    // Kill and restart replicas while deliveries are under way.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for round in 0..6 {
+        wait_for("deliveries under way", Duration::from_secs(30), || async {
+            (receiver.seen().len() > round * 4).then_some(())
+        })
+        .await;
+        let victim = rng.gen_range(0..replicas.len());
+        replicas[victim].kill().await.expect("SIGKILL");
+        replicas[victim] = spawn_replica(cfg.path(), &format!("r{victim}-{round}"), &[]);
+        chain.emit_burns(&emitter, 1, |_| 2).await;
+    }
+    let head = chain.block_number().await;
+    let on_chain = chain.burned_logs(&emitter, head).await;
+    let wanted: BTreeSet<(String, i64)> = on_chain
+        .iter()
+        .filter(|(tx, _, _)| *tx != doomed)
+        .map(|(tx, i, _)| (tx.clone(), *i))
+        .collect();
+    let delivered = || -> BTreeSet<(String, i64)> {
+        receiver
+            .seen()
+            .iter()
+            .filter(|r| r.answered.is_some_and(|s| (200..300).contains(&s)))
+            .flat_map(|r| events_of(&r.json))
+            .collect()
+    };
+    wait_for("every event but one delivered", Duration::from_secs(120), || async {
+        delivered().is_superset(&wanted).then_some(())
+    })
+    .await;
+    stop_all(replicas).await;
+
+    let seen = receiver.seen();
+    let mut bodies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut keys_of_event: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+    for r in &seen {
+        assert_eq!(
+            r.signature.as_deref(),
+            Some(logcursor::delivery::sign(secret.as_bytes(), r.body.as_bytes()).as_str()),
+            "every request is signed over its exact body"
+        );
+        assert_eq!(r.json["delivery_id"].as_str(), Some(r.idempotency_key.as_str()));
+        bodies
+            .entry(r.idempotency_key.clone())
+            .or_default()
+            .insert(r.body.clone());
+        for e in events_of(&r.json) {
+            keys_of_event.entry(e).or_default().insert(r.idempotency_key.clone());
+        }
+    }
+    assert!(
+        bodies.values().all(|b| b.len() == 1),
+        "every retry of a delivery carries the same key and the same body"
+    );
+    assert!(
+        keys_of_event.values().all(|k| k.len() == 1),
+        "each event is in exactly one delivery: enqueued once, whatever the replicas did"
+    );
+    assert!(seen.len() > bodies.len(), "the receiver's failures made some retries");
+    assert!(!toml.contains(secret) && !seen.iter().any(|r| r.body.contains(secret)));
+
+    let pg = db.client().await;
+    let dead: Vec<(i32, Option<i32>)> = pg
+        .query("SELECT attempts, last_status FROM outbox WHERE status = 'dead'", &[])
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        dead,
+        vec![(1, Some(410))],
+        "the refused delivery is dead after one attempt, nothing else"
+    );
+
+    // Once the receiver takes it, a replay sends the same delivery again.
+    receiver.set(|_| Reply::Status(200));
+    let out = finish(
+        logcursor_cmd(&["outbox", "replay", "--all"], cfg.path(), "operator")
+            .spawn()
+            .expect("replay"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let replica = spawn_replica(cfg.path(), "after-replay", &[]);
+    let doomed_key = keys_of_event
+        .iter()
+        .find(|((tx, _), _)| *tx == doomed)
+        .and_then(|(_, k)| k.iter().next().cloned())
+        .expect("the refused delivery was tried");
+    wait_for("the replayed delivery", Duration::from_secs(30), || async {
+        receiver
+            .seen()
+            .iter()
+            .any(|r| r.idempotency_key == doomed_key && r.answered == Some(200))
+            .then_some(())
+    })
+    .await;
+    let logs = stop_all(vec![replica]).await;
+    for l in &logs {
+        assert!(
+            !l.contains(secret) && !l.contains("RECEIVER-SECRET-TOKEN"),
+            "no secret in logs: {l}"
+        );
+    }
+    let left: i64 = pg
+        .query_one("SELECT count(*) FROM outbox WHERE status <> 'delivered'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "nothing pending or dead");
+}
