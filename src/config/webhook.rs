@@ -25,7 +25,8 @@ pub struct WebhookConfig {
     /// Deliver in commit order, one at a time (a failing delivery holds
     /// back the later ones); `false`: independently, several at once.
     pub ordered: bool,
-    /// How long a delivered row is kept (0: removed at once).
+    /// How long the record of a delivery is kept (without its body): a
+    /// rewind within this time sends a revert of the events it removes.
     pub keep_delivered: Duration,
     /// The retry schedule: `backoff` doubling up to `backoff_max` (a
     /// receiver's longer `Retry-After` wins).
@@ -83,7 +84,7 @@ pub(super) fn parse(table: &toml::Table, prefix: &str, problems: &mut Vec<Proble
     let timeout = f.positive_duration("timeout", "5s");
     let batch_size = f.int_in("batch_size", Some(100), 1..=10_000);
     let ordered = f.optional::<bool>("ordered").unwrap_or(true);
-    let keep_delivered = f.duration("keep_delivered", "0s");
+    let keep_delivered = f.duration("keep_delivered", "24h");
     let backoff = f.positive_duration("backoff", "1s");
     let backoff_max = f.positive_duration("backoff_max", "5m");
     f.finish();

@@ -7,7 +7,8 @@
 //! POST url  {"stream","webhook","delivery_id","type","events":[…]}
 //!      Idempotency-Key: <delivery_id>            (the same on every retry)
 //!      X-Logcursor-Signature: sha256=<HMAC-SHA256(secret, body)>   (with a secret)
-//! 2xx                 → delivered (removed, or kept for keep_delivered)
+//! 2xx                 → delivered (the record, without its body, is kept for
+//!                       keep_delivered: a later rewind reverts its events)
 //! 429, 5xx, timeout,
 //! connection refused  → retried after the webhook's backoff (or Retry-After, if longer)
 //! other status        → dead at once (status and body excerpt kept)
@@ -167,7 +168,7 @@ impl Deliverer {
                     delay
                 }
             };
-            if !t.hook.keep_delivered.is_zero() && last_aged.elapsed() > Duration::from_secs(60) {
+            if last_aged.elapsed() > Duration::from_secs(60) {
                 last_aged = tokio::time::Instant::now();
                 if let Err(e) = self.age(t.hook.keep_delivered).await {
                     tracing::warn!(error = %e, "outbox aging failed");
@@ -261,7 +262,7 @@ impl Deliverer {
         let tx = self.db.begin(&mut client, TxLimits::SHORT).await?;
         let outcome = match answer {
             Answer::Ok(status) => {
-                outbox::delivered(&*tx, d.id, status, !t.hook.keep_delivered.is_zero()).await?;
+                outbox::delivered(&*tx, d.id, status).await?;
                 Attempted::Delivered {
                     id: d.id,
                     status,

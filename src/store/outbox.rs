@@ -227,19 +227,20 @@ pub async fn next_due<C: GenericClient>(c: &C, stream: &str, webhook: &str) -> R
         .map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
 }
 
-/// A 2xx: the delivery is done (deleted, or kept as delivered when
-/// `keep_delivered`). Whoever claimed it last; a late duplicate is harmless.
-pub async fn delivered<C: GenericClient>(c: &C, id: i64, status: u16, keep: bool) -> Result<()> {
+/// A 2xx: the delivery is done. The row stays, without its body, as the
+/// record that its events were delivered (a later rewind reverts them)
+/// until [`age`] removes it. Whoever claimed it last; a late duplicate is
+/// harmless.
+pub async fn delivered<C: GenericClient>(c: &C, id: i64, status: u16) -> Result<()> {
     let status = i32::from(status);
-    let sql = if keep {
+    c.execute_typed(
         "UPDATE outbox SET status = 'delivered', delivered_at = now(), attempts = attempts + 1, last_status = $2,
-                claimed_by = NULL, claimed_until = NULL WHERE id = $1 AND status = 'pending'"
-    } else {
-        "DELETE FROM outbox WHERE id = $1 AND status = 'pending' AND $2::int4 IS NOT NULL"
-    };
-    c.execute_typed(sql, &[(&id, Type::INT8), (&status, Type::INT4)])
-        .await
-        .map_err(StoreError::db("record delivery"))?;
+                body = NULL, claimed_by = NULL, claimed_until = NULL
+          WHERE id = $1 AND status = 'pending'",
+        &[(&id, Type::INT8), (&status, Type::INT4)],
+    )
+    .await
+    .map_err(StoreError::db("record delivery"))?;
     Ok(())
 }
 

@@ -343,3 +343,96 @@ async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_
         .get(0);
     assert_eq!(left, 0, "nothing pending or dead");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_what_was_never_sent() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 10, |_| 1).await;
+    let receiver = Receiver::start().await;
+    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
+    std::fs::write(secret_file.path(), "s").expect("write secret");
+    let toml = with_webhook(
+        &config_toml(
+            &db.url,
+            &anvil.url,
+            &emitter,
+            "confirmations = 0\non_deep_reorg = \"rewind\"",
+            "",
+        ),
+        &receiver.url,
+        secret_file.path(),
+    );
+    let app = build_app(&config(&toml), "r").await;
+    tick_until_idle(&app).await;
+    let deliverer = app.deliverer().expect("webhook workers");
+    // Deliver everything stored so far.
+    loop {
+        match deliverer.deliver_once(0).await.expect("deliver") {
+            logcursor::delivery::Attempted::Idle(_) => break,
+            logcursor::delivery::Attempted::Delivered { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let delivered: BTreeSet<(String, i64)> = receiver.seen().iter().flat_map(|r| events_of(&r.json)).collect();
+    assert_eq!(delivered.len(), 10);
+    let last_delivered_block = chain
+        .burned_logs(&emitter, chain.block_number().await)
+        .await
+        .iter()
+        .map(|(_, _, b)| *b)
+        .max()
+        .expect("logs");
+    // New events, stored but not yet delivered; then a reorg deeper than the
+    // safe head replaces the blocks from the last delivered one on.
+    chain.emit_burns(&emitter, 2, |_| 1).await;
+    tick_until_idle(&app).await;
+    let before = chain.block_number().await;
+    let removed: BTreeSet<(String, i64)> = chain
+        .burned_logs(&emitter, before)
+        .await
+        .into_iter()
+        .filter(|(_, _, b)| *b >= last_delivered_block)
+        .map(|(tx, i, _)| (tx, i))
+        .collect();
+    assert!(!removed.is_subset(&delivered) && !removed.is_disjoint(&delivered));
+    let depth = u64::try_from(before - last_delivered_block + 1).expect("depth");
+    chain.reorg(&emitter, depth, &[(1, 7000)]).await;
+    chain.mine(1).await;
+    tick_until_idle(&app).await;
+    loop {
+        match deliverer.deliver_once(0).await.expect("deliver") {
+            logcursor::delivery::Attempted::Idle(_) => break,
+            logcursor::delivery::Attempted::Delivered { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let seen = receiver.seen();
+    let reverts: Vec<&crate::receiver::Received> = seen.iter().filter(|r| r.json["type"] == "revert").collect();
+    assert_eq!(reverts.len(), 1, "one revert for the webhook");
+    let reverted: BTreeSet<(String, i64)> = events_of(&reverts[0].json).into_iter().collect();
+    let was_delivered: BTreeSet<(String, i64)> = removed.intersection(&delivered).cloned().collect();
+    assert_eq!(
+        reverted, was_delivered,
+        "exactly the removed events that had been delivered are reverted"
+    );
+    let never_sent: BTreeSet<(String, i64)> = removed.difference(&delivered).cloned().collect();
+    let events_sent: BTreeSet<(String, i64)> = seen
+        .iter()
+        .filter(|r| r.json["type"] == "events")
+        .flat_map(|r| events_of(&r.json))
+        .collect();
+    assert!(
+        events_sent.is_disjoint(&never_sent),
+        "events removed before they were sent are never sent"
+    );
+    let pg = db.client().await;
+    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    let head = chain.block_number().await;
+    let canonical: BTreeSet<(String, i64)> = chain
+        .burned_logs(&emitter, head)
+        .await
+        .into_iter()
+        .map(|(tx, i, _)| (tx, i))
+        .collect();
+    assert!(canonical.is_subset(&events_sent), "every canonical event was delivered");
+}
