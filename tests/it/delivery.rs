@@ -365,14 +365,19 @@ async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_
     let app = build_app(&config(&toml), "r").await;
     tick_until_idle(&app).await;
     let deliverer = app.deliverer().expect("webhook workers");
-    // Deliver everything stored so far.
-    loop {
+    // Deliver everything stored so far. (A delivery is claimable once every
+    // older transaction of the cluster has ended: other tests' included.)
+    let step = || async {
         match deliverer.deliver_once(0).await.expect("deliver") {
-            logcursor::delivery::Attempted::Idle(_) => break,
-            logcursor::delivery::Attempted::Delivered { .. } => {}
+            logcursor::delivery::Attempted::Idle(_) | logcursor::delivery::Attempted::Delivered { .. } => {}
             other => panic!("{other:?}"),
         }
-    }
+    };
+    wait_for("the first deliveries", Duration::from_secs(30), || async {
+        step().await;
+        (receiver.seen().iter().flat_map(|r| events_of(&r.json)).count() == 10).then_some(())
+    })
+    .await;
     let delivered: BTreeSet<(String, i64)> = receiver.seen().iter().flat_map(|r| events_of(&r.json)).collect();
     assert_eq!(delivered.len(), 10);
     let last_delivered_block = chain
@@ -399,13 +404,28 @@ async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_
     chain.reorg(&emitter, depth, &[(1, 7000)]).await;
     chain.mine(1).await;
     tick_until_idle(&app).await;
-    loop {
-        match deliverer.deliver_once(0).await.expect("deliver") {
-            logcursor::delivery::Attempted::Idle(_) => break,
-            logcursor::delivery::Attempted::Delivered { .. } => {}
-            other => panic!("{other:?}"),
-        }
-    }
+    let head = chain.block_number().await;
+    let canonical: BTreeSet<(String, i64)> = chain
+        .burned_logs(&emitter, head)
+        .await
+        .into_iter()
+        .map(|(tx, i, _)| (tx, i))
+        .collect();
+    wait_for(
+        "the revert and the new branch's events",
+        Duration::from_secs(30),
+        || async {
+            step().await;
+            let seen = receiver.seen();
+            let sent: BTreeSet<(String, i64)> = seen
+                .iter()
+                .filter(|r| r.json["type"] == "events")
+                .flat_map(|r| events_of(&r.json))
+                .collect();
+            (seen.iter().any(|r| r.json["type"] == "revert") && canonical.is_subset(&sent)).then_some(())
+        },
+    )
+    .await;
     let seen = receiver.seen();
     let reverts: Vec<&crate::receiver::Received> = seen.iter().filter(|r| r.json["type"] == "revert").collect();
     assert_eq!(reverts.len(), 1, "one revert for the webhook");
@@ -427,12 +447,5 @@ async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_
     );
     let pg = db.client().await;
     assert_stored_equals_chain(&pg, &chain, &emitter).await;
-    let head = chain.block_number().await;
-    let canonical: BTreeSet<(String, i64)> = chain
-        .burned_logs(&emitter, head)
-        .await
-        .into_iter()
-        .map(|(tx, i, _)| (tx, i))
-        .collect();
     assert!(canonical.is_subset(&events_sent), "every canonical event was delivered");
 }
