@@ -143,6 +143,7 @@ impl App {
             if !applied.is_empty() {
                 tracing::info!(versions = ?applied, schema = db.schema(), "applied migrations");
             }
+            crate::views::define(&db, cfg).await?;
         }
         {
             // Fail now, naming what is missing, rather than inside the first tick.

@@ -219,6 +219,8 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str, handlers
         Command::Migrate => {
             let db = crate::admin::connect(cfg, replica_id).await?;
             let applied = migrate::migrate(&db, replica_id).await?;
+            let views = crate::views::define(&db, cfg).await?;
+            println!("typed views: {}", views.join(", "));
             println!(
                 "{}",
                 if applied.is_empty() {

@@ -33,6 +33,7 @@
 //! | [`poller`]   | the tick, the per-stream loop, gap fill                       |
 //! | [`app`]      | build (connect, migrate, verify chain, seed) and run (drain)  |
 //! | [`status`]   | `logcursor status`                                            |
+//! | [`views`]    | typed views per event (`<stream>_<event>`)                    |
 //! | [`admin`]    | `logcursor rewind`, `dlq`, `gapfill`, `adopt-filter`          |
 //! | [`cli`]      | command line                                                  |
 //! | [`shutdown`] | SIGTERM/SIGINT → cancellation token                           |
@@ -94,6 +95,7 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod types;
+pub mod views;
 pub mod write;
 
 pub use async_trait::async_trait;

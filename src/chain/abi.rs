@@ -53,6 +53,40 @@ struct Candidate {
     decoder: Event,
 }
 
+/// How a parameter reads as a SQL column (for typed views).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// `uint*`, `int*`: numeric.
+    Numeric,
+    /// `address`: text, lowercase 0x-hex.
+    Address,
+    Bool,
+    /// `string`: text (NULL when stored as its bytes, see the module doc).
+    Text,
+    /// `bytes`, `bytesN`, and every indexed dynamic value (its topic, a
+    /// hash): bytea.
+    Bytes,
+    /// Arrays and tuples: jsonb.
+    Json,
+}
+
+/// One parameter of a configured event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Param {
+    /// The key in `events.params`.
+    pub name: String,
+    pub column: Column,
+}
+
+/// A configured event as typed views see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub name: String,
+    /// The canonical signature, e.g. `Burned(address,uint256)`.
+    pub signature: String,
+    pub params: Vec<Param>,
+}
+
 /// A log decoded under one of the configured events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
@@ -131,6 +165,27 @@ impl EventSet {
         }
     }
 
+    /// Every configured event, in configuration order within each topic0.
+    pub fn layouts(&self) -> Vec<Layout> {
+        self.order
+            .iter()
+            .flat_map(|t| self.by_topic0.get(t).into_iter().flatten())
+            .map(|c| Layout {
+                name: c.event.name.clone(),
+                signature: c.event.abi_signature(),
+                params: c
+                    .event
+                    .inputs
+                    .iter()
+                    .map(|p| Param {
+                        name: p.name.clone(),
+                        column: column(&p.kind, p.indexed),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The topic0 values to ask `eth_getLogs` for.
     pub fn topic0s(&self) -> Vec<Hash32> {
         self.order.clone()
@@ -188,6 +243,21 @@ fn describe(log: &RawLog, event: &Event, err: &ethers::abi::Error) -> String {
         format!("expected {} topics, log has {}", indexed + 1, log.topics.len())
     } else {
         format!("data ({} bytes) does not decode: {err}", log.data.len())
+    }
+}
+
+/// The SQL column of a parameter of type `kind`.
+fn column(kind: &ParamType, indexed: bool) -> Column {
+    match kind {
+        ParamType::Uint(_) | ParamType::Int(_) => Column::Numeric,
+        ParamType::Address => Column::Address,
+        ParamType::Bool => Column::Bool,
+        ParamType::FixedBytes(_) => Column::Bytes,
+        // Indexed dynamic values are stored as their topic: a hash.
+        _ if indexed => Column::Bytes,
+        ParamType::String => Column::Text,
+        ParamType::Bytes => Column::Bytes,
+        ParamType::Array(_) | ParamType::FixedArray(..) | ParamType::Tuple(_) => Column::Json,
     }
 }
 

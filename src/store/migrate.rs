@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0006_handlers.sql"),
     },
     Migration {
+        version: 7,
+        name: "views",
+        sql: include_str!("../../sql/0007_views.sql"),
+    },
+    Migration {
         version: 8,
         name: "delivery",
         sql: include_str!("../../sql/0008_delivery.sql"),

@@ -19,10 +19,13 @@ pub const NEEDED: &[(&str, &str, &[&str])] = &[
     ("table", "dead_letters", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
     ("table", "failed_ranges", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
     ("table", "stream_filters", &["SELECT", "INSERT", "UPDATE"]),
+    ("table", "outbox", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
+    ("table", "consumers", &["SELECT"]),
     ("sequence", "events_id_seq", &["USAGE"]),
     ("sequence", "cursor_rewinds_id_seq", &["USAGE"]),
     ("sequence", "dead_letters_id_seq", &["USAGE"]),
     ("sequence", "failed_ranges_id_seq", &["USAGE"]),
+    ("sequence", "outbox_id_seq", &["USAGE"]),
     ("function", "logcursor_handle(text, bigint[])", &["EXECUTE"]),
 ];
 

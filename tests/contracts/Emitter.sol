@@ -21,6 +21,8 @@ contract Emitter {
         Pair pair
     );
     event Unlisted(uint256 value);
+    /// Indexed dynamic values (stored as their topic, a hash) beside plain ones.
+    event Labeled(string indexed label, bytes indexed blob, string text, uint8 small, int256 delta);
 
     struct Pair {
         uint256 a;
@@ -48,6 +50,17 @@ contract Emitter {
         Pair calldata pair
     ) external {
         emit Rich(to, delta, id, small, tag, flag, note, blob, list, pair);
+    }
+
+    /// Emits one Labeled event.
+    function label(
+        string calldata label_,
+        bytes calldata blob,
+        string calldata text,
+        uint8 small,
+        int256 delta
+    ) external {
+        emit Labeled(label_, blob, text, small, delta);
     }
 
     /// Emits an event that no test configures, to prove topic filtering.

@@ -62,14 +62,25 @@ impl TestDb {
     }
 }
 
-/// A pool to `url`, in the default schema.
-pub fn database(url: &str) -> logcursor::store::pool::Database {
+/// `sql/roles.example.sql` as psql would run it with `-v schema=NAME`: the
+/// variable substituted, psql's own commands dropped.
+pub fn roles_example(schema: &str) -> String {
+    include_str!("../../sql/roles.example.sql")
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(":\"schema\"", &format!("\"{schema}\""))
+}
+
+/// A pool to `url`, in `schema`.
+pub fn database_in(url: &str, schema: &str) -> logcursor::store::pool::Database {
     let settings = logcursor::store::pool::DbSettings {
         url: logcursor::redact::Secret::new(url),
         password: None,
         sslmode: None,
         sslrootcert: None,
-        schema: "public".into(),
+        schema: schema.into(),
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
         checkout_timeout: Duration::from_secs(5),
@@ -79,7 +90,12 @@ pub fn database(url: &str) -> logcursor::store::pool::Database {
 
 /// Applies the schema as whoever `url` names.
 pub async fn migrate_as(url: &str, by: &str) {
-    let db = database(url);
+    migrate_in(url, "public", by).await
+}
+
+/// Applies the schema in `schema` as whoever `url` names.
+pub async fn migrate_in(url: &str, schema: &str, by: &str) {
+    let db = database_in(url, schema);
     logcursor::store::migrate::migrate(&db, by).await.expect("migrate");
     db.close();
 }
@@ -189,6 +205,24 @@ impl Chain {
             panic!("{method} failed: {err}");
         }
         resp["result"].clone()
+    }
+
+    /// Calls the Emitter's `signature` with `args`; waits for the receipt.
+    pub async fn call(&self, emitter: &str, signature: &str, args: &[crate::abi::Arg]) -> String {
+        let hash = self
+            .send(Some(emitter), crate::abi::calldata(&method_id(signature), args))
+            .await;
+        let receipt = self.receipt(&hash).await;
+        assert_eq!(receipt["status"], "0x1", "{signature} reverted");
+        hash
+    }
+
+    /// The timestamp of block `n`, seconds since the epoch.
+    pub async fn block_time(&self, n: i64) -> i64 {
+        let b = self
+            .rpc("eth_getBlockByNumber", json!([format!("{n:#x}"), false]))
+            .await;
+        hex_i64(&b["timestamp"])
     }
 
     async fn send(&self, to: Option<&str>, data: String) -> String {

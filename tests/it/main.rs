@@ -8,6 +8,8 @@
     reason = "test helpers: a failed expectation is a failed test"
 )]
 
+mod abi;
+mod adoption;
 mod chain;
 mod delivery;
 mod deploy;

@@ -347,7 +347,7 @@ async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
         .to_string();
     let suffix = rand::random::<u32>();
     let (owner, app_role) = (format!("lc_owner_{suffix}"), format!("lc_app_{suffix}"));
-    let example = include_str!("../../sql/roles.example.sql")
+    let example = roles_example("public")
         .replace("logcursor_owner", &owner)
         .replace("logcursor_app", &app_role)
         .replace("DATABASE logcursor", &format!("DATABASE {dbname}"));
