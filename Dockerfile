@@ -21,6 +21,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin logcursor
 COPY --from=build /src/target/release/logcursor /usr/local/bin/logcursor
+# An environment-only configuration (LOGCURSOR_CONFIG=/etc/logcursor/env.toml).
+COPY deploy/env/logcursor.toml /etc/logcursor/env.toml
 USER 10001:10001
 ENV LOGCURSOR_CONFIG=/etc/logcursor/logcursor.toml \
     LOG_FORMAT=json

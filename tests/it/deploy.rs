@@ -169,3 +169,139 @@ fn the_dockerfile_builds_the_binary_and_runs_it_unprivileged() {
     assert!(!user.contains("root") && !user.contains(" 0"), "{user}");
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/logcursor\"]"));
 }
+
+fn vars(pairs: &[(&str, &str)]) -> EnvOverrides {
+    EnvOverrides {
+        vars: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_environment_only_config_runs_from_variables_and_names_a_missing_one() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = std::fs::read_to_string(root.join("deploy/env/logcursor.toml")).expect("env config");
+    let set = [
+        ("APP_DATABASE_URL", "postgres://app:pw@db:5432/app"),
+        ("APP_CHAIN_ID", "1"),
+        ("APP_RPC_URL", "https://rpc.example/v2/KEY"),
+        (
+            "APP_BURN_CONTRACT_ADDRESS",
+            "0x5fbdb2315678afecb367f032d93f642f64180aa3",
+        ),
+        ("APP_START_BLOCK", "19000000"),
+    ];
+    let c = Config::parse(&toml, "deploy/env/logcursor.toml", &vars(&set)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.database.settings.schema, "logcursor");
+    assert_eq!(c.streams[0].chain_id, 1);
+    assert_eq!(c.streams[0].start_block.get(), 19_000_000);
+    assert_eq!(c.streams[0].finality, logcursor::config::Finality::Finalized);
+    let e = Config::parse(&toml, "t", &vars(&set[..3])).expect_err("a variable is missing");
+    let shown = e.to_string();
+    assert!(shown.contains("APP_BURN_CONTRACT_ADDRESS is not set"), "{shown}");
+    assert!(!shown.contains("KEY") && !shown.contains(":pw@"), "{shown}");
+    // The image ships it.
+    let docker = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    assert!(docker.contains("COPY deploy/env/logcursor.toml /etc/logcursor/env.toml"));
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    assert!(
+        ignore.contains("!deploy/env/logcursor.toml"),
+        "the build context keeps it"
+    );
+}
+
+#[test]
+fn the_ecs_example_runs_two_replicas_that_drain_on_stop_configured_from_the_environment() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/ecs");
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(f)).expect("read")).expect("json")
+    };
+    let (task, service) = (read("task-definition.json"), read("service.json"));
+    assert_eq!(service["desiredCount"], 2);
+    let c = &task["containerDefinitions"][0];
+    assert_eq!(c["command"][0], "run");
+    let env: Vec<&str> = c["environment"]
+        .as_array()
+        .expect("environment")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .chain(
+            c["secrets"]
+                .as_array()
+                .expect("secrets")
+                .iter()
+                .filter_map(|e| e["name"].as_str()),
+        )
+        .collect();
+    let toml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/env/logcursor.toml"))
+        .expect("env config");
+    // Every variable the config needs without a default is set by the task.
+    for needed in [
+        "APP_DATABASE_URL",
+        "APP_CHAIN_ID",
+        "APP_RPC_URL",
+        "APP_BURN_CONTRACT_ADDRESS",
+    ] {
+        assert!(
+            toml.contains(&format!("${{{needed}}}")),
+            "{needed} is read by the config"
+        );
+        assert!(env.contains(&needed), "{needed} set by the task: {env:?}");
+    }
+    let secrets: Vec<&str> = c["secrets"]
+        .as_array()
+        .expect("secrets")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(
+        secrets.contains(&"APP_DATABASE_URL") && secrets.contains(&"APP_RPC_URL"),
+        "credentials from a secret store"
+    );
+    let set: Vec<(&str, &str)> = vec![
+        ("APP_DATABASE_URL", "postgres://u@db/app"),
+        ("APP_RPC_URL", "https://rpc.example"),
+        ("APP_CHAIN_ID", "1"),
+        (
+            "APP_BURN_CONTRACT_ADDRESS",
+            "0x5fbdb2315678afecb367f032d93f642f64180aa3",
+        ),
+    ];
+    let cfg = Config::parse(&toml, "env", &vars(&set)).unwrap_or_else(|e| panic!("{e}"));
+    let needed = cfg.service.shutdown_grace + cfg.database.limits.lock_timeout;
+    assert!(
+        c["stopTimeout"].as_u64().is_some_and(|s| s > needed.as_secs()),
+        "stopTimeout covers the drain"
+    );
+    assert_eq!(c["readonlyRootFilesystem"], true);
+}
+
+#[test]
+fn the_payment_grade_example_config_is_valid_and_says_what_it_promises() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/payments.toml");
+    let text = std::fs::read_to_string(&path).expect("payments.toml");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut text = text;
+    for secret in [
+        "database-url",
+        "rpc-primary",
+        "rpc-fallback",
+        "payments-webhook-url",
+        "payments-webhook-secret",
+    ] {
+        let file = dir.path().join(secret);
+        let value = match secret {
+            "database-url" => "postgres://u@db/app",
+            "payments-webhook-secret" => "whsec",
+            _ => "https://example.com/x",
+        };
+        std::fs::write(&file, value).expect("write");
+        text = text.replace(&format!("/run/secrets/{secret}"), &file.display().to_string());
+    }
+    let c = Config::parse(&text, "payments.toml", &EnvOverrides::default()).unwrap_or_else(|e| panic!("{e}"));
+    let s = &c.streams[0];
+    assert_eq!(s.finality, logcursor::config::Finality::Finalized);
+    assert_eq!(s.on_deep_reorg, logcursor::config::DeepReorgPolicy::Halt);
+    assert_eq!(s.on_bad_event, logcursor::write::OnFailure::Halt);
+    assert_eq!(s.webhooks.len(), 1);
+}
