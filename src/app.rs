@@ -9,23 +9,27 @@
 //! committed). A poller that ends or panics without being asked stops the
 //! whole process with an error, so the orchestrator restarts it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use tokio::time::Instant;
+
 use crate::backoff::CONNECT;
 use crate::chain::ws::Push;
-use crate::chain::{ChainError, Endpoints};
+use crate::chain::{ChainError, Endpoints, RpcObserver};
 use crate::config::Config;
 use crate::http::HttpState;
-use crate::metrics::Registry;
+use crate::metrics::{NoLabels, Registry, Uptime};
 use crate::poller::gapfill::GapFiller;
+use crate::poller::metrics::{PushMetrics, RpcMetrics, StreamLabels, StreamMetrics};
 use crate::poller::{Poller, Stream};
+use crate::store::metrics::BacklogGauges;
 use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, migrate, privileges, StoreError};
+use crate::telemetry::{MetricsExport, TelemetryError};
 use crate::write::{Handler, Handlers};
 
 /// Why the application could not start or stopped abnormally.
@@ -48,6 +52,8 @@ pub enum AppError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// What an operator command was asked to act on does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -66,7 +72,12 @@ pub type HandlerMap = std::collections::HashMap<String, Vec<Arc<dyn Handler>>>;
 /// A built application, ready to run.
 pub struct App {
     db: Database,
+    /// The replica's one metrics registry: `/metrics` and OTLP read it.
     registry: Arc<Registry>,
+    /// The OTLP metrics export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
+    /// `run` sends its last values after the drain.
+    otlp: Option<MetricsExport>,
+    started: std::time::Instant,
     /// The bound HTTP listener, served by `run`.
     http: Option<tokio::net::TcpListener>,
     max_lag_blocks: Option<u64>,
@@ -120,7 +131,11 @@ impl App {
             });
         }
         let db = Database::new(&cfg.database.settings, replica_id)?;
-        let registry = Registry::new(replica_id);
+        let mut registry = Registry::new();
+        registry.collect(Uptime::new(replica_id));
+        let stream_metrics = StreamMetrics::register(&mut registry);
+        let push_metrics = PushMetrics::register(&mut registry);
+        let rpc: Arc<dyn RpcObserver> = Arc::new(RpcMetrics::register(&mut registry).of(&NoLabels));
         // Bound first: a port clash is a start-up error, not a later surprise.
         let http = match cfg.telemetry.http_listen {
             Some(addr) => Some(
@@ -153,12 +168,11 @@ impl App {
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
             let name = sc.name.to_string();
-            let observer: Arc<dyn crate::chain::RpcObserver> = registry.clone();
             let rust = handlers.get(&name).cloned().unwrap_or_default();
             let stream = Stream::new(
                 sc.clone(),
                 &endpoints,
-                Some(observer),
+                Some(Arc::clone(&rpc)),
                 Handlers {
                     rust,
                     ..Handlers::default()
@@ -174,27 +188,32 @@ impl App {
             } else if at.processed.next() != sc.start_block.get() {
                 tracing::info!(stream = %name, cursor = %at.processed, start_block = %sc.start_block, "resuming from the stored cursor; start_block only seeds a new cursor");
             }
-            let metrics = registry.stream(&name, sc.chain_id);
-            let push = (!sc.ws.is_empty()).then(|| Arc::new(Push::default()));
-            if let Some(p) = &push {
-                let _ = metrics.push.set(Arc::clone(p));
-            }
+            let labels = StreamLabels {
+                stream: name.clone(),
+                chain_id: sc.chain_id,
+            };
+            let push = (!sc.ws.is_empty()).then(|| Arc::new(Push::observed(Arc::new(push_metrics.of(&labels)))));
             pollers.push(Arc::new(Poller::new(
                 Arc::new(stream),
                 db.clone(),
                 replica_id.to_string(),
                 cfg.database.limits,
-                metrics,
+                stream_metrics.of(&labels),
                 push,
             )));
         }
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
         let gap_filler =
             GapFiller::new(&streams, db.clone(), replica_id.to_string(), cfg.database.limits).map(Arc::new);
-        crate::telemetry::export_metrics(&registry);
+        let names = cfg.streams.iter().map(|s| s.name.to_string()).collect();
+        registry.collect_refreshed(Arc::new(BacklogGauges::new(db.clone(), names)));
+        let registry = Arc::new(registry);
+        let otlp = MetricsExport::from_env(&registry, replica_id)?;
         Ok(App {
             db,
             registry,
+            otlp,
+            started: std::time::Instant::now(),
             http,
             max_lag_blocks: cfg.telemetry.max_lag_blocks,
             replica_id: replica_id.to_string(),
@@ -235,10 +254,11 @@ impl App {
             let state = Arc::new(HttpState {
                 registry: Arc::clone(&self.registry),
                 db: self.db.clone(),
-                streams: self.pollers.iter().map(|p| p.stream.cfg.name.to_string()).collect(),
+                pollers: self.pollers.clone(),
                 max_lag_blocks: self.max_lag_blocks,
                 replica_id: self.replica_id.clone(),
                 stopping: stop.clone(),
+                started: self.started,
             });
             tokio::spawn(crate::http::serve(listener, state, http_stop.clone()))
         });
@@ -283,10 +303,14 @@ impl App {
                 }
             }
         }
-        self.drain(&mut tasks).await;
+        drain(&mut tasks, self.grace).await;
         http_stop.cancel();
         if let Some(t) = http_task {
             let _ = t.await;
+        }
+        if let Some(otlp) = self.otlp.take() {
+            // Before the pool closes: the last export reads the database's gauges too.
+            otlp.finish().await;
         }
         self.db.close();
         let summaries = self.summaries();
@@ -296,47 +320,60 @@ impl App {
         outcome.map(|()| summaries)
     }
 
-    /// Waits up to the grace period for the ticks in flight, then aborts
-    /// what is left (those transactions roll back).
-    async fn drain(&self, tasks: &mut JoinSet<String>) {
-        let started = Instant::now();
-        let deadline = tokio::time::sleep(self.grace);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => match next {
-                    None => break,
-                    Some(Err(e)) if e.is_panic() => tracing::error!(error = %e, "a poller panicked while stopping"),
-                    Some(_) => {}
-                },
-                _ = &mut deadline => {
-                    tracing::warn!(left = tasks.len(), grace = ?self.grace, "grace period over: aborting ticks in flight; their transactions roll back");
-                    tasks.abort_all();
-                    while tasks.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-        tracing::info!(took = ?started.elapsed(), "pollers stopped");
-    }
-
     fn summaries(&self) -> Vec<StreamSummary> {
         self.pollers
             .iter()
             .map(|p| {
-                let m = &p.metrics;
+                let t = p.totals();
                 StreamSummary {
                     stream: p.stream.cfg.name.to_string(),
-                    ticks: m.ticks(None),
-                    ranges_committed: m.ticks(Some("advanced")),
-                    events_inserted: m.events_inserted.load(Ordering::Relaxed),
-                    duplicates: m.duplicates.load(Ordering::Relaxed),
-                    failures: m.ticks(Some("error")),
-                    lock_timeouts: m.lock_timeouts.load(Ordering::Relaxed),
+                    ticks: t.ticks,
+                    ranges_committed: t.advanced,
+                    events_inserted: t.events_inserted,
+                    duplicates: t.duplicates,
+                    failures: t.failures,
+                    lock_timeouts: t.lock_timeouts,
                 }
             })
             .collect()
     }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Tasks still running when the grace period ended, aborted.
+    pub aborted: usize,
+    pub took: Duration,
+}
+
+/// Waits up to `grace` for `tasks` (the pollers, told to stop) to end, then
+/// aborts what is left: a tick in flight is dropped, and its transaction
+/// rolls back, so nothing half-done is committed.
+pub async fn drain<T: 'static>(tasks: &mut JoinSet<T>, grace: Duration) -> Drained {
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    let mut aborted = 0;
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(Err(e)) if e.is_panic() => tracing::error!(error = %e, "a poller panicked while stopping"),
+                Some(_) => {}
+            },
+            _ = &mut deadline => {
+                aborted = tasks.len();
+                tracing::warn!(left = aborted, ?grace, "grace period over: aborting ticks in flight; their transactions roll back");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    let took = started.elapsed();
+    tracing::info!(?took, "pollers stopped");
+    Drained { aborted, took }
 }
 
 fn died(ended: Option<Result<String, tokio::task::JoinError>>) -> AppError {

@@ -728,14 +728,10 @@ impl Poller {
     fn take_prefetch(&self, from: u64, to: u64, endpoint: usize) -> Option<Parts> {
         let p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         if p.from != from || p.to > to || p.endpoint != endpoint || p.started.elapsed() > PREFETCH_TTL {
-            self.metrics
-                .prefetch_discarded
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.prefetch_discarded.inc();
             return None; // dropped: aborted
         }
-        self.metrics
-            .prefetch_used
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.prefetch_used.inc();
         Some(p)
     }
 }
