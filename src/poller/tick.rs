@@ -2,6 +2,11 @@
 //! row lock from the first statement to COMMIT. Each phase is a method
 //! named as below.
 //!
+//! Why this file is long: the tick is one transaction, read top to bottom
+//! as the diagram below (the design notes: keep the tick readable in one
+//! file). Its exits that are not an advance (skip a refused range, halt,
+//! rewind) end the same transaction, so they stay beside it.
+//!
 //! ```text
 //! look      head (one endpoint, pinned for the tick) and the cursor, unlocked:
 //!           at the safe head → Idle, no transaction, no lock, no xid

@@ -2,6 +2,9 @@ use std::sync::Mutex;
 
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
+use opentelemetry_proto::tonic::metrics::v1::{number_data_point, AggregationTemporality, Metric};
+
+use super::text::{parse, to_otlp};
 use super::*;
 use crate::metrics::{Counter, Gauge, Histogram, NoLabels};
 
