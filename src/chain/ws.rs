@@ -91,7 +91,8 @@ impl Push {
         }
     }
 
-    fn head(&self) {
+    /// A new head: wakes the loop (`pub(crate)` for the loop's tests).
+    pub(crate) fn head(&self) {
         if let Some(o) = &self.observer {
             o.head();
         }

@@ -1,6 +1,6 @@
 //! The per-stream poll loop: tick, then wait (`poll_interval` when caught
-//! up, the [`TICK`] backoff after a failure, nothing while backfilling),
-//! until cancelled. The tick itself is in [`tick`].
+//! up, the [`TICK`] backoff after a failure, nothing while backfilling:
+//! `pace`), until cancelled. The tick itself is in [`tick`].
 //!
 //! | module      | owns                                                        |
 //! |-------------|-------------------------------------------------------------|
@@ -11,6 +11,7 @@
 //! | [`gapfill`] | the worker that fetches skipped ranges and backfills        |
 //! | [`metrics`] | the poller's metrics; the chain's observers                 |
 //! | `record`    | the last tick and this run's totals, kept by the poller     |
+//! | `pace`      | the waits between ticks                                     |
 //!
 //! I5 (after faults stop, the cursor reaches the safe head in bounded time):
 //! every failure is retried, with a backoff capped at 30 s, and a
@@ -20,6 +21,7 @@
 pub mod filter;
 pub mod gapfill;
 pub mod metrics;
+mod pace;
 pub mod parts;
 mod record;
 pub mod tick;
@@ -33,7 +35,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{jitter, Failures, TICK};
+use crate::backoff::{Failures, TICK};
 use crate::chain::ws::Push;
 use crate::chain::{ChainClient, ChainError, ClientOptions, Endpoints, RpcObserver};
 use crate::config::StreamConfig;
@@ -42,6 +44,7 @@ use crate::store::StoreError;
 use crate::types::{Hash32, LogFilter};
 use crate::write::{Handlers, WriteError, Writer};
 use metrics::StreamMetrics;
+use pace::{Pace, Pacing};
 
 /// A prefetched range older than this is not used: its view of the chain
 /// is stale (it would be verified anyway; this bounds what it holds).
@@ -291,86 +294,63 @@ impl Poller {
         self.seen.fetch_max(cursor, Ordering::Relaxed);
     }
 
-    /// The wait after an idle tick: `ws_poll_interval` while a push
-    /// subscription is live (a safety net: a head ends the wait at once),
-    /// else `poll_interval`.
-    fn idle_wait(&self) -> Duration {
-        match &self.push {
-            Some(p) if p.connected() => self.stream.cfg.ws_poll_interval,
-            _ => self.stream.cfg.poll_interval,
-        }
-    }
-
     /// The idle wait the loop is in now, in milliseconds (0: none).
     pub fn idle_wait_ms(&self) -> u64 {
         self.idle_wait_ms.load(Ordering::Relaxed)
     }
 
     /// Ticks until `cancel` fires. Returns only then: failures are retried.
+    /// The waits between ticks are in [`pace`].
     pub async fn run(&self, cancel: CancellationToken) {
         let name = &self.stream.cfg.name;
+        let pacing = Pacing::of(&self.stream.cfg, self.limits.lock_timeout);
         let mut failures = Failures::new(TICK);
         let mut progress = Progress::default();
         while !cancel.is_cancelled() {
             let result = self.tick(&cancel).await;
-            let mut idle = false;
-            let wait = match result {
+            let pace = Pace::of(&result);
+            if pace == Pace::Stop {
+                break;
+            }
+            let push_live = self.push.as_ref().is_some_and(|p| p.connected());
+            let wait = pacing.after(pace, &mut failures, push_live);
+            match &result {
                 Ok(TickOutcome::Advanced {
                     from,
                     to,
                     inserted,
                     safe_head,
                     ..
-                }) => {
-                    failures.reset();
-                    progress.advanced(
-                        name,
-                        to - from + 1,
-                        inserted,
-                        safe_head.saturating_sub(to),
-                        self.stream.cfg.max_block_range,
-                    );
-                    Duration::ZERO
-                }
-                Ok(TickOutcome::Idle { .. }) => {
-                    failures.reset();
-                    idle = true;
-                    self.idle_wait()
-                }
-                Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. } | TickOutcome::Partial { .. }) => {
-                    Duration::ZERO
-                }
-                Err(TickError::Cancelled) => break,
-                Err(e) if e.is_back_off() => {
-                    match &e {
-                        TickError::FilterReplaced { .. } => tracing::warn!(stream = %name, error = %e, "backing off"),
-                        _ => tracing::debug!(stream = %name, "cursor lock busy; another replica is working"),
-                    }
-                    jitter(
-                        self.limits
-                            .lock_timeout
-                            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
-                    )
+                }) => progress.advanced(
+                    name,
+                    to - from + 1,
+                    *inserted,
+                    safe_head.saturating_sub(*to),
+                    self.stream.cfg.max_block_range,
+                ),
+                Err(e @ TickError::FilterReplaced { .. }) => tracing::warn!(stream = %name, error = %e, "backing off"),
+                Err(_) if pace == Pace::Busy => {
+                    tracing::debug!(stream = %name, "cursor lock busy; another replica is working")
                 }
                 Err(e) => {
-                    let delay = failures.failed();
-                    tracing::error!(stream = %name, error = %e, attempt = failures.count(), retry_in = ?delay, "tick failed and rolled back");
-                    delay
+                    tracing::error!(stream = %name, error = %e, attempt = failures.count(), retry_in = ?wait, "tick failed and rolled back")
                 }
-            };
-            if !wait.is_zero() {
-                let push = self.push.as_ref().filter(|_| idle);
-                if idle {
-                    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-                    self.idle_wait_ms.store(ms, Ordering::Relaxed);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    // A new head (or a change of the subscription) ends an idle wait.
-                    _ = async { match push { Some(p) => p.woken().await, None => std::future::pending().await } } => {}
-                    _ = cancel.cancelled() => break,
-                }
-                self.idle_wait_ms.store(0, Ordering::Relaxed);
+                Ok(_) => {}
+            }
+            if wait.is_zero() {
+                continue;
+            }
+            let idle = pace == Pace::Idle;
+            if idle {
+                let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                self.idle_wait_ms.store(ms, Ordering::Relaxed);
+            }
+            // A new head (or a change of the subscription) ends an idle wait.
+            let push = self.push.as_deref().filter(|_| idle);
+            let go_on = pace::pause(wait, push, &cancel).await;
+            self.idle_wait_ms.store(0, Ordering::Relaxed);
+            if !go_on {
+                break;
             }
         }
     }

@@ -157,7 +157,7 @@ impl Poller {
         )
     )]
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let result = self.tick_inner(cancel, LockMode::Wait).await;
         if let Err(e) = &result {
             if !(e.is_back_off() || matches!(e, TickError::Cancelled)) {
