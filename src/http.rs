@@ -5,7 +5,8 @@
 //!   run; 503 with the reasons otherwise. Lag and halts are metrics and
 //!   `/status`, not a reason to take every replica out of rotation at once
 //!   (`telemetry.max_lag_blocks`, off by default, adds a lag gate).
-//! - `/metrics`: Prometheus text ([`crate::metrics`]).
+//! - `/metrics`: Prometheus text of the replica's one registry
+//!   ([`crate::metrics`]), the database's gauges read first.
 //! - `/status`: JSON per stream: cursor, heads, lag, last tick outcome, and
 //!   which replica moved the cursor last.
 
@@ -21,20 +22,24 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Registry;
+use crate::poller::Poller;
+use crate::store::cursor;
+use crate::store::metrics::BacklogGauges;
 use crate::store::pool::Database;
 use crate::store::pool::TxLimits;
-use crate::store::{cursor, failed_ranges};
 
 /// What the handlers read.
 pub struct HttpState {
     pub registry: Arc<Registry>,
     pub db: Database,
-    /// Configured stream names, in order.
-    pub streams: Vec<String>,
+    /// Every configured stream's poller, in order.
+    pub pollers: Vec<Arc<Poller>>,
     pub max_lag_blocks: Option<u64>,
     pub replica_id: String,
     /// Fires when shutdown starts: `/livez` and `/readyz` then fail.
     pub stopping: CancellationToken,
+    /// For `/status`'s uptime.
+    pub started: std::time::Instant,
 }
 
 /// One stream in `/status`.
@@ -87,66 +92,18 @@ async fn livez(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
-    let mut text = s.registry.render();
-    // The backlog lives in the database; a slow database does not block the rest.
-    match tokio::time::timeout(Duration::from_secs(2), database_metrics(&s.db, &s.streams)).await {
-        Ok(Ok(more)) => text.push_str(&more),
-        Ok(Err(e)) => tracing::warn!(error = %e, "metrics: backlog unavailable"),
-        Err(_) => tracing::warn!("metrics: backlog query took longer than 2s"),
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        text,
-    )
-        .into_response()
+    let text = s.registry.encode().await;
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-/// Failed ranges (pending, dead), dead letters and the contiguous watermark
-/// per stream, as Prometheus text.
+/// The database's part of `/metrics` alone (failed ranges pending and dead,
+/// dead letters, the contiguous watermark, backfill left per stream).
 pub async fn database_metrics(db: &Database, streams: &[String]) -> Result<String, String> {
-    use std::fmt::Write as _;
-    let mut client = db.get().await.map_err(|e| e.to_string())?;
-    let tx = db
-        .begin(&mut client, TxLimits::SHORT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let names: Vec<&str> = streams.iter().map(String::as_str).collect();
-    let rows = failed_ranges::backlogs(&*tx, &names).await.map_err(|e| e.to_string())?;
-    tx.commit().await.map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    type Pick = fn(&failed_ranges::Backlog) -> i64;
-    let series: [(&str, &str, Pick); 5] = [
-        (
-            "logcursor_failed_ranges_pending",
-            "Skipped ranges waiting for the gap-fill worker.",
-            |b| b.pending,
-        ),
-        (
-            "logcursor_failed_ranges_dead",
-            "Skipped ranges that failed gapfill_max_attempts times.",
-            |b| b.dead,
-        ),
-        ("logcursor_dead_letters", "Logs parked in dead_letters.", |b| {
-            b.dead_letters
-        }),
-        (
-            "logcursor_contiguous_watermark_block",
-            "Highest block below which nothing is pending.",
-            |b| b.watermark,
-        ),
-        (
-            "logcursor_backfill_blocks_left",
-            "Blocks of filter backfills still to fetch.",
-            |b| b.backfill_blocks_left,
-        ),
-    ];
-    for (name, help, pick) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (stream, b) in &rows {
-            let _ = writeln!(out, "{name}{{stream=\"{stream}\"}} {}", pick(b));
-        }
-    }
-    Ok(out)
+    let gauges = Arc::new(BacklogGauges::new(db.clone(), streams.to_vec()));
+    gauges.read_now().await.map_err(|e| e.to_string())?;
+    let mut registry = Registry::new();
+    registry.collect(gauges);
+    Ok(registry.encode_now())
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
@@ -209,11 +166,10 @@ async fn view(s: &HttpState) -> Result<StatusView, String> {
             s.db.begin(&mut client, TxLimits::SHORT)
                 .await
                 .map_err(|e| e.to_string())?;
-        let names: Vec<&str> = s.streams.iter().map(String::as_str).collect();
+        let names: Vec<&str> = s.pollers.iter().map(|p| p.stream.cfg.name.as_str()).collect();
         let found = cursor::get_many(&*tx, &names).await.map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())?;
-        let rows: Vec<Option<cursor::CursorRow>> = s
-            .streams
+        let rows: Vec<Option<cursor::CursorRow>> = names
             .iter()
             .map(|n| found.iter().find(|(id, _)| id == n).map(|(_, r)| r.clone()))
             .collect();
@@ -222,31 +178,31 @@ async fn view(s: &HttpState) -> Result<StatusView, String> {
     let rows = tokio::time::timeout(Duration::from_secs(2), read)
         .await
         .map_err(|_| "no answer within 2s".to_string())??;
-    let metrics = s.registry.streams();
     let streams = s
-        .streams
+        .pollers
         .iter()
         .zip(rows)
-        .map(|(name, row)| {
-            let m = metrics.iter().find(|(n, _)| n == name).map(|(_, m)| Arc::clone(m));
-            let (outcome, error) = m.as_ref().map(|m| m.last_outcome()).unwrap_or_default();
-            let load = |f: fn(&crate::metrics::StreamMetrics) -> u64| m.as_deref().map_or(0, f);
+        .map(|(p, row)| {
+            let last = p.last_tick();
             let db_cursor = row.as_ref().map(|r| r.cursor.processed.to_db());
-            let safe_head = load(|m| m.safe_head.load(std::sync::atomic::Ordering::Relaxed));
             StreamView {
-                stream: name.clone(),
-                chain_id: m.as_ref().map_or(0, |m| m.chain_id),
+                stream: p.stream.cfg.name.to_string(),
+                chain_id: p.stream.cfg.chain_id,
                 cursor: db_cursor,
-                head: load(|m| m.chain_head.load(std::sync::atomic::Ordering::Relaxed)),
-                safe_head,
+                head: last.head,
+                safe_head: last.safe_head,
                 // The database's cursor is the truth; this replica's view may be older.
                 lag_blocks: db_cursor.map_or(0, |c| {
-                    u64::try_from(i64::try_from(safe_head).unwrap_or(i64::MAX) - c).unwrap_or(0)
+                    u64::try_from(i64::try_from(last.safe_head).unwrap_or(i64::MAX) - c).unwrap_or(0)
                 }),
-                lag_seconds: m.as_ref().and_then(|m| m.lag_seconds()),
-                block_range: load(|m| m.block_range.load(std::sync::atomic::Ordering::Relaxed)),
-                last_tick_outcome: if outcome.is_empty() { "none".into() } else { outcome },
-                last_error: error,
+                lag_seconds: last.cursor_time.map(|t| crate::metrics::now_secs().saturating_sub(t)),
+                block_range: p.stream.chain.pick().log_span(),
+                last_tick_outcome: if last.outcome.is_empty() {
+                    "none".into()
+                } else {
+                    last.outcome.to_string()
+                },
+                last_error: last.error,
                 last_processed_by: row.as_ref().and_then(|r| r.updated_by.clone()),
                 last_processed_secs_ago: row
                     .as_ref()
@@ -258,7 +214,7 @@ async fn view(s: &HttpState) -> Result<StatusView, String> {
         .collect();
     Ok(StatusView {
         replica: s.replica_id.clone(),
-        uptime_seconds: s.registry.uptime().as_secs(),
+        uptime_seconds: s.started.elapsed().as_secs(),
         streams,
     })
 }

@@ -8,17 +8,22 @@
 //!
 //! # Layers
 //!
-//! Dependencies point down; nothing imports a module above it.
+//! Dependencies point down: a module imports only modules on lower rows
+//! (never its own row). `layers.rs` (a test) reads this drawing and every
+//! `crate::`/`super::` path of `src/`, and fails on an import that points
+//! up or sideways, or on a cycle.
 //!
 //! ```text
-//! main.rs, cli            command line → config → app
-//! app, admin, status      build and run replicas; operator commands
-//! http, telemetry         endpoints, logs, traces, metrics export
-//! poller, delivery        the tick (one transaction) and the loops; webhook workers
-//! write                   the one write seam: rows, then handlers
-//! chain    store          JSON-RPC (only importer of ethers) | PostgreSQL
-//! config                  TOML + env → typed values of the layers below
-//! types, backoff, redact, metrics   leaves
+//! cli                                command line → config → app
+//! admin, status                      operator commands
+//! app                                build and run replicas
+//! http, telemetry                    endpoints; logs, traces, metrics export
+//! delivery, views                    webhook workers; typed views per event
+//! poller                             the tick (one transaction) and the loops
+//! config                             TOML + env → the typed values of the rows below
+//! write                              the one write seam: rows, handlers, outbox
+//! chain, store                       JSON-RPC (only importer of ethers) | PostgreSQL
+//! types, backoff, redact, metrics, shutdown   leaves
 //! ```
 //!
 //! | module       | owns                                                         |
@@ -37,8 +42,8 @@
 //! | [`admin`]    | `logcursor rewind`, `dlq`, `gapfill`, `adopt-filter`          |
 //! | [`cli`]      | command line                                                  |
 //! | [`shutdown`] | SIGTERM/SIGINT → cancellation token                           |
-//! | [`telemetry`]| tracing subscriber and OTLP export                            |
-//! | [`metrics`]  | per-stream and per-endpoint metrics, Prometheus text          |
+//! | [`telemetry`]| tracing subscriber; OTLP export of spans and the registry     |
+//! | [`metrics`]  | the one registry (prometheus-client); `series!` structs       |
 //! | [`http`]     | `/livez`, `/readyz`, `/metrics`, `/status`                    |
 //! | [`redact`]   | secrets that never print, URLs with keys removed              |
 //!
@@ -97,6 +102,9 @@ pub mod telemetry;
 pub mod types;
 pub mod views;
 pub mod write;
+
+#[cfg(test)]
+mod layers;
 
 pub use async_trait::async_trait;
 pub use write::{Event, Handler, HandlerError, Transaction};

@@ -9,7 +9,9 @@
 //! line or a span.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ethers::types::{H256, U256, U64};
 use serde::Deserialize;

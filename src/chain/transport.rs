@@ -4,7 +4,7 @@
 //! stream's observer. Errors never carry the URL (it may hold an API key).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;

@@ -15,7 +15,7 @@
 //! URLs are secrets (API keys live in them): only their redacted form is
 //! ever printed, and error texts are scrubbed of the raw URL.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,18 +36,38 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 /// No message at all (not even a pong) for this long: the socket is dead.
 const SILENT_FOR: Duration = Duration::from_secs(60);
 
-/// What the subscription tells the poll loop, and what metrics show of it.
-#[derive(Debug, Default)]
+/// Told about the subscription (for metrics): chain knows no metrics.
+pub trait PushObserver: Send + Sync {
+    /// A new head arrived.
+    fn head(&self);
+    /// The subscription went live (`true`) or was lost (`false`).
+    fn live(&self, live: bool);
+}
+
+/// What the subscription tells the poll loop. Owned by the stream's
+/// poller; the subscription task holds a clone.
+#[derive(Default)]
 pub struct Push {
     wake: Notify,
     connected: AtomicBool,
-    /// New heads received.
-    pub heads: AtomicU64,
-    /// Live subscriptions that were lost.
-    pub drops: AtomicU64,
+    observer: Option<Arc<dyn PushObserver>>,
+}
+
+impl std::fmt::Debug for Push {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Push").field("connected", &self.connected()).finish()
+    }
 }
 
 impl Push {
+    /// A wake-up whose subscription reports to `observer`.
+    pub fn observed(observer: Arc<dyn PushObserver>) -> Push {
+        Push {
+            observer: Some(observer),
+            ..Push::default()
+        }
+    }
+
     /// Whether a subscription is live now.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
@@ -64,11 +84,19 @@ impl Push {
     fn set_connected(&self, live: bool) {
         let was = self.connected.swap(live, Ordering::Relaxed);
         if was != live {
-            if was {
-                self.drops.fetch_add(1, Ordering::Relaxed);
+            if let Some(o) = &self.observer {
+                o.live(live);
             }
             self.wake.notify_one();
         }
+    }
+
+    /// A new head: wakes the loop (`pub(crate)` for the loop's tests).
+    pub(crate) fn head(&self) {
+        if let Some(o) = &self.observer {
+            o.head();
+        }
+        self.wake.notify_one();
     }
 }
 
@@ -170,8 +198,7 @@ async fn run_once(url: &Secret, push: &Push) -> Result<(), String> {
             Some(id) => {
                 let params = &v["params"];
                 if v["method"] == "eth_subscription" && params["subscription"].as_str() == Some(id.as_str()) {
-                    push.heads.fetch_add(1, Ordering::Relaxed);
-                    push.wake.notify_one();
+                    push.head();
                 }
             }
         }
@@ -182,15 +209,35 @@ async fn run_once(url: &Secret, push: &Push) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    #[derive(Default)]
+    struct Count {
+        heads: std::sync::atomic::AtomicU32,
+        drops: std::sync::atomic::AtomicU32,
+    }
+
+    impl PushObserver for Count {
+        fn head(&self) {
+            self.heads.fetch_add(1, Ordering::Relaxed);
+        }
+        fn live(&self, live: bool) {
+            if !live {
+                self.drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_drop_wakes_the_loop_and_is_counted_once() {
-        let push = Push::default();
+        let count = Arc::new(Count::default());
+        let push = Push::observed(Arc::clone(&count) as Arc<dyn PushObserver>);
         push.set_connected(true);
         push.set_connected(false);
         push.set_connected(false);
-        assert_eq!(push.drops.load(Ordering::Relaxed), 1);
+        assert_eq!(count.drops.load(Ordering::Relaxed), 1);
         tokio::time::timeout(Duration::from_secs(1), push.woken())
             .await
             .expect("the drop woke the loop");
+        push.head();
+        assert_eq!(count.heads.load(Ordering::Relaxed), 1);
     }
 }

@@ -284,3 +284,89 @@ ws_urls = ["http://node.example/KEY123", "wss://ok.example"]"#,
     let other = GOOD.replace(r#"poll_interval = "1s""#, "poll_interval = \"1s\"\nws_urls = 3");
     assert_eq!(keys(&parse(&other).expect_err("a number")), ["streams[0].ws_urls"]);
 }
+
+/// The ```toml block under "## Configuration" in README.md.
+fn readme_configuration() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let section = &readme[readme.find("## Configuration").expect("a Configuration section")..];
+    let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    section[start..][..section[start..].find("```").expect("the block's end")].to_string()
+}
+
+#[test]
+fn the_readme_reference_configuration_parses_with_the_binarys_own_parser() {
+    let text = readme_configuration();
+    // No ${VAR} of the test's process leaks in, and no DATABASE_URL override.
+    let env = EnvOverrides {
+        vars: Some(std::collections::HashMap::new()),
+        ..EnvOverrides::default()
+    };
+    let c = Config::parse(&text, "README.md", &env).unwrap_or_else(|e| panic!("the README's configuration: {e}"));
+    assert_eq!(c.database.settings.schema, "public");
+    assert_eq!(c.database.limits.idle_in_transaction_timeout, Duration::from_secs(15));
+    assert_eq!(c.telemetry.max_lag_blocks, None, "the lag gate is off unless set");
+    let s = &c.streams[0];
+    assert_eq!(s.name.as_str(), "burns");
+    assert_eq!(s.max_logs_per_tick, 50_000);
+    assert_eq!(s.rpc_budget, Duration::from_secs(60));
+    assert_eq!(s.on_handler_error, OnFailure::DeadLetter);
+    assert_eq!(s.handler_function, None);
+}
+
+#[test]
+fn the_readme_reference_configuration_shows_every_key() {
+    let text = readme_configuration();
+    let shown = |key: &str| {
+        text.contains(&format!("[[streams.{key}]]"))
+            || text.lines().any(|l| {
+                let l = l.trim_start().trim_start_matches('#').trim_start();
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+    };
+    let tables = ["[database]", "[service]", "[telemetry]", "[defaults]", "[[streams]]"];
+    let missing_tables: Vec<&str> = tables.into_iter().filter(|t| !text.contains(t)).collect();
+    assert!(
+        missing_tables.is_empty(),
+        "tables missing from the README: {missing_tables:?}"
+    );
+    let database = [
+        "url",
+        "url_file",
+        "password_file",
+        "sslmode",
+        "sslrootcert",
+        "schema",
+        "pool_size",
+        "connect_timeout",
+        "checkout_timeout",
+        "connect_retry_for",
+        "lock_timeout",
+        "statement_timeout",
+        "idle_in_transaction_timeout",
+    ];
+    let others = [
+        "shutdown_grace",
+        "http_listen",
+        "max_lag_blocks",
+        // [[streams.webhooks]]
+        "secret_file",
+        "max_attempts",
+        "timeout",
+        "batch_size",
+        "ordered",
+        "backoff",
+        "backoff_max",
+        "keep_delivered",
+    ];
+    let missing: Vec<&&str> = database
+        .iter()
+        .chain(others.iter())
+        .chain(stream::KEYS.iter())
+        .filter(|k| !shown(k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys the code reads but the README's configuration does not show: {missing:?}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The per-stream poll loop: tick, then wait (`poll_interval` when caught
-//! up, the [`TICK`] backoff after a failure, nothing while backfilling),
-//! until cancelled. The tick itself is in [`tick`].
+//! up, the [`TICK`] backoff after a failure, nothing while backfilling:
+//! `pace`), until cancelled. The tick itself is in [`tick`].
 //!
 //! | module      | owns                                                        |
 //! |-------------|-------------------------------------------------------------|
@@ -9,6 +9,9 @@
 //! | [`verify`]  | the range continues the stored chain and did not change     |
 //! | [`filter`]  | the filter a cursor advances under; adopting a new one      |
 //! | [`gapfill`] | the worker that fetches skipped ranges and backfills        |
+//! | [`metrics`] | the poller's metrics; the chain's observers                 |
+//! | `record`    | the last tick and this run's totals, kept by the poller     |
+//! | `pace`      | the waits between ticks                                     |
 //!
 //! I5 (after faults stop, the cursor reaches the safe head in bounded time):
 //! every failure is retried, with a backoff capped at 30 s, and a
@@ -17,25 +20,31 @@
 
 pub mod filter;
 pub mod gapfill;
+pub mod metrics;
+mod pace;
 pub mod parts;
+mod record;
 pub mod tick;
 pub mod verify;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+pub use record::{LastTick, Totals};
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{jitter, Failures, TICK};
+use crate::backoff::{Failures, TICK};
 use crate::chain::ws::Push;
 use crate::chain::{ChainClient, ChainError, ClientOptions, Endpoints, RpcObserver};
 use crate::config::StreamConfig;
-use crate::metrics::StreamMetrics;
 use crate::store::pool::{Database, TxLimits};
 use crate::store::StoreError;
 use crate::types::{Hash32, LogFilter};
 use crate::write::{Handlers, WriteError, Writer};
+use metrics::StreamMetrics;
+use pace::{Pace, Pacing};
 
 /// A prefetched range older than this is not used: its view of the chain
 /// is stale (it would be verified anyway; this bounds what it holds).
@@ -112,10 +121,16 @@ pub struct Poller {
     /// Written to `block_cursors.updated_by`; also the connection's `application_name`.
     replica_id: String,
     limits: TxLimits,
-    /// What `/metrics` and `/status` show of this stream.
-    pub metrics: Arc<StreamMetrics>,
-    /// The push wake-up, when the stream has `ws_urls`.
+    /// This stream's series in the replica's registry.
+    pub metrics: StreamMetrics,
+    /// The push wake-up, when the stream has `ws_urls`: its subscription
+    /// task (started by the app) holds the other end.
     pub push: Option<Arc<Push>>,
+    /// The last tick and this run's totals (see `record`).
+    observed: Mutex<record::Observed>,
+    /// The idle wait the loop is in now, in milliseconds (0: working, or
+    /// backing off after a failure).
+    idle_wait_ms: AtomicU64,
     /// The cursor this replica last read or moved: a lower one read later
     /// means it moved back (see [`Poller::note_regression`]).
     seen: AtomicI64,
@@ -242,9 +257,11 @@ impl Poller {
         db: Database,
         replica_id: String,
         limits: TxLimits,
-        metrics: Arc<StreamMetrics>,
+        metrics: StreamMetrics,
         push: Option<Arc<Push>>,
     ) -> Poller {
+        // Unknown until the first tick: shown as "before block 0".
+        metrics.cursor_block.set(-1);
         Poller {
             stream,
             db,
@@ -252,6 +269,8 @@ impl Poller {
             limits,
             metrics,
             push,
+            observed: Mutex::default(),
+            idle_wait_ms: AtomicU64::new(0),
             seen: AtomicI64::new(i64::MIN),
             head_seen: Mutex::new(None),
             refusals: Mutex::default(),
@@ -266,7 +285,7 @@ impl Poller {
     pub(crate) fn note_regression(&self, read: i64) {
         let seen = self.seen.swap(read, Ordering::Relaxed);
         if read < seen {
-            self.metrics.cursor_regressions.fetch_add(1, Ordering::Relaxed);
+            self.metrics.cursor_regressions.inc();
             tracing::warn!(
                 stream = %self.stream.cfg.name,
                 last_seen = seen,
@@ -280,149 +299,63 @@ impl Poller {
         self.seen.fetch_max(cursor, Ordering::Relaxed);
     }
 
-    /// Updates the metrics after a tick.
-    fn record(&self, result: &Result<TickOutcome, TickError>, outcome: &'static str, took: Duration) {
-        let m = &self.metrics;
-        let error = result.as_ref().err().map(|e| e.to_string());
-        m.tick(outcome, error, took);
-        m.block_range
-            .store(self.stream.chain.pick().log_span(), Ordering::Relaxed);
-        match result {
-            Ok(TickOutcome::Advanced {
-                to,
-                head,
-                safe_head,
-                to_timestamp,
-                inserted,
-                duplicates,
-                dead_lettered,
-                lock_wait,
-                lock_hold,
-                ..
-            }) => {
-                m.cursor_block
-                    .store(i64::try_from(*to).unwrap_or(i64::MAX), Ordering::Relaxed);
-                m.cursor_block_time.store(*to_timestamp, Ordering::Relaxed);
-                m.chain_head.store(*head, Ordering::Relaxed);
-                m.safe_head.store(*safe_head, Ordering::Relaxed);
-                m.events_inserted.fetch_add(*inserted, Ordering::Relaxed);
-                m.duplicates.fetch_add(*duplicates, Ordering::Relaxed);
-                m.dead_letters.fetch_add(*dead_lettered as u64, Ordering::Relaxed);
-                m.last_advance.store(crate::metrics::now_secs(), Ordering::Relaxed);
-                m.lock_wait.observe(*lock_wait);
-                m.lock_hold.observe(*lock_hold);
-            }
-            Ok(TickOutcome::Idle {
-                cursor,
-                head,
-                safe_head,
-            }) => {
-                m.cursor_block.store(*cursor, Ordering::Relaxed);
-                m.chain_head.store(*head, Ordering::Relaxed);
-                m.safe_head.store(*safe_head, Ordering::Relaxed);
-            }
-            Ok(TickOutcome::Partial {
-                inserted,
-                dead_lettered,
-                ..
-            }) => {
-                m.events_inserted.fetch_add(*inserted, Ordering::Relaxed);
-                m.dead_letters.fetch_add(*dead_lettered as u64, Ordering::Relaxed);
-            }
-            Ok(TickOutcome::Rewound { to, .. }) => {
-                m.reorgs.fetch_add(1, Ordering::Relaxed);
-                m.cursor_block.store(*to, Ordering::Relaxed);
-            }
-            Ok(TickOutcome::Skipped { to, .. }) => {
-                m.ranges_skipped.fetch_add(1, Ordering::Relaxed);
-                m.cursor_block
-                    .store(i64::try_from(*to).unwrap_or(i64::MAX), Ordering::Relaxed);
-            }
-            Err(TickError::DeepReorg { .. }) => {
-                m.reorgs.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) if e.is_lock_busy() => {
-                m.lock_timeouts.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {}
-        }
-    }
-
-    /// The wait after an idle tick: `ws_poll_interval` while a push
-    /// subscription is live (a safety net: a head ends the wait at once),
-    /// else `poll_interval`.
-    fn idle_wait(&self) -> Duration {
-        match &self.push {
-            Some(p) if p.connected() => self.stream.cfg.ws_poll_interval,
-            _ => self.stream.cfg.poll_interval,
-        }
+    /// The idle wait the loop is in now, in milliseconds (0: none).
+    pub fn idle_wait_ms(&self) -> u64 {
+        self.idle_wait_ms.load(Ordering::Relaxed)
     }
 
     /// Ticks until `cancel` fires. Returns only then: failures are retried.
+    /// The waits between ticks are in [`pace`].
     pub async fn run(&self, cancel: CancellationToken) {
         let name = &self.stream.cfg.name;
+        let pacing = Pacing::of(&self.stream.cfg, self.limits.lock_timeout);
         let mut failures = Failures::new(TICK);
         let mut progress = Progress::default();
         while !cancel.is_cancelled() {
             let result = self.tick(&cancel).await;
-            let mut idle = false;
-            let wait = match result {
+            let pace = Pace::of(&result);
+            if pace == Pace::Stop {
+                break;
+            }
+            let push_live = self.push.as_ref().is_some_and(|p| p.connected());
+            let wait = pacing.after(pace, &mut failures, push_live);
+            match &result {
                 Ok(TickOutcome::Advanced {
                     from,
                     to,
                     inserted,
                     safe_head,
                     ..
-                }) => {
-                    failures.reset();
-                    progress.advanced(
-                        name,
-                        to - from + 1,
-                        inserted,
-                        safe_head.saturating_sub(to),
-                        self.stream.cfg.max_block_range,
-                    );
-                    Duration::ZERO
-                }
-                Ok(TickOutcome::Idle { .. }) => {
-                    failures.reset();
-                    idle = true;
-                    self.idle_wait()
-                }
-                Ok(TickOutcome::Rewound { .. } | TickOutcome::Skipped { .. } | TickOutcome::Partial { .. }) => {
-                    Duration::ZERO
-                }
-                Err(TickError::Cancelled) => break,
-                Err(e) if e.is_back_off() => {
-                    match &e {
-                        TickError::FilterReplaced { .. } => tracing::warn!(stream = %name, error = %e, "backing off"),
-                        _ => tracing::debug!(stream = %name, "cursor lock busy; another replica is working"),
-                    }
-                    jitter(
-                        self.limits
-                            .lock_timeout
-                            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
-                    )
+                }) => progress.advanced(
+                    name,
+                    to - from + 1,
+                    *inserted,
+                    safe_head.saturating_sub(*to),
+                    self.stream.cfg.max_block_range,
+                ),
+                Err(e @ TickError::FilterReplaced { .. }) => tracing::warn!(stream = %name, error = %e, "backing off"),
+                Err(_) if pace == Pace::Busy => {
+                    tracing::debug!(stream = %name, "cursor lock busy; another replica is working")
                 }
                 Err(e) => {
-                    let delay = failures.failed();
-                    tracing::error!(stream = %name, error = %e, attempt = failures.count(), retry_in = ?delay, "tick failed and rolled back");
-                    delay
+                    tracing::error!(stream = %name, error = %e, attempt = failures.count(), retry_in = ?wait, "tick failed and rolled back")
                 }
-            };
-            if !wait.is_zero() {
-                let push = self.push.as_ref().filter(|_| idle);
-                if idle {
-                    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-                    self.metrics.idle_wait_ms.store(ms, Ordering::Relaxed);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    // A new head (or a change of the subscription) ends an idle wait.
-                    _ = async { match push { Some(p) => p.woken().await, None => std::future::pending().await } } => {}
-                    _ = cancel.cancelled() => break,
-                }
-                self.metrics.idle_wait_ms.store(0, Ordering::Relaxed);
+                Ok(_) => {}
+            }
+            if wait.is_zero() {
+                continue;
+            }
+            let idle = pace == Pace::Idle;
+            if idle {
+                let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                self.idle_wait_ms.store(ms, Ordering::Relaxed);
+            }
+            // A new head (or a change of the subscription) ends an idle wait.
+            let push = self.push.as_deref().filter(|_| idle);
+            let go_on = pace::pause(wait, push, &cancel).await;
+            self.idle_wait_ms.store(0, Ordering::Relaxed);
+            if !go_on {
+                break;
             }
         }
     }

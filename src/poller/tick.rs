@@ -2,6 +2,11 @@
 //! row lock from the first statement to COMMIT. Each phase is a method
 //! named as below.
 //!
+//! Why this file is long: the tick is one transaction, read top to bottom
+//! as the diagram below (the design notes: keep the tick readable in one
+//! file). Its exits that are not an advance (skip a refused range, halt,
+//! rewind) end the same transaction, so they stay beside it.
+//!
 //! ```text
 //! look      head (one endpoint, pinned for the tick) and the cursor, unlocked:
 //!           at the safe head → Idle, no transaction, no lock, no xid
@@ -153,7 +158,7 @@ impl Poller {
         )
     )]
     pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let result = self.tick_inner(cancel, LockMode::Wait).await;
         if let Err(e) = &result {
             if !(e.is_back_off() || matches!(e, TickError::Cancelled)) {
@@ -736,14 +741,10 @@ impl Poller {
     fn take_prefetch(&self, from: u64, to: u64, endpoint: usize) -> Option<Parts> {
         let p = self.prefetch.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         if p.from != from || p.to > to || p.endpoint != endpoint || p.started.elapsed() > PREFETCH_TTL {
-            self.metrics
-                .prefetch_discarded
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.prefetch_discarded.inc();
             return None; // dropped: aborted
         }
-        self.metrics
-            .prefetch_used
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.prefetch_used.inc();
         Some(p)
     }
 }

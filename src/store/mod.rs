@@ -9,8 +9,8 @@
 //! every transaction sets `search_path` to the configured schema locally
 //! ([`pool::Database::begin`]), so the schema name is never spliced into SQL.
 //!
-//! The store imports only the leaf [`crate::types`]: neither the chain
-//! layer nor the configuration.
+//! The store imports only the leaves [`crate::types`] and
+//! [`crate::metrics`]: neither the chain layer nor the configuration.
 
 pub mod consumers;
 pub mod cursor;
@@ -18,6 +18,7 @@ pub mod dead_letters;
 pub mod events;
 pub mod failed_ranges;
 pub mod filters;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod pool;

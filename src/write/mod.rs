@@ -39,6 +39,7 @@
 //! caller commits what is done (the rows handled form a prefix of the batch)
 //! and the next transaction goes on.
 
+mod batch;
 pub mod handler;
 
 use std::collections::VecDeque;
@@ -47,6 +48,7 @@ use std::ops::Range;
 use tokio_postgres::types::Type;
 use tracing::{info_span, Instrument};
 
+pub use batch::{Batch, OnFailure, Row, Savepoints, Stop, WriteError, Written, MAX_SAVEPOINTS};
 pub use handler::{Event, Handler, HandlerError, Handlers, Transaction};
 
 use crate::store::dead_letters::{self, Kind};
@@ -54,114 +56,6 @@ use crate::store::events::{self, Inserted, NewEvent, StoredEvent, COPY_FROM_ROWS
 use crate::store::outbox;
 use crate::store::{GenericClient, StoreError};
 use crate::types::{RawLog, StreamName};
-
-/// Savepoints one transaction may take.
-pub const MAX_SAVEPOINTS: u32 = 64;
-
-/// What to do with an event that cannot be stored or handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnFailure {
-    /// Park it whole in `dead_letters` (same transaction) and go on.
-    DeadLetter,
-    /// Stop the stream before it (the transaction rolls back).
-    Halt,
-}
-
-/// The savepoint budget of one transaction.
-#[derive(Debug, Clone, Copy)]
-pub struct Savepoints {
-    used: u32,
-}
-
-impl Default for Savepoints {
-    fn default() -> Self {
-        Savepoints::new()
-    }
-}
-
-impl Savepoints {
-    pub fn new() -> Savepoints {
-        Savepoints { used: 0 }
-    }
-
-    /// Savepoints taken so far.
-    pub fn used(&self) -> u32 {
-        self.used
-    }
-
-    /// Whether another one may be taken.
-    pub fn left(&self) -> bool {
-        self.used < MAX_SAVEPOINTS
-    }
-
-    fn take(&mut self) -> bool {
-        if self.left() {
-            self.used += 1;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// One decoded log and the log itself (kept to park it whole).
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub event: NewEvent,
-    pub raw: RawLog,
-}
-
-/// A batch to store: rows in (block, log index) order, and logs that did
-/// not decode, with why.
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub rows: Vec<Row>,
-    pub undecodable: Vec<(RawLog, String)>,
-}
-
-/// What a write did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Written {
-    pub inserted: u64,
-    pub duplicates: u64,
-    /// Logs parked by this write (undecodable, refused, or failed by a handler).
-    pub parked: u64,
-    /// Logs skipped because they were parked before.
-    pub skipped_parked: u64,
-    /// `None`: every row was handled. `Some(b)`: the savepoint budget ran
-    /// out; every block up to and including `b` is complete (`b` may be
-    /// below the batch's first block: nothing is complete).
-    pub stopped: Option<Stop>,
-}
-
-/// Where an unfinished write stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stop {
-    /// The first block not completely handled.
-    pub incomplete_block: u64,
-}
-
-/// Why a write failed.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A policy said halt: the caller rolls back and records the halt.
-    #[error(
-        "stream {stream}: log {log_index} of tx {tx_hash} (block {block}) {what}: {reason}; the cursor stays before it"
-    )]
-    Halt {
-        stream: String,
-        block: u64,
-        tx_hash: crate::types::Hash32,
-        log_index: u64,
-        what: &'static str,
-        reason: String,
-    },
-    /// A handler failed while reverting a rewind (nothing was removed).
-    #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
-    Revert { stream: String, reason: String },
-}
 
 /// The write seam of one stream.
 #[derive(Debug, Clone)]

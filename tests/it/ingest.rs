@@ -173,10 +173,7 @@ async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
         .expect("rewind");
 
     let (inserted, duplicates) = totals(&tick_until_idle(&app).await);
-    let regressions = app.pollers()[0]
-        .metrics
-        .cursor_regressions
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let regressions = app.pollers()[0].metrics.cursor_regressions.get();
     assert_eq!(
         regressions, 1,
         "the cursor moving back is noticed and counted, not hidden"

@@ -124,7 +124,6 @@ async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fresh_one_is_used() {
-    use std::sync::atomic::Ordering;
     let (anvil, db, chain, emitter) = world().await;
     chain.emit_burns(&emitter, 40, |i| i % 3 + 1).await;
     let pg = db.migrate_with_history().await;
@@ -148,14 +147,10 @@ async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fre
     assert_eq!(range(step(&b).await), (5, 9)); // b takes 5..=9 first; prefetches 10..=14
     assert_eq!(range(step(&a).await), (10, 14)); // a's prefetch of 5..=9 is stale
     let (am, bm) = (&a.pollers()[0].metrics, &b.pollers()[0].metrics);
-    assert_eq!(
-        am.prefetch_discarded.load(Ordering::Relaxed),
-        1,
-        "a discarded its stale prefetch"
-    );
+    assert_eq!(am.prefetch_discarded.get(), 1, "a discarded its stale prefetch");
     assert_eq!(range(step(&a).await), (15, 19)); // a's prefetch of 15..=19 still holds
-    assert_eq!(am.prefetch_used.load(Ordering::Relaxed), 1, "a used its fresh prefetch");
-    assert_eq!(bm.prefetch_used.load(Ordering::Relaxed), 0);
+    assert_eq!(am.prefetch_used.get(), 1, "a used its fresh prefetch");
+    assert_eq!(bm.prefetch_used.get(), 0);
     tick_until_idle(&b).await;
     tick_until_idle(&a).await;
     let head = chain.block_number().await;
@@ -263,7 +258,6 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
 /// away, so a row stored while subscribed was stored because of a head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes() {
-    use std::sync::atomic::Ordering;
     let (anvil, db, chain, emitter) = world().await;
     let upstream = anvil.url.trim_start_matches("http://").parse().expect("anvil address");
     let ws = crate::proxy::TcpProxy::start(upstream).await;
@@ -272,8 +266,21 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
         ws.port
     );
     let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
-    let metrics = std::sync::Arc::clone(&app.pollers()[0].metrics);
-    let push = std::sync::Arc::clone(metrics.push.get().expect("ws_urls set up a subscription"));
+    let poller = std::sync::Arc::clone(&app.pollers()[0]);
+    let push = std::sync::Arc::clone(poller.push.as_ref().expect("ws_urls set up a subscription"));
+    // The subscription's counters, as /metrics shows them.
+    let registry = std::sync::Arc::clone(app.registry());
+    let counted = |name: &str| {
+        let series = format!("{name}{{stream=\"burns\",chain_id=\"31337\"}} ");
+        registry
+            .encode_now()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series.as_str())
+                    .map(|v| v.parse::<u64>().expect("a count"))
+            })
+            .unwrap_or(0)
+    };
     let token = CancellationToken::new();
     let run = tokio::spawn(app.run(token.clone()));
     let pg = db.client().await;
@@ -281,15 +288,13 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
     // Waits until the subscription is `live` (or not) and the loop sits in
     // the idle wait that goes with it: an hour with push, 200 ms without.
     let settle = |live: bool| {
-        let (push, metrics) = (std::sync::Arc::clone(&push), std::sync::Arc::clone(&metrics));
+        let (push, poller) = (std::sync::Arc::clone(&push), std::sync::Arc::clone(&poller));
         async move {
             let wait_ms = if live { 3_600_000 } else { 200 };
             wait_for(
                 "the subscription state and its idle wait",
                 Duration::from_secs(60),
-                || async {
-                    (push.connected() == live && metrics.idle_wait_ms.load(Ordering::Relaxed) == wait_ms).then_some(())
-                },
+                || async { (push.connected() == live && poller.idle_wait_ms() == wait_ms).then_some(()) },
             )
             .await;
         }
@@ -308,18 +313,21 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
 
     settle(true).await;
     emit_and_wait("blocks stored on a push wake-up").await;
-    assert!(push.heads.load(Ordering::Relaxed) >= 1, "heads arrived over the socket");
+    assert!(
+        counted("logcursor_ws_heads_total") >= 1,
+        "heads arrived over the socket"
+    );
 
     ws.cut();
     settle(false).await;
-    assert_eq!(push.drops.load(Ordering::Relaxed), 1, "the drop is counted");
+    assert_eq!(counted("logcursor_ws_drops_total"), 1, "the drop is counted");
     emit_and_wait("blocks stored by polling while the socket is gone").await;
 
     ws.restore();
     settle(true).await;
-    let heads = push.heads.load(Ordering::Relaxed);
+    let heads = counted("logcursor_ws_heads_total");
     emit_and_wait("blocks stored on a push wake-up again").await;
-    assert!(push.heads.load(Ordering::Relaxed) > heads, "heads over the new socket");
+    assert!(counted("logcursor_ws_heads_total") > heads, "heads over the new socket");
 
     token.cancel();
     run.await.expect("join").expect("run");

@@ -9,25 +9,31 @@
 //! committed). A poller that ends or panics without being asked stops the
 //! whole process with an error, so the orchestrator restarts it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::CONNECT;
+use tokio::time::Instant;
+
 use crate::chain::ws::Push;
-use crate::chain::{ChainError, Endpoints};
+use crate::chain::{ChainError, Endpoints, RpcObserver};
 use crate::config::Config;
 use crate::delivery::Deliverer;
 use crate::http::HttpState;
-use crate::metrics::Registry;
+use crate::metrics::{NoLabels, Registry, Uptime};
 use crate::poller::gapfill::GapFiller;
+use crate::poller::metrics::{PushMetrics, RpcMetrics, StreamLabels, StreamMetrics};
 use crate::poller::{Poller, Stream};
+use crate::store::metrics::BacklogGauges;
 use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, migrate, privileges, StoreError};
+use crate::telemetry::{MetricsExport, TelemetryError};
 use crate::write::{Handler, Handlers};
+
+mod checks;
+use checks::{check_functions, verify_chain};
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,8 @@ pub enum AppError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// What an operator command was asked to act on does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -67,7 +75,12 @@ pub type HandlerMap = std::collections::HashMap<String, Vec<Arc<dyn Handler>>>;
 /// A built application, ready to run.
 pub struct App {
     db: Database,
+    /// The replica's one metrics registry: `/metrics` and OTLP read it.
     registry: Arc<Registry>,
+    /// The OTLP metrics export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
+    /// `run` sends its last values after the drain.
+    otlp: Option<MetricsExport>,
+    started: std::time::Instant,
     /// The bound HTTP listener, served by `run`.
     http: Option<tokio::net::TcpListener>,
     max_lag_blocks: Option<u64>,
@@ -123,7 +136,11 @@ impl App {
             });
         }
         let db = Database::new(&cfg.database.settings, replica_id)?;
-        let registry = Registry::new(replica_id);
+        let mut registry = Registry::new();
+        registry.collect(Uptime::new(replica_id));
+        let stream_metrics = StreamMetrics::register(&mut registry);
+        let push_metrics = PushMetrics::register(&mut registry);
+        let rpc: Arc<dyn RpcObserver> = Arc::new(RpcMetrics::register(&mut registry).of(&NoLabels));
         // Bound first: a port clash is a start-up error, not a later surprise.
         let http = match cfg.telemetry.http_listen {
             Some(addr) => Some(
@@ -157,12 +174,11 @@ impl App {
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
             let name = sc.name.to_string();
-            let observer: Arc<dyn crate::chain::RpcObserver> = registry.clone();
             let rust = handlers.get(&name).cloned().unwrap_or_default();
             let stream = Stream::new(
                 sc.clone(),
                 &endpoints,
-                Some(observer),
+                Some(Arc::clone(&rpc)),
                 Handlers {
                     rust,
                     ..Handlers::default()
@@ -178,17 +194,17 @@ impl App {
             } else if at.processed.next() != sc.start_block.get() {
                 tracing::info!(stream = %name, cursor = %at.processed, start_block = %sc.start_block, "resuming from the stored cursor; start_block only seeds a new cursor");
             }
-            let metrics = registry.stream(&name, sc.chain_id);
-            let push = (!sc.ws.is_empty()).then(|| Arc::new(Push::default()));
-            if let Some(p) = &push {
-                let _ = metrics.push.set(Arc::clone(p));
-            }
+            let labels = StreamLabels {
+                stream: name.clone(),
+                chain_id: sc.chain_id,
+            };
+            let push = (!sc.ws.is_empty()).then(|| Arc::new(Push::observed(Arc::new(push_metrics.of(&labels)))));
             pollers.push(Arc::new(Poller::new(
                 Arc::new(stream),
                 db.clone(),
                 replica_id.to_string(),
                 cfg.database.limits,
-                metrics,
+                stream_metrics.of(&labels),
                 push,
             )));
         }
@@ -196,10 +212,15 @@ impl App {
         let gap_filler =
             GapFiller::new(&streams, db.clone(), replica_id.to_string(), cfg.database.limits).map(Arc::new);
         let deliverer = Deliverer::new(&streams, db.clone(), replica_id.to_string()).map(Arc::new);
-        crate::telemetry::export_metrics(&registry);
+        let names = cfg.streams.iter().map(|s| s.name.to_string()).collect();
+        registry.collect_refreshed(Arc::new(BacklogGauges::new(db.clone(), names)));
+        let registry = Arc::new(registry);
+        let otlp = MetricsExport::from_env(&registry, replica_id)?;
         Ok(App {
             db,
             registry,
+            otlp,
+            started: std::time::Instant::now(),
             http,
             max_lag_blocks: cfg.telemetry.max_lag_blocks,
             replica_id: replica_id.to_string(),
@@ -246,10 +267,11 @@ impl App {
             let state = Arc::new(HttpState {
                 registry: Arc::clone(&self.registry),
                 db: self.db.clone(),
-                streams: self.pollers.iter().map(|p| p.stream.cfg.name.to_string()).collect(),
+                pollers: self.pollers.clone(),
                 max_lag_blocks: self.max_lag_blocks,
                 replica_id: self.replica_id.clone(),
                 stopping: stop.clone(),
+                started: self.started,
             });
             tokio::spawn(crate::http::serve(listener, state, http_stop.clone()))
         });
@@ -301,10 +323,14 @@ impl App {
                 }
             }
         }
-        self.drain(&mut tasks).await;
+        drain(&mut tasks, self.grace).await;
         http_stop.cancel();
         if let Some(t) = http_task {
             let _ = t.await;
+        }
+        if let Some(otlp) = self.otlp.take() {
+            // Before the pool closes: the last export reads the database's gauges too.
+            otlp.finish().await;
         }
         self.db.close();
         let summaries = self.summaries();
@@ -314,47 +340,60 @@ impl App {
         outcome.map(|()| summaries)
     }
 
-    /// Waits up to the grace period for the ticks in flight, then aborts
-    /// what is left (those transactions roll back).
-    async fn drain(&self, tasks: &mut JoinSet<String>) {
-        let started = Instant::now();
-        let deadline = tokio::time::sleep(self.grace);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                next = tasks.join_next() => match next {
-                    None => break,
-                    Some(Err(e)) if e.is_panic() => tracing::error!(error = %e, "a poller panicked while stopping"),
-                    Some(_) => {}
-                },
-                _ = &mut deadline => {
-                    tracing::warn!(left = tasks.len(), grace = ?self.grace, "grace period over: aborting ticks in flight; their transactions roll back");
-                    tasks.abort_all();
-                    while tasks.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-        tracing::info!(took = ?started.elapsed(), "pollers stopped");
-    }
-
     fn summaries(&self) -> Vec<StreamSummary> {
         self.pollers
             .iter()
             .map(|p| {
-                let m = &p.metrics;
+                let t = p.totals();
                 StreamSummary {
                     stream: p.stream.cfg.name.to_string(),
-                    ticks: m.ticks(None),
-                    ranges_committed: m.ticks(Some("advanced")),
-                    events_inserted: m.events_inserted.load(Ordering::Relaxed),
-                    duplicates: m.duplicates.load(Ordering::Relaxed),
-                    failures: m.ticks(Some("error")),
-                    lock_timeouts: m.lock_timeouts.load(Ordering::Relaxed),
+                    ticks: t.ticks,
+                    ranges_committed: t.advanced,
+                    events_inserted: t.events_inserted,
+                    duplicates: t.duplicates,
+                    failures: t.failures,
+                    lock_timeouts: t.lock_timeouts,
                 }
             })
             .collect()
     }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Tasks still running when the grace period ended, aborted.
+    pub aborted: usize,
+    pub took: Duration,
+}
+
+/// Waits up to `grace` for `tasks` (the pollers, told to stop) to end, then
+/// aborts what is left: a tick in flight is dropped, and its transaction
+/// rolls back, so nothing half-done is committed.
+pub async fn drain<T: 'static>(tasks: &mut JoinSet<T>, grace: Duration) -> Drained {
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    let mut aborted = 0;
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => match next {
+                None => break,
+                Some(Err(e)) if e.is_panic() => tracing::error!(error = %e, "a poller panicked while stopping"),
+                Some(_) => {}
+            },
+            _ = &mut deadline => {
+                aborted = tasks.len();
+                tracing::warn!(left = aborted, ?grace, "grace period over: aborting ticks in flight; their transactions roll back");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    let took = started.elapsed();
+    tracing::info!(?took, "pollers stopped");
+    Drained { aborted, took }
 }
 
 fn died(ended: Option<Result<String, tokio::task::JoinError>>) -> AppError {
@@ -374,58 +413,50 @@ fn died(ended: Option<Result<String, tokio::task::JoinError>>) -> AppError {
     }
 }
 
-/// Every configured SQL handler function exists (the server resolves it);
-/// an error names the stream and the key.
-async fn check_functions<C: crate::store::GenericClient>(c: &C, cfg: &Config) -> Result<(), AppError> {
-    for s in &cfg.streams {
-        for (key, name) in [
-            ("handler_function", &s.handler_function),
-            ("revert_function", &s.revert_function),
-        ] {
-            let Some(name) = name else { continue };
-            let found: bool = c
-                .query_typed_one(
-                    "SELECT to_regproc($1) IS NOT NULL",
-                    &[(name, tokio_postgres::types::Type::TEXT)],
-                )
-                .await
-                .map_err(StoreError::db("look up a handler function"))?
-                .get(0);
-            if !found {
-                return Err(AppError::Stream {
-                    stream: s.name.to_string(),
-                    reason: format!("{key} = {name:?}: no such function (or it is overloaded); create it as {name}(batch events[]) in the database first"),
-                });
-            }
-        }
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The stream's endpoints must serve the configured chain: a wrong chain id
-/// fails at once; one healthy endpoint is enough to start (the others are
-/// checked on first use); while none answers, start-up retries for `retry_for`.
-async fn verify_chain(stream: &Stream, retry_for: Duration, cancel: &CancellationToken) -> Result<(), AppError> {
-    let started = Instant::now();
-    let mut attempt = 0;
-    loop {
-        match stream.chain.verify_chain_id().await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && started.elapsed() < retry_for && !cancel.is_cancelled() => {
-                attempt += 1;
-                let delay = CONNECT.delay(attempt);
-                tracing::warn!(stream = %stream.cfg.name, error = %e, retry_in = ?delay, "no RPC endpoint of the stream answers yet");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(AppError::Interrupted),
-                }
-            }
-            Err(source) => {
-                return Err(AppError::Chain {
-                    stream: stream.cfg.name.to_string(),
-                    source: Box::new(source),
-                })
-            }
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_waits_for_ticks_that_end_within_the_grace_period() {
+        let mut tasks = JoinSet::new();
+        for secs in [1, 5, 12] {
+            tasks.spawn(tokio::time::sleep(Duration::from_secs(secs)));
         }
+        let drained = drain(&mut tasks, Duration::from_secs(20)).await;
+        assert_eq!(drained.aborted, 0);
+        assert_eq!(
+            drained.took,
+            Duration::from_secs(12),
+            "as long as the slowest, no longer"
+        );
+        assert!(tasks.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_aborts_what_is_left_when_the_grace_period_ends() {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        tasks.spawn(tokio::time::sleep(Duration::from_secs(3)));
+        {
+            let finished = Arc::clone(&finished);
+            tasks.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                finished.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        let drained = drain(&mut tasks, Duration::from_secs(20)).await;
+        assert_eq!(drained.aborted, 1, "the tick still in flight");
+        assert_eq!(
+            drained.took,
+            Duration::from_secs(20),
+            "not a moment past the grace period"
+        );
+        assert!(tasks.is_empty());
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(
+            !finished.load(std::sync::atomic::Ordering::Relaxed),
+            "an aborted tick never runs to its end (its transaction rolls back)"
+        );
     }
 }

@@ -1,0 +1,73 @@
+//! Start-up checks: what the configuration names must exist before any
+//! tick runs (handler functions, a healthy endpoint on the right chain).
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::AppError;
+use crate::backoff::CONNECT;
+use crate::config::Config;
+use crate::poller::Stream;
+use crate::store::StoreError;
+
+/// Every configured SQL handler function exists (the server resolves it);
+/// an error names the stream and the key.
+pub(super) async fn check_functions<C: crate::store::GenericClient>(c: &C, cfg: &Config) -> Result<(), AppError> {
+    for s in &cfg.streams {
+        for (key, name) in [
+            ("handler_function", &s.handler_function),
+            ("revert_function", &s.revert_function),
+        ] {
+            let Some(name) = name else { continue };
+            let found: bool = c
+                .query_typed_one(
+                    "SELECT to_regproc($1) IS NOT NULL",
+                    &[(name, tokio_postgres::types::Type::TEXT)],
+                )
+                .await
+                .map_err(StoreError::db("look up a handler function"))?
+                .get(0);
+            if !found {
+                return Err(AppError::Stream {
+                    stream: s.name.to_string(),
+                    reason: format!("{key} = {name:?}: no such function (or it is overloaded); create it as {name}(batch events[]) in the database first"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stream's endpoints must serve the configured chain: a wrong chain id
+/// fails at once; one healthy endpoint is enough to start (the others are
+/// checked on first use); while none answers, start-up retries for `retry_for`.
+pub(super) async fn verify_chain(
+    stream: &Stream,
+    retry_for: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), AppError> {
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        match stream.chain.verify_chain_id().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && started.elapsed() < retry_for && !cancel.is_cancelled() => {
+                attempt += 1;
+                let delay = CONNECT.delay(attempt);
+                tracing::warn!(stream = %stream.cfg.name, error = %e, retry_in = ?delay, "no RPC endpoint of the stream answers yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(AppError::Interrupted),
+                }
+            }
+            Err(source) => {
+                return Err(AppError::Chain {
+                    stream: stream.cfg.name.to_string(),
+                    source: Box::new(source),
+                })
+            }
+        }
+    }
+}
