@@ -17,14 +17,18 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::time::Instant;
 
-use crate::chain::ws::Push;
+use tokio::sync::Semaphore;
+
+use crate::chain::heads::{Followers, Need, ObserverOf};
+use crate::chain::ws::PushObserver;
 use crate::chain::{ChainError, Endpoints, RpcObserver};
 use crate::config::Config;
 use crate::delivery::Deliverer;
 use crate::http::HttpState;
 use crate::metrics::{NoLabels, Registry, Uptime};
 use crate::poller::gapfill::GapFiller;
-use crate::poller::metrics::{PushMetrics, RpcMetrics, StreamLabels, StreamMetrics};
+use crate::poller::metrics::{EndpointLabels, PushMetrics, RpcMetrics, StreamLabels, StreamMetrics};
+use crate::poller::parts::LOGS_IN_FLIGHT_PER_REPLICA;
 use crate::poller::{Poller, Stream};
 use crate::store::metrics::BacklogGauges;
 use crate::store::pool::{Database, TxLimits};
@@ -90,6 +94,8 @@ pub struct App {
     gap_filler: Option<Arc<GapFiller>>,
     /// Delivers the outbox to the streams' webhooks, if any have some.
     deliverer: Option<Arc<Deliverer>>,
+    /// One head follower per endpoint, shared by the streams on it.
+    followers: Followers,
     grace: Duration,
 }
 
@@ -171,11 +177,22 @@ impl App {
             tx.commit().await.map_err(StoreError::db("commit start-up checks"))?;
         }
         let endpoints = Endpoints::new();
+        let observe: ObserverOf = Box::new(move |endpoint: &str| -> Arc<dyn PushObserver> {
+            Arc::new(push_metrics.of(&EndpointLabels {
+                endpoint: endpoint.to_string(),
+            }))
+        });
+        let followers = Followers::new(endpoints.clone(), Some(observe));
+        // Ticks in flight at once: the pool, less room for the gap filler,
+        // the deliveries and the endpoints' reads.
+        let permits = Arc::new(Semaphore::new(cfg.database.settings.pool_size.saturating_sub(2).max(1)));
+        let in_flight = Arc::new(Semaphore::new(LOGS_IN_FLIGHT_PER_REPLICA));
+        let prefetch_slots = Arc::new(Semaphore::new(permits.available_permits()));
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
             let name = sc.name.to_string();
             let rust = handlers.get(&name).cloned().unwrap_or_default();
-            let stream = Stream::new(
+            let mut stream = Stream::new(
                 sc.clone(),
                 &endpoints,
                 Some(Arc::clone(&rpc)),
@@ -184,6 +201,22 @@ impl App {
                     ..Handlers::default()
                 },
             );
+            stream.followers = sc
+                .rpc
+                .iter()
+                .enumerate()
+                .map(|(i, endpoint)| {
+                    let need = Need {
+                        ws: sc.ws.get(i).cloned(),
+                        tag: sc.finality.tag(),
+                        poll_interval: sc.poll_interval,
+                        ws_poll_interval: sc.ws_poll_interval,
+                    };
+                    followers.follow(endpoint, sc.chain_id, crate::poller::client_options(sc), &need)
+                })
+                .collect();
+            stream.in_flight = Arc::clone(&in_flight);
+            stream.prefetch_slots = Arc::clone(&prefetch_slots);
             verify_chain(&stream, cfg.database.connect_retry_for, cancel).await?;
             let mut client = db.get().await?;
             let tx = db.begin(&mut client, TxLimits::SHORT).await?;
@@ -198,14 +231,13 @@ impl App {
                 stream: name.clone(),
                 chain_id: sc.chain_id,
             };
-            let push = (!sc.ws.is_empty()).then(|| Arc::new(Push::observed(Arc::new(push_metrics.of(&labels)))));
             pollers.push(Arc::new(Poller::new(
                 Arc::new(stream),
                 db.clone(),
                 replica_id.to_string(),
                 cfg.database.limits,
                 stream_metrics.of(&labels),
-                push,
+                Arc::clone(&permits),
             )));
         }
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
@@ -227,6 +259,7 @@ impl App {
             pollers,
             gap_filler,
             deliverer,
+            followers,
             grace: cfg.service.shutdown_grace,
         })
     }
@@ -283,16 +316,12 @@ impl App {
                 p.stream.cfg.name.to_string()
             });
         }
-        for p in &self.pollers {
-            if let Some(push) = &p.push {
-                let (urls, push, token) = (p.stream.cfg.ws.clone(), Arc::clone(push), stop.clone());
-                let stream = p.stream.cfg.name.to_string();
-                let name = format!("newHeads subscription of {}", p.stream.cfg.name);
-                tasks.spawn(async move {
-                    crate::chain::ws::subscribe(stream, urls, push, token).await;
-                    name
-                });
-            }
+        for f in self.followers.all() {
+            let (token, name) = (stop.clone(), format!("head follower of {}", f.endpoint()));
+            tasks.spawn(async move {
+                f.run(token).await;
+                name
+            });
         }
         if let Some(d) = &self.deliverer {
             let (d, token) = (Arc::clone(d), stop.clone());

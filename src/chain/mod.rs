@@ -10,7 +10,8 @@
 //! | [`logs`]      | `eth_getLogs`: adaptive spans, the end header in the same batch, address chunks |
 //! | [`range`]     | providers' "range too large" prose, parsed once                   |
 //! | [`abi`]       | event signatures → topic0 filter and the `events.params` decoder  |
-//! | [`ws`]        | the `newHeads` wake-up over WebSocket                             |
+//! | [`heads`]     | one head per endpoint, shared by the streams on it (poll or push) |
+//! | [`ws`]        | the `newHeads` subscription over WebSocket                        |
 //!
 //! Its types are plain bytes ([`crate::types`]), so nothing outside this
 //! module ever sees an ethers type.
@@ -19,6 +20,7 @@ pub mod abi;
 pub mod client;
 pub mod endpoint;
 pub mod error;
+pub mod heads;
 pub mod logs;
 pub mod range;
 mod transport;

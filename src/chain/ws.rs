@@ -1,13 +1,16 @@
 //! The push wake-up: an `eth_subscribe("newHeads")` over WebSocket that
-//! wakes a stream's poll loop as soon as a block arrives.
+//! hands each new block's header to the endpoint's head follower
+//! ([`super::heads`]) as soon as it arrives.
 //!
 //! A hint, never a source of truth: a head only starts a tick sooner, and
 //! the tick reads everything it stores over HTTP under the cursor lock as
-//! always. While the subscription is live the loop still polls every
+//! always. While the subscription is live the follower still polls every
 //! `ws_poll_interval` (a safety net for a subscription that stalls
 //! silently); while it is down, every `poll_interval`, as without push. A
 //! dropped subscription is reconnected with the [`CONNECT`] backoff,
-//! rotating through `ws_urls`.
+//! rotating through the URLs; an endpoint that never answered a
+//! subscription (no WebSocket there) is said once, then retried quietly
+//! every few minutes.
 //!
 //! A socket that goes silent is given up after [`SILENT_FOR`]: one deadline,
 //! moved only by a frame received (a head, a pong), never by our own pings.
@@ -26,8 +29,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backoff::CONNECT;
+use crate::backoff::{Backoff, CONNECT};
 use crate::redact::{redact_url, Secret};
+use crate::types::{Hash32, Header};
 
 /// A connection attempt, or the subscription's confirmation, must come within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +55,9 @@ pub struct Push {
     wake: Notify,
     connected: AtomicBool,
     observer: Option<Arc<dyn PushObserver>>,
+    /// The last header pushed, until the follower takes it. std Mutex:
+    /// only swapped.
+    pushed: std::sync::Mutex<Option<Header>>,
 }
 
 impl std::fmt::Debug for Push {
@@ -91,40 +98,69 @@ impl Push {
         }
     }
 
-    /// A new head: wakes the loop (`pub(crate)` for the loop's tests).
+    /// A new head: wakes the loop (for the loop's tests).
+    #[cfg(test)]
     pub(crate) fn head(&self) {
+        self.head_at(None);
+    }
+
+    /// A new head, with its header when the message carried one.
+    fn head_at(&self, header: Option<Header>) {
         if let Some(o) = &self.observer {
             o.head();
         }
+        if header.is_some() {
+            *self.pushed.lock().unwrap_or_else(|p| p.into_inner()) = header;
+        }
         self.wake.notify_one();
+    }
+
+    /// The header pushed since the last call, if any.
+    pub fn take_pushed(&self) -> Option<Header> {
+        self.pushed.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
-/// Keeps a `newHeads` subscription for `stream` on one of `urls` until `cancel`.
-pub async fn subscribe(stream: String, urls: Vec<Secret>, push: Arc<Push>, cancel: CancellationToken) {
+/// Reconnecting to an endpoint whose subscription never went live (most
+/// likely it has no WebSocket): quietly, a few times an hour.
+const NEVER_LIVE: Backoff = Backoff::new(Duration::from_secs(10), Duration::from_secs(300));
+
+/// Keeps a `newHeads` subscription on one of `urls` until `cancel`;
+/// `label` names what it serves in logs.
+pub async fn subscribe(label: String, urls: Vec<Secret>, push: Arc<Push>, cancel: CancellationToken) {
     if urls.is_empty() {
         return cancel.cancelled().await;
     }
     let mut failures = 0u32;
+    let mut ever_live = false;
+    let mut said_unavailable = false;
     for url in urls.iter().cycle() {
         let shown = redact_url(url.expose());
         let ended = tokio::select! {
-            r = run_once(url, &push).instrument(tracing::info_span!("ws", stream = %stream, endpoint = %shown)) => r,
+            r = run_once(url, &push).instrument(tracing::info_span!("ws", follows = %label, endpoint = %shown)) => r,
             _ = cancel.cancelled() => break,
         };
         let was_live = push.connected();
+        ever_live |= was_live;
         push.set_connected(false);
-        match ended {
-            Ok(()) => {
-                tracing::warn!(stream = %stream, endpoint = %shown, "newHeads subscription closed; polling every poll_interval until it is back")
-            }
-            Err(e) => {
-                let e = e.replace(url.expose(), &shown);
-                tracing::warn!(stream = %stream, endpoint = %shown, error = %e, "newHeads subscription failed; polling every poll_interval until it is back");
-            }
+        let error = match ended {
+            Ok(()) => "the socket closed".to_string(),
+            Err(e) => e.replace(url.expose(), &shown),
+        };
+        if ever_live {
+            tracing::warn!(follows = %label, endpoint = %shown, %error, "newHeads subscription lost; polling every poll_interval until it is back");
+        } else if !said_unavailable {
+            said_unavailable = true;
+            tracing::info!(follows = %label, endpoint = %shown, %error, "no newHeads subscription here; following heads by polling (retried quietly)");
+        } else {
+            tracing::debug!(follows = %label, endpoint = %shown, %error, "newHeads subscription still unavailable");
         }
         failures = if was_live { 1 } else { failures.saturating_add(1) };
-        let wait = CONNECT.delay(failures);
+        let wait = if ever_live {
+            CONNECT.delay(failures)
+        } else {
+            NEVER_LIVE.delay(failures)
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled() => break,
@@ -193,21 +229,51 @@ async fn run_once(url: &Secret, push: &Push) -> Result<(), String> {
                 subscription = Some(id.to_string());
                 silence.as_mut().reset(tokio::time::Instant::now() + SILENT_FOR);
                 push.set_connected(true);
-                tracing::info!("newHeads subscription live; a new block starts a tick at once");
+                tracing::info!("newHeads subscription live; a new block wakes its streams at once");
             }
             Some(id) => {
                 let params = &v["params"];
                 if v["method"] == "eth_subscription" && params["subscription"].as_str() == Some(id.as_str()) {
-                    push.head();
+                    push.head_at(header_of(&params["result"]));
                 }
             }
         }
     }
 }
 
+/// The header a `newHeads` notification carries (`None` if it lacks a field).
+fn header_of(v: &Value) -> Option<Header> {
+    let quantity = |k: &str| u64::from_str_radix(v[k].as_str()?.trim_start_matches("0x"), 16).ok();
+    let hash = |k: &str| {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(v[k].as_str()?.trim_start_matches("0x"), &mut out).ok()?;
+        Some(Hash32(out))
+    };
+    Some(Header {
+        number: quantity("number")?,
+        hash: hash("hash")?,
+        parent_hash: hash("parentHash")?,
+        timestamp: quantity("timestamp")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pushed_head_carries_its_header() {
+        let h = header_of(&json!({
+            "number": "0x1b4", "hash": format!("0x{}", "ab".repeat(32)),
+            "parentHash": format!("0x{}", "cd".repeat(32)), "timestamp": "0x10"
+        }))
+        .expect("a header");
+        assert_eq!(
+            (h.number, h.hash, h.parent_hash, h.timestamp),
+            (436, Hash32([0xab; 32]), Hash32([0xcd; 32]), 16)
+        );
+        assert_eq!(header_of(&json!({"number": "0x1"})), None);
+    }
 
     #[derive(Default)]
     struct Count {

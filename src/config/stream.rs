@@ -228,16 +228,17 @@ pub(super) fn endpoint(value: toml::Value) -> Result<EndpointConfig, String> {
     })
 }
 
-/// `ws_urls`: absent (polling only), `"derive"` (one per `rpc_urls` entry,
-/// http → ws, https → wss, same host, path and query), or a list of
-/// `ws://`/`wss://` URLs or `{ url_file = "…" }` tables.
+/// `ws_urls`: `"derive"` (the default: one per `rpc_urls` entry, http →
+/// ws, https → wss, same host, path and query), `[]` or `"off"` (polling
+/// only), or a list of `ws://`/`wss://` URLs or `{ url_file = "…" }`
+/// tables, the i-th for the i-th `rpc_urls` entry.
 fn ws_urls(f: &mut Fields<'_>, rpc: Option<&[EndpointConfig]>) -> Option<Vec<Secret>> {
     const USAGE: &str = "must be a ws(s) URL or { url = \"…\" (or url_file = \"/path\") }";
+    let derive = |rpc: Option<&[EndpointConfig]>| rpc.map(|r| r.iter().filter_map(|e| derive_ws(&e.url)).collect());
     match f.optional::<toml::Value>("ws_urls") {
-        None => Some(Vec::new()),
-        Some(toml::Value::String(s)) if s == "derive" => {
-            rpc.map(|r| r.iter().filter_map(|e| derive_ws(&e.url)).collect())
-        }
+        None => derive(rpc),
+        Some(toml::Value::String(s)) if s == "off" => Some(Vec::new()),
+        Some(toml::Value::String(s)) if s == "derive" => derive(rpc),
         Some(toml::Value::Array(items)) => {
             let (count, mut out) = (items.len(), Vec::with_capacity(items.len()));
             for (j, item) in items.into_iter().enumerate() {
@@ -253,7 +254,10 @@ fn ws_urls(f: &mut Fields<'_>, rpc: Option<&[EndpointConfig]>) -> Option<Vec<Sec
             (out.len() == count).then_some(out)
         }
         Some(_) => {
-            f.problem("ws_urls", "must be \"derive\" or a list of ws:// or wss:// URLs".into());
+            f.problem(
+                "ws_urls",
+                "must be \"derive\", \"off\" or a list of ws:// or wss:// URLs".into(),
+            );
             None
         }
     }

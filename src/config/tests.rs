@@ -271,7 +271,14 @@ ws_poll_interval = "10s""#,
     let urls: Vec<&str> = s.ws.iter().map(|u| u.expose()).collect();
     assert_eq!(urls, ["ws://127.0.0.1:8545/", "wss://eth.example/v2/KEY123"]);
     assert_eq!(s.ws_poll_interval, Duration::from_secs(10));
-    assert!(parse(GOOD).expect("valid").streams[0].ws.is_empty(), "push is opt-in");
+    let default: Vec<String> = parse(GOOD).expect("valid").streams[0]
+        .ws
+        .iter()
+        .map(|u| u.expose().to_string())
+        .collect();
+    assert_eq!(default, ["ws://127.0.0.1:8545/"], "push by default, derived from the HTTP URL");
+    let off = GOOD.replace(r#"poll_interval = "1s""#, "poll_interval = \"1s\"\nws_urls = \"off\"");
+    assert!(parse(&off).expect("valid").streams[0].ws.is_empty(), "off: polling only");
 
     let bad = GOOD.replace(
         r#"poll_interval = "1s""#,

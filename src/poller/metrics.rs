@@ -72,10 +72,16 @@ crate::series! {
     }
 }
 
+/// One endpoint (redacted), for what a replica follows once per endpoint.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
 crate::series! {
-    /// The newHeads subscription of a stream with `ws_urls`.
-    pub struct PushMetrics for StreamLabels {
-        /// 1 while the newHeads subscription is live (streams with ws_urls).
+    /// The newHeads subscription of an endpoint's head follower.
+    pub struct PushMetrics for EndpointLabels {
+        /// 1 while the endpoint's newHeads subscription is live (0: its head is followed by polling).
         pub ws_connected: Gauge,
         /// New heads received over WebSocket.
         pub ws_heads: Counter,

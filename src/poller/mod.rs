@@ -24,6 +24,7 @@ pub mod metrics;
 mod pace;
 pub mod parts;
 mod record;
+mod run;
 pub mod tick;
 pub mod verify;
 
@@ -33,10 +34,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
-use crate::backoff::{Failures, TICK};
-use crate::chain::ws::Push;
+use crate::chain::heads::Follower;
 use crate::chain::{ChainClient, ChainError, ClientOptions, Endpoints, RpcObserver};
 use crate::config::StreamConfig;
 use crate::store::pool::{Database, TxLimits};
@@ -44,7 +42,6 @@ use crate::store::StoreError;
 use crate::types::{Hash32, LogFilter};
 use crate::write::{Handlers, WriteError, Writer};
 use metrics::StreamMetrics;
-use pace::{Pace, Pacing};
 
 /// A prefetched range older than this is not used: its view of the chain
 /// is stale (it would be verified anyway; this bounds what it holds).
@@ -65,6 +62,15 @@ pub struct Stream {
     /// Told after each commit that stored rows of this stream (wakes the
     /// stream's delivery workers at once).
     pub committed: tokio::sync::Notify,
+    /// The head follower of each endpoint (same order as `chain`'s), when
+    /// the stream runs in an app; empty: the loop asks for heads itself.
+    pub followers: Vec<Arc<Follower>>,
+    /// The logs this replica may have fetched and not yet written, across
+    /// all streams (permits = logs; see `parts`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The replica's prefetch slots (a prefetch holds one while it waits
+    /// for its tick), so that waiting prefetches stay few.
+    pub prefetch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Stream {
@@ -100,6 +106,9 @@ impl Stream {
             density: parts::Density::default(),
             writer,
             committed: tokio::sync::Notify::new(),
+            followers: Vec::new(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(parts::LOGS_IN_FLIGHT_PER_REPLICA)),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(2)),
         }
     }
 }
@@ -123,9 +132,8 @@ pub struct Poller {
     limits: TxLimits,
     /// This stream's series in the replica's registry.
     pub metrics: StreamMetrics,
-    /// The push wake-up, when the stream has `ws_urls`: its subscription
-    /// task (started by the app) holds the other end.
-    pub push: Option<Arc<Push>>,
+    /// The replica's tick permits: ticks in flight at once, bounded by the pool.
+    permits: Arc<tokio::sync::Semaphore>,
     /// The last tick and this run's totals (see `record`).
     observed: Mutex<record::Observed>,
     /// The idle wait the loop is in now, in milliseconds (0: working, or
@@ -258,7 +266,7 @@ impl Poller {
         replica_id: String,
         limits: TxLimits,
         metrics: StreamMetrics,
-        push: Option<Arc<Push>>,
+        permits: Arc<tokio::sync::Semaphore>,
     ) -> Poller {
         // Unknown until the first tick: shown as "before block 0".
         metrics.cursor_block.set(-1);
@@ -268,7 +276,7 @@ impl Poller {
             replica_id,
             limits,
             metrics,
-            push,
+            permits,
             observed: Mutex::default(),
             idle_wait_ms: AtomicU64::new(0),
             seen: AtomicI64::new(i64::MIN),
@@ -302,100 +310,5 @@ impl Poller {
     /// The idle wait the loop is in now, in milliseconds (0: none).
     pub fn idle_wait_ms(&self) -> u64 {
         self.idle_wait_ms.load(Ordering::Relaxed)
-    }
-
-    /// Ticks until `cancel` fires. Returns only then: failures are retried.
-    /// The waits between ticks are in [`pace`].
-    pub async fn run(&self, cancel: CancellationToken) {
-        let name = &self.stream.cfg.name;
-        let pacing = Pacing::of(&self.stream.cfg, self.limits.lock_timeout);
-        let mut failures = Failures::new(TICK);
-        let mut progress = Progress::default();
-        while !cancel.is_cancelled() {
-            let result = self.tick(&cancel).await;
-            let pace = Pace::of(&result);
-            if pace == Pace::Stop {
-                break;
-            }
-            let push_live = self.push.as_ref().is_some_and(|p| p.connected());
-            let wait = pacing.after(pace, &mut failures, push_live);
-            match &result {
-                Ok(TickOutcome::Advanced {
-                    from,
-                    to,
-                    inserted,
-                    safe_head,
-                    ..
-                }) => progress.advanced(
-                    name,
-                    to - from + 1,
-                    *inserted,
-                    safe_head.saturating_sub(*to),
-                    self.stream.cfg.max_block_range,
-                ),
-                Err(e @ TickError::FilterReplaced { .. }) => tracing::warn!(stream = %name, error = %e, "backing off"),
-                Err(_) if pace == Pace::Busy => {
-                    tracing::debug!(stream = %name, "cursor lock busy; another replica is working")
-                }
-                Err(e) => {
-                    tracing::error!(stream = %name, error = %e, attempt = failures.count(), retry_in = ?wait, "tick failed and rolled back")
-                }
-                Ok(_) => {}
-            }
-            if wait.is_zero() {
-                continue;
-            }
-            let idle = pace == Pace::Idle;
-            if idle {
-                let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-                self.idle_wait_ms.store(ms, Ordering::Relaxed);
-            }
-            // A new head (or a change of the subscription) ends an idle wait.
-            let push = self.push.as_deref().filter(|_| idle);
-            let go_on = pace::pause(wait, push, &cancel).await;
-            self.idle_wait_ms.store(0, Ordering::Relaxed);
-            if !go_on {
-                break;
-            }
-        }
-    }
-}
-
-/// Backfill progress: logged at most every [`Progress::EVERY`] while a
-/// stream is far behind, so a long backfill says how long it will take.
-#[derive(Default)]
-struct Progress {
-    window_start: Option<tokio::time::Instant>,
-    blocks: u64,
-    events: u64,
-}
-
-impl Progress {
-    const EVERY: Duration = Duration::from_secs(5);
-
-    fn advanced(&mut self, stream: &str, blocks: u64, events: u64, remaining: u64, max_range: u64) {
-        if remaining <= max_range {
-            // Caught up (or nearly): live mode, nothing to report.
-            *self = Progress::default();
-            return;
-        }
-        let started = *self.window_start.get_or_insert_with(tokio::time::Instant::now);
-        self.blocks += blocks;
-        self.events += events;
-        let elapsed = started.elapsed();
-        if elapsed >= Self::EVERY {
-            let secs = elapsed.as_secs_f64();
-            let blocks_per_sec = self.blocks as f64 / secs;
-            let eta = (blocks_per_sec > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / blocks_per_sec));
-            tracing::info!(
-                stream,
-                blocks_per_sec = format!("{blocks_per_sec:.1}"),
-                events_per_sec = format!("{:.1}", self.events as f64 / secs),
-                blocks_remaining = remaining,
-                eta = eta.map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()),
-                "backfill progress"
-            );
-            *self = Progress::default();
-        }
     }
 }

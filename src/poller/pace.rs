@@ -90,6 +90,20 @@ impl Pacing {
     }
 }
 
+/// Waits until the head in `rx` changes, `at_most` passes, or `cancel`
+/// fires. `false`: cancelled.
+pub(crate) async fn changed<T>(
+    rx: &mut tokio::sync::watch::Receiver<T>,
+    at_most: Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = rx.changed() => true,
+        _ = tokio::time::sleep(at_most) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
 /// Waits `wait`, or less: until `push` wakes (a head, or the subscription
 /// changed) when given, or `cancel` fires. `false`: cancelled.
 pub(crate) async fn pause(wait: Duration, push: Option<&Push>, cancel: &CancellationToken) -> bool {

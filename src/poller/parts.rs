@@ -51,6 +51,11 @@ pub const QUEUED: usize = 2;
 /// hold more than a part's worth, fewer requests run at once, so memory
 /// stays bounded whatever `fetch_concurrency` says.
 pub const LOGS_IN_FLIGHT: u64 = 4 * LOGS_PER_PART;
+/// Logs fetched and not yet written by all the ticks of a replica together
+/// (permits of `Stream::in_flight`, taken before each request by its
+/// expected size and given back when its part is written or dropped): many
+/// streams backfilling at once share one bound.
+pub const LOGS_IN_FLIGHT_PER_REPLICA: usize = 8 * LOGS_IN_FLIGHT as usize;
 
 /// One sub-range, fetched and decoded.
 pub(crate) struct Part {
@@ -67,6 +72,9 @@ pub(crate) struct Part {
     /// The header of the last block of every request of this part, from
     /// the backend that served its logs (the last one is `to`'s).
     pub ends: Vec<Header>,
+    /// This part's share of the replica's logs in flight, given back when
+    /// the part is dropped (after it is written).
+    in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The parts of `[from, to]`, being fetched by their own task (aborted
@@ -78,6 +86,8 @@ pub(crate) struct Parts {
     pub endpoint: usize,
     /// When the fetch started (a prefetch past its time to live is dropped).
     pub started: tokio::time::Instant,
+    /// A prefetch's slot among the replica's prefetches (given back on drop).
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The next block to hand over.
     next: u64,
     rx: mpsc::Receiver<Result<Part, TickError>>,
@@ -86,15 +96,44 @@ pub(crate) struct Parts {
 
 impl Parts {
     /// Starts fetching `[from, to]` of `filter` from endpoint `endpoint` of
-    /// `stream`. The task's spans are children of the current span.
+    /// `stream`, each request within the replica's logs-in-flight budget.
+    /// The task's spans are children of the current span.
     pub fn spawn(stream: Arc<Stream>, endpoint: usize, from: u64, to: u64, filter: LogFilter) -> Parts {
+        let budget = Some(Arc::clone(&stream.in_flight));
+        Self::start(stream, endpoint, from, to, filter, budget, None)
+    }
+
+    /// [`Parts::spawn`] for a prefetch, which holds `slot` (one of the
+    /// replica's few prefetch slots) instead of budget: a prefetch waits
+    /// for its tick, and must not hold what running ticks need.
+    pub fn prefetch(
+        stream: Arc<Stream>,
+        endpoint: usize,
+        from: u64,
+        to: u64,
+        filter: LogFilter,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Parts {
+        Self::start(stream, endpoint, from, to, filter, None, Some(slot))
+    }
+
+    fn start(
+        stream: Arc<Stream>,
+        endpoint: usize,
+        from: u64,
+        to: u64,
+        filter: LogFilter,
+        budget: Option<Arc<tokio::sync::Semaphore>>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Parts {
         let (tx, rx) = mpsc::channel(QUEUED);
-        let task = tokio::spawn(produce(stream, endpoint, from, to, filter, tx).in_current_span());
+        let task = tokio::spawn(produce(stream, endpoint, from, to, filter, budget, tx).in_current_span());
         Parts {
             from,
             to,
             endpoint,
             started: tokio::time::Instant::now(),
+            _slot: slot,
             next: from,
             rx,
             task,
@@ -140,6 +179,7 @@ async fn produce(
     from: u64,
     to: u64,
     filter: LogFilter,
+    budget: Option<Arc<tokio::sync::Semaphore>>,
     out: mpsc::Sender<Result<Part, TickError>>,
 ) {
     let rpc = stream.chain.at(endpoint);
@@ -158,8 +198,26 @@ async fn produce(
                 break; // unknown density, or too dense: wait for the parts in flight
             }
             expected_in_flight = expected_in_flight.saturating_add(expected);
+            let permit = match &budget {
+                // What the request may bring back, capped so that one part
+                // can always go: the replica's budget waits for others' parts.
+                Some(b) => {
+                    let want = expected.clamp(1, LOGS_PER_PART) as u32;
+                    match Arc::clone(b).acquire_many_owned(want).await {
+                        Ok(p) => Some(p),
+                        Err(_) => return, // closed: the replica is stopping
+                    }
+                }
+                None => None,
+            };
             let fetch = fetch_part(&stream, rpc, next, end, &filter);
-            inflight.push_back(async move { (expected, fetch.await) });
+            inflight.push_back(async move {
+                let part = fetch.await.map(|mut p| {
+                    p.in_flight = permit;
+                    p
+                });
+                (expected, part)
+            });
             next = end + 1;
         }
         let Some((expected, part)) = inflight.next().await else {
@@ -212,6 +270,7 @@ async fn fetch_part(stream: &Stream, rpc: Rpc<'_>, from: u64, to: u64, filter: &
         batch,
         blocks,
         ends: fetched.ends,
+        in_flight: None,
     })
 }
 

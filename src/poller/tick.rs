@@ -69,12 +69,15 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
 /// The heads a tick works against.
 #[derive(Debug, Clone, Copy)]
-struct Heads {
-    head: u64,
+pub(crate) struct Heads {
+    pub head: u64,
     /// The head block's hash: when it changes while a stream is caught up,
     /// the cursor's block is checked (a reorg at the same height).
-    head_hash: Hash32,
-    safe_head: u64,
+    pub head_hash: Hash32,
+    pub safe_head: u64,
+    /// Whether the head may have been reorganised since the last one seen
+    /// (`None`: judge by its hash alone).
+    pub suspect_reorg: Option<bool>,
 }
 
 /// Refusals of the range at one cursor position, counted toward
@@ -140,6 +143,12 @@ impl Poller {
     /// Runs one tick. `cancel` interrupts only the wait for the row lock
     /// (nothing has been done yet then); once the lock is held, the tick
     /// runs to COMMIT or rollback.
+    pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
+        self.tick_with(cancel, None, LockMode::Wait).await
+    }
+
+    /// A tick against `heads` (from the endpoint's follower; `None`: asked
+    /// of the endpoint), taking the row lock per `mode`.
     #[tracing::instrument(
         name = "poll.tick",
         skip_all,
@@ -157,9 +166,14 @@ impl Poller {
             error.message = field::Empty,
         )
     )]
-    pub async fn tick(&self, cancel: &CancellationToken) -> Result<TickOutcome, TickError> {
+    pub(crate) async fn tick_with(
+        &self,
+        cancel: &CancellationToken,
+        heads: Option<Heads>,
+        mode: LockMode,
+    ) -> Result<TickOutcome, TickError> {
         let started = Instant::now();
-        let result = self.tick_inner(cancel, LockMode::Wait).await;
+        let result = self.tick_inner(cancel, mode, heads).await;
         if let Err(e) = &result {
             if !(e.is_back_off() || matches!(e, TickError::Cancelled)) {
                 self.record_failure(e).await;
@@ -188,10 +202,18 @@ impl Poller {
         result
     }
 
-    async fn tick_inner(&self, cancel: &CancellationToken, mode: LockMode) -> Result<TickOutcome, TickError> {
+    async fn tick_inner(
+        &self,
+        cancel: &CancellationToken,
+        mode: LockMode,
+        heads: Option<Heads>,
+    ) -> Result<TickOutcome, TickError> {
         let rpc = self.stream.chain.pick();
         tracing::Span::current().record("endpoint", rpc.endpoint());
-        let heads = self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?;
+        let heads = match heads {
+            Some(h) => h,
+            None => self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?,
+        };
         // Idle costs nothing: a plain read (no lock, no transaction id).
         let (peeked, peeked_hash, halted) = self.peek().await?;
         if let Some(c) = peeked.block().filter(|c| *c > heads.head) {
@@ -213,7 +235,7 @@ impl Poller {
         // stream gets past it).
         let mut reorged = halted;
         if peeked.next() > heads.safe_head && !halted {
-            let head_moved = self.head_changed(heads.head_hash);
+            let head_moved = self.head_changed(heads.head_hash) && heads.suspect_reorg != Some(false);
             if let (true, Some(block), Some(stored)) = (head_moved, peeked.block(), peeked_hash) {
                 // The chain changed while this stream is caught up: is the
                 // cursor's block still the one processed? (A reorg at the
@@ -385,6 +407,7 @@ impl Poller {
             head,
             head_hash: latest.hash,
             safe_head,
+            suspect_reorg: None,
         })
     }
 
@@ -728,8 +751,20 @@ impl Poller {
     /// Starts fetching `[from, to]` in the background (replacing, and so
     /// aborting, any earlier prefetch).
     fn start_prefetch(&self, from: u64, to: u64) {
+        // Only with a free slot: a prefetch waits for its tick holding
+        // memory, so few may wait at once.
+        let Ok(slot) = Arc::clone(&self.stream.prefetch_slots).try_acquire_owned() else {
+            return;
+        };
         let endpoint = self.stream.chain.pick().index();
-        let next = Parts::spawn(Arc::clone(&self.stream), endpoint, from, to, self.stream.filter.clone());
+        let next = Parts::prefetch(
+            Arc::clone(&self.stream),
+            endpoint,
+            from,
+            to,
+            self.stream.filter.clone(),
+            slot,
+        );
         *self.prefetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
     }
 

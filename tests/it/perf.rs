@@ -267,35 +267,32 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
     );
     let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
     let poller = std::sync::Arc::clone(&app.pollers()[0]);
-    let push = std::sync::Arc::clone(poller.push.as_ref().expect("ws_urls set up a subscription"));
-    // The subscription's counters, as /metrics shows them.
+    // The endpoint's head follower holds the subscription.
+    let push = std::sync::Arc::clone(&poller.stream.followers[0].push);
+    // The subscription's counters, as /metrics shows them (per endpoint).
     let registry = std::sync::Arc::clone(app.registry());
     let counted = |name: &str| {
-        let series = format!("{name}{{stream=\"burns\",chain_id=\"31337\"}} ");
+        let series = format!("{name}{{endpoint=");
         registry
             .encode_now()
             .lines()
-            .find_map(|l| {
-                l.strip_prefix(series.as_str())
-                    .map(|v| v.parse::<u64>().expect("a count"))
-            })
-            .unwrap_or(0)
+            .filter(|l| l.starts_with(series.as_str()))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()))
+            .sum::<u64>()
     };
     let token = CancellationToken::new();
     let run = tokio::spawn(app.run(token.clone()));
     let pg = db.client().await;
 
-    // Waits until the subscription is `live` (or not) and the loop sits in
-    // the idle wait that goes with it: an hour with push, 200 ms without.
+    // Waits until the subscription is `live` (or not): the follower then
+    // polls every hour (with push) or every 200 ms (without), and the
+    // stream waits for the follower's next head.
     let settle = |live: bool| {
-        let (push, poller) = (std::sync::Arc::clone(&push), std::sync::Arc::clone(&poller));
+        let push = std::sync::Arc::clone(&push);
         async move {
-            let wait_ms = if live { 3_600_000 } else { 200 };
-            wait_for(
-                "the subscription state and its idle wait",
-                Duration::from_secs(60),
-                || async { (push.connected() == live && poller.idle_wait_ms() == wait_ms).then_some(()) },
-            )
+            wait_for("the subscription state", Duration::from_secs(60), || async {
+                (push.connected() == live).then_some(())
+            })
             .await;
         }
     };

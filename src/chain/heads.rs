@@ -1,0 +1,236 @@
+//! One head per endpoint: a replica follows each endpoint it uses once —
+//! one `newHeads` subscription, or one `eth_getBlockByNumber("latest")`
+//! poll — however many streams use it, and hands the head to all of them
+//! through a watch channel. A stream wakes when its endpoint's head changes,
+//! and not otherwise: idle streams cost no request.
+//!
+//! ```text
+//! subscription live:  a pushed header at once; a poll every ws_poll_interval (a safety net)
+//! subscription down:  a poll every poll_interval (the shortest of the streams')
+//! each poll:          [latest, safe?, finalized?] in one batch (the tags some stream needs)
+//! ```
+//!
+//! A tag the endpoint does not answer (a pre-merge node) is reported once
+//! and left out: streams then rely on confirmations.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::client::ChainClient;
+use super::ws::{self, Push};
+use super::{ChainError, ClientOptions, EndpointConfig, Endpoints};
+use crate::backoff::{Failures, CONNECT};
+use crate::redact::Secret;
+use crate::types::Header;
+
+/// What a follower knows of its endpoint's chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub header: Header,
+    /// The `safe` block's number, when a stream asked for it and the node answers.
+    pub safe: Option<u64>,
+    /// The `finalized` block's number, likewise.
+    pub finalized: Option<u64>,
+}
+
+/// The head of one endpoint, for every stream of this replica that uses it.
+pub struct Follower {
+    client: ChainClient,
+    /// WebSocket URLs for `newHeads` (empty: polling only).
+    ws: Mutex<Vec<Secret>>,
+    /// The tags some stream needs.
+    tags: Mutex<Vec<&'static str>>,
+    /// Poll interval without a subscription (the shortest asked for).
+    interval: Mutex<Duration>,
+    /// Poll interval while subscribed.
+    ws_interval: Mutex<Duration>,
+    head: watch::Sender<Option<Head>>,
+    /// The subscription's state and pushed headers.
+    pub push: Arc<Push>,
+}
+
+/// What a stream asks of the follower of one of its endpoints.
+#[derive(Debug, Clone)]
+pub struct Need {
+    pub ws: Option<Secret>,
+    pub tag: Option<&'static str>,
+    pub poll_interval: Duration,
+    pub ws_poll_interval: Duration,
+}
+
+impl Follower {
+    /// The head, as it changes.
+    pub fn watch(&self) -> watch::Receiver<Option<Head>> {
+        self.head.subscribe()
+    }
+
+    /// The head now.
+    pub fn head(&self) -> Option<Head> {
+        *self.head.borrow()
+    }
+
+    /// The endpoint's redacted URL.
+    pub fn endpoint(&self) -> String {
+        self.client.endpoints().join(", ")
+    }
+
+    fn need(&self, n: &Need) {
+        let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = n.tag.filter(|t| !tags.contains(t)) {
+            tags.push(t);
+        }
+        drop(tags);
+        let mut ws = self.ws.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(url) = n.ws.clone().filter(|u| !ws.iter().any(|w| w.expose() == u.expose())) {
+            ws.push(url);
+        }
+        drop(ws);
+        let shorter = |m: &Mutex<Duration>, d: Duration| {
+            let mut v = m.lock().unwrap_or_else(|p| p.into_inner());
+            *v = (*v).min(d);
+        };
+        shorter(&self.interval, n.poll_interval);
+        shorter(&self.ws_interval, n.ws_poll_interval);
+    }
+
+    /// Follows the endpoint until `cancel`: subscribes when it can, polls.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let urls = self.ws.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let subscription = tokio::spawn(ws::subscribe(
+            self.endpoint(),
+            urls,
+            Arc::clone(&self.push),
+            cancel.clone(),
+        ));
+        let mut failures = Failures::new(CONNECT);
+        while !cancel.is_cancelled() {
+            let wait = match self.poll().await {
+                Ok(()) => {
+                    failures.reset();
+                    if self.push.connected() {
+                        *self.ws_interval.lock().unwrap_or_else(|p| p.into_inner())
+                    } else {
+                        *self.interval.lock().unwrap_or_else(|p| p.into_inner())
+                    }
+                }
+                Err(e) => {
+                    let wait = failures
+                        .failed()
+                        .min(*self.interval.lock().unwrap_or_else(|p| p.into_inner()) * 5);
+                    tracing::warn!(endpoint = %self.endpoint(), error = %e, retry_in = ?wait, "cannot read the head");
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.push.woken() => {
+                    if let Some(h) = self.push.take_pushed() {
+                        self.publish(h, None);
+                        // The tags move with the head; the pushed header lacks them.
+                        if self.tags.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                            continue;
+                        }
+                    }
+                }
+                _ = cancel.cancelled() => break,
+            }
+        }
+        subscription.abort();
+    }
+
+    /// One poll: the latest header and the tags asked for, in one batch.
+    async fn poll(&self) -> Result<(), ChainError> {
+        let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rpc = self.client.at(0);
+        let latest = rpc.latest().await?;
+        let mut tagged = (None, None);
+        for tag in tags {
+            match rpc.tagged_block(tag).await {
+                Ok(Some(n)) if tag == "safe" => tagged.0 = Some(n),
+                Ok(Some(n)) => tagged.1 = Some(n),
+                // The node does not answer the tag (said once by the client).
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.publish(latest, Some(tagged));
+        Ok(())
+    }
+
+    /// Publishes `header` (and the tags, when read with it) if it is news.
+    fn publish(&self, header: Header, tags: Option<(Option<u64>, Option<u64>)>) {
+        self.head.send_if_modified(|current| {
+            let (safe, finalized) = tags.unwrap_or_else(|| current.map_or((None, None), |c| (c.safe, c.finalized)));
+            let next = Head {
+                header,
+                safe,
+                finalized,
+            };
+            // A poll that lags a pushed head keeps the newer one.
+            if current.is_some_and(|c| c.header.number > header.number && tags.is_some()) {
+                return false;
+            }
+            if *current == Some(next) {
+                return false;
+            }
+            *current = Some(next);
+            true
+        });
+    }
+}
+
+/// Makes the observer of an endpoint's subscription (from its redacted URL).
+pub type ObserverOf = Box<dyn Fn(&str) -> Arc<dyn super::ws::PushObserver> + Send + Sync>;
+
+/// Every follower of this replica, by endpoint URL.
+pub struct Followers {
+    endpoints: Endpoints,
+    by_url: Mutex<HashMap<String, Arc<Follower>>>,
+    observer: Option<ObserverOf>,
+}
+
+impl Followers {
+    pub fn new(endpoints: Endpoints, observer: Option<ObserverOf>) -> Followers {
+        Followers {
+            endpoints,
+            by_url: Mutex::default(),
+            observer,
+        }
+    }
+
+    /// The follower of `endpoint` (made on first use), told what `need`s.
+    pub fn follow(&self, endpoint: &EndpointConfig, chain_id: u64, opts: ClientOptions, need: &Need) -> Arc<Follower> {
+        let mut map = self.by_url.lock().unwrap_or_else(|p| p.into_inner());
+        let f = map.entry(endpoint.url.expose().to_string()).or_insert_with(|| {
+            let push = match &self.observer {
+                Some(o) => Push::observed(o(&crate::redact::redact_url(endpoint.url.expose()))),
+                None => Push::default(),
+            };
+            Arc::new(Follower {
+                client: ChainClient::new(&self.endpoints, std::slice::from_ref(endpoint), chain_id, opts),
+                ws: Mutex::new(Vec::new()),
+                tags: Mutex::new(Vec::new()),
+                interval: Mutex::new(need.poll_interval),
+                ws_interval: Mutex::new(need.ws_poll_interval),
+                head: watch::channel(None).0,
+                push: Arc::new(push),
+            })
+        });
+        f.need(need);
+        Arc::clone(f)
+    }
+
+    /// Every follower, to run.
+    pub fn all(&self) -> Vec<Arc<Follower>> {
+        self.by_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
