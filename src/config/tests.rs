@@ -276,9 +276,16 @@ ws_poll_interval = "10s""#,
         .iter()
         .map(|u| u.expose().to_string())
         .collect();
-    assert_eq!(default, ["ws://127.0.0.1:8545/"], "push by default, derived from the HTTP URL");
+    assert_eq!(
+        default,
+        ["ws://127.0.0.1:8545/"],
+        "push by default, derived from the HTTP URL"
+    );
     let off = GOOD.replace(r#"poll_interval = "1s""#, "poll_interval = \"1s\"\nws_urls = \"off\"");
-    assert!(parse(&off).expect("valid").streams[0].ws.is_empty(), "off: polling only");
+    assert!(
+        parse(&off).expect("valid").streams[0].ws.is_empty(),
+        "off: polling only"
+    );
 
     let bad = GOOD.replace(
         r#"poll_interval = "1s""#,

@@ -90,17 +90,33 @@ impl Pacing {
     }
 }
 
+/// How a wait for a new head ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The head changed.
+    Head,
+    /// `at_most` passed without a new head (or the follower is gone).
+    TimedOut,
+    Cancelled,
+}
+
 /// Waits until the head in `rx` changes, `at_most` passes, or `cancel`
-/// fires. `false`: cancelled.
+/// fires. A follower that stopped (its sender dropped) never changes the
+/// head again: the wait then lasts `at_most`, never spins.
 pub(crate) async fn changed<T>(
     rx: &mut tokio::sync::watch::Receiver<T>,
     at_most: Duration,
     cancel: &CancellationToken,
-) -> bool {
+) -> Woken {
+    let head = async {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
-        _ = rx.changed() => true,
-        _ = tokio::time::sleep(at_most) => true,
-        _ = cancel.cancelled() => false,
+        _ = head => Woken::Head,
+        _ = tokio::time::sleep(at_most) => Woken::TimedOut,
+        _ = cancel.cancelled() => Woken::Cancelled,
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::pace::{self, Pace, Pacing};
+use super::pace::{self, Pace, Pacing, Woken};
 use super::tick::Heads;
 use super::{Poller, TickError, TickOutcome};
 use crate::backoff::{jitter, Failures, TICK};
@@ -52,7 +52,7 @@ impl Poller {
             let mut heads_rx = follower.watch();
             let Some(head) = *heads_rx.borrow_and_update() else {
                 // No head yet: wait for the follower's first.
-                if !pace::changed(&mut heads_rx, self.stream.cfg.poll_interval, &cancel).await {
+                if pace::changed(&mut heads_rx, self.stream.cfg.poll_interval, &cancel).await == Woken::Cancelled {
                     break;
                 }
                 continue;
@@ -64,11 +64,14 @@ impl Poller {
             if !(force || behind || heads.suspect_reorg == Some(true)) {
                 // Caught up as far as this replica knows: no database, no request.
                 self.idle_wait_ms.store(1, Ordering::Relaxed);
-                let go_on = pace::changed(&mut heads_rx, self.stream.cfg.ws_poll_interval, &cancel).await;
+                let woken = pace::changed(&mut heads_rx, self.stream.cfg.ws_poll_interval, &cancel).await;
                 self.idle_wait_ms.store(0, Ordering::Relaxed);
-                force = !heads_rx.has_changed().unwrap_or(false);
-                if !go_on {
-                    break;
+                match woken {
+                    Woken::Cancelled => break,
+                    // The safety re-look: a cheap read, in case another
+                    // replica's view or an operator moved the cursor.
+                    Woken::TimedOut => force = true,
+                    Woken::Head => {}
                 }
                 continue;
             }

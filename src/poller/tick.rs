@@ -210,12 +210,18 @@ impl Poller {
     ) -> Result<TickOutcome, TickError> {
         let rpc = self.stream.chain.pick();
         tracing::Span::current().record("endpoint", rpc.endpoint());
-        let heads = match heads {
+        let followed = heads.is_some();
+        let mut heads = match heads {
             Some(h) => h,
             None => self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?,
         };
         // Idle costs nothing: a plain read (no lock, no transaction id).
         let (peeked, peeked_hash, halted) = self.peek().await?;
+        if followed && peeked.block().is_some_and(|c| c > heads.head) {
+            // Another replica's follower saw a newer head first: ask the
+            // node itself before calling it behind.
+            heads = self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?;
+        }
         if let Some(c) = peeked.block().filter(|c| *c > heads.head) {
             // After a failover, a node behind the cursor: never move back.
             let e: TickError = rpc
@@ -670,10 +676,18 @@ impl Poller {
 
     /// A policy said halt: once the tick's transaction is rolled back,
     /// record the halt on its own, outside the lock.
+    /// (In a transaction of its own: it needs the schema's `search_path`.)
     async fn halt(&self, e: WriteError) -> TickError {
-        if let Ok(client) = self.db.get().await {
-            let reason = e.to_string();
-            let _ = cursor::halt(&**client, &self.stream.cfg.name, &reason).await;
+        let reason = e.to_string();
+        let record = async {
+            let mut client = self.db.get().await?;
+            let tx = self.db.begin(&mut client, self.limits).await?;
+            cursor::halt(&*tx, &self.stream.cfg.name, &reason).await?;
+            tx.commit().await.map_err(StoreError::db("commit halt"))
+        };
+        if let Err(err) = record.await {
+            // The next tick meets the same event and tries again.
+            tracing::warn!(stream = %self.stream.cfg.name, error = %err, "could not record the halt in block_cursors");
         }
         e.into()
     }
@@ -681,8 +695,14 @@ impl Poller {
     /// Notes the failure on the cursor row, for `status` (best effort: the
     /// error is logged by the loop either way).
     async fn record_failure(&self, e: &TickError) {
-        if let Ok(client) = self.db.get().await {
-            let _ = cursor::record_failure(&**client, &self.stream.cfg.name, &e.to_string()).await;
+        let record = async {
+            let mut client = self.db.get().await?;
+            let tx = self.db.begin(&mut client, self.limits).await?;
+            cursor::record_failure(&*tx, &self.stream.cfg.name, &e.to_string()).await?;
+            tx.commit().await.map_err(StoreError::db("commit failure note"))
+        };
+        if let Err(err) = record.await {
+            tracing::debug!(stream = %self.stream.cfg.name, error = %err, "could not note the failure in block_cursors");
         }
     }
 

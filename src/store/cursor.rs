@@ -221,12 +221,25 @@ pub async fn halt<C: GenericClient>(c: &C, stream: &str, reason: &str) -> Result
 }
 
 /// Notes that the stream's last tick failed (for `status`: a stream failing
-/// for long is stuck). Skipped when another replica holds the row: then
-/// the stream is being worked on, and waiting here would stall this one.
-pub async fn record_failure<C: GenericClient>(c: &C, stream: &str, error: &str) -> Result<()> {
-    c.execute_typed(
-        "UPDATE block_cursors SET failing_since = coalesce(failing_since, now()), last_error = $2
-          WHERE id = (SELECT id FROM block_cursors WHERE id = $1 FOR UPDATE SKIP LOCKED)",
+/// for long is stuck), in `tx`. Skipped when another replica holds the row:
+/// then the stream is being worked on, and waiting here would park a
+/// pooled connection on its lock. The row is locked first with `SKIP
+/// LOCKED` and updated after, so the update never waits: a single
+/// `UPDATE … WHERE id = (SELECT … SKIP LOCKED)` was seen waiting on the
+/// lock of a replica that took the row in between.
+pub async fn record_failure<C: GenericClient>(tx: &C, stream: &str, error: &str) -> Result<()> {
+    let free = tx
+        .query_typed(
+            "SELECT 1 FROM block_cursors WHERE id = $1 FOR UPDATE SKIP LOCKED",
+            &[(&stream, Type::TEXT)],
+        )
+        .await
+        .map_err(StoreError::db("record failure"))?;
+    if free.is_empty() {
+        return Ok(());
+    }
+    tx.execute_typed(
+        "UPDATE block_cursors SET failing_since = coalesce(failing_since, now()), last_error = $2 WHERE id = $1",
         &[(&stream, Type::TEXT), (&error, Type::TEXT)],
     )
     .await

@@ -14,6 +14,8 @@
 //! `idle_in_transaction_session_timeout` set locally (one round trip), so
 //! nothing depends on a server session (PgBouncer's transaction mode).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Timeouts};
@@ -77,6 +79,23 @@ pub struct Database {
     /// `search_path` value: the quoted schema.
     search_path: String,
     schema: String,
+    /// When a transaction last began (see [`Database::answered_within`]).
+    answered: Arc<Answered>,
+}
+
+/// The last moment the database answered, for health checks that must not
+/// wait for a pooled connection.
+struct Answered {
+    epoch: Instant,
+    /// Milliseconds after `epoch`, plus one (0: never).
+    at_ms: AtomicU64,
+}
+
+impl Answered {
+    fn mark(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.at_ms.fetch_max(ms + 1, Ordering::Relaxed);
+    }
 }
 
 impl Database {
@@ -137,6 +156,10 @@ impl Database {
             tls: connector,
             search_path: quote_ident(&cfg.schema),
             schema: cfg.schema.clone(),
+            answered: Arc::new(Answered {
+                epoch: Instant::now(),
+                at_ms: AtomicU64::new(0),
+            }),
         })
     }
 
@@ -196,7 +219,24 @@ impl Database {
         )
         .await
         .map_err(StoreError::db("set transaction limits"))?;
+        self.answered.mark();
         Ok(tx)
+    }
+
+    /// Whether a transaction began on this pool within `window`: read from
+    /// memory, so a health check answers at once whatever the pool's load.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        let at = self.answered.at_ms.load(Ordering::Relaxed);
+        if at == 0 {
+            return false;
+        }
+        let now = u64::try_from(self.answered.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(at - 1) <= u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Marks the database as having answered (a query outside [`Database::begin`]).
+    pub fn note_answered(&self) {
+        self.answered.mark();
     }
 
     /// Takes `client` out of the pool for good when `err` says its

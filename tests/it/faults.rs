@@ -22,7 +22,15 @@ async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_th
                                       // expects one topic and two data words, so the real logs cannot decode.
     let wrong_abi =
         "events = [\"event Burned(address from, uint256 amount)\"]\nmax_block_range = 1\non_bad_event = \"halt\"";
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, wrong_abi, ""));
+    // In a schema of its own: the halt is recorded with the schema's
+    // search_path (it once ran outside a transaction and missed the table).
+    let cfg = config(&config_toml(
+        &db.url,
+        &anvil.url,
+        &emitter,
+        wrong_abi,
+        "schema = \"ingest\"",
+    ));
     let app = App::build(&cfg, "r", BuildOptions { migrate: true }, &CancellationToken::new())
         .await
         .expect("build");
@@ -53,6 +61,7 @@ async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_th
         );
     }
     let pg = db.client().await;
+    pg.batch_execute("SET search_path = ingest").await.expect("search_path");
     assert_eq!(
         cursor_of(&pg, "burns").await,
         Some(1),

@@ -23,3 +23,4 @@ mod process;
 mod production;
 mod proxy;
 mod receiver;
+mod scale;

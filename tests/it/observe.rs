@@ -422,8 +422,10 @@ fn assert_otlp_metrics(requests: &[ExportMetricsServiceRequest]) {
         })
         .max()
         .unwrap_or(0);
+    // A stream ticks when its endpoint's head moves, so one tick covers the
+    // 30 events mined before it started; an idle stream does not tick again.
     assert!(
-        ticks >= 2,
+        ticks >= 1,
         "the tick-duration histogram over OTLP counts the ticks ({ticks}): {names:?}"
     );
     for name in ["logcursor.lock_wait", "logcursor.lock_hold"] {

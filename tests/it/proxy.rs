@@ -286,6 +286,21 @@ impl TcpProxy {
         }
     }
 
+    /// Connections accepted and passed on since the start (or the last cut).
+    pub fn accepted(&self) -> usize {
+        self.connections.lock().unwrap().len()
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| !t.is_finished())
+            .count()
+    }
+
     /// Accepts connections again.
     pub fn restore(&self) {
         self.refusing.store(false, std::sync::atomic::Ordering::SeqCst);
