@@ -9,6 +9,14 @@
 //   node scripts/demo-chain.mjs getlogs RPC ADDRESS TO SPAN CONC -> "ms count": raw eth_getLogs of [0, TO]
 //   node scripts/demo-chain.mjs proxy PORT UPSTREAM DELAY_MS     -> forwards JSON-RPC, adding a delay
 //   node scripts/demo-chain.mjs live RPC ADDRESS BLOCKS INTERVAL_MS -> mines BLOCKS blocks of 3 events, CSV "block,mined_ms"
+//   node scripts/demo-chain.mjs deploy-many RPC N          -> N contract addresses, one per line
+//   node scripts/demo-chain.mjs scatter RPC FILE BLOCKS TXS SEED INTERVAL_MS
+//       -> BLOCKS blocks of TXS transactions each to random contracts of FILE
+//          (a Burned, Unlisted or Labeled event each), one block every
+//          INTERVAL_MS (0: at once); CSV "block,mined_ms"
+//   node scripts/demo-chain.mjs count-all RPC FILE TO      -> logs of FILE's contracts in [0, TO]
+//   node scripts/demo-chain.mjs count-proxy PORT UPSTREAM  -> forwards JSON-RPC and WebSocket;
+//       GET /count answers "requests websockets" (a batch counts each request)
 import { readFileSync } from 'node:fs';
 
 const contract = JSON.parse(readFileSync(new URL('../tests/contracts/Emitter.json', import.meta.url)));
@@ -41,7 +49,53 @@ function rng(seed) {
   return () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 2 ** 32);
 }
 
+// ABI encoding of label(string,bytes,string,uint8,int256).
+function labelCall(label, blob, text, small, delta) {
+  const dyn = (bytes) => word(bytes.length) + Buffer.from(bytes).toString('hex').padEnd(Math.ceil(bytes.length / 32) * 64, '0');
+  const tails = [Buffer.from(label), Buffer.from(blob), Buffer.from(text)].map(dyn);
+  let offset = 5 * 32, head = '';
+  for (const t of tails) { head += word(offset); offset += t.length / 2; }
+  const signed = (BigInt(delta) + (1n << 256n)) % (1n << 256n);
+  return '0x' + contract.methods['label(string,bytes,string,uint8,int256)'] + head + word(small) + signed.toString(16).padStart(64, '0') + tails.join('');
+}
+
 const [cmd, url, ...args] = process.argv.slice(2);
+if (cmd === 'count-proxy') {
+  // url is the port here; args: upstream. Counts what reaches the node.
+  const { createServer } = await import('node:http');
+  const net = await import('node:net');
+  const [upstream] = args;
+  const up = new URL(upstream);
+  let requests = 0, websockets = 0;
+  const server = createServer((req, res) => {
+    if (req.method === 'GET' && req.url === '/count') { res.end(`${requests} ${websockets}\n`); return; }
+    let body = '';
+    req.on('data', (c) => (body += c)).on('end', async () => {
+      try { const j = JSON.parse(body); requests += Array.isArray(j) ? j.length : 1; } catch { requests += 1; }
+      try {
+        const r = await fetch(upstream, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+        res.writeHead(r.status, { 'content-type': 'application/json' });
+        res.end(await r.text());
+      } catch { res.writeHead(502); res.end(); }
+    });
+  });
+  // A WebSocket upgrade goes through as raw bytes, both ways.
+  server.on('upgrade', (req, socket, head) => {
+    websockets += 1;
+    const conn = net.connect(Number(up.port), up.hostname, () => {
+      let raw = `${req.method} ${req.url} HTTP/1.1\r\n`;
+      for (let i = 0; i < req.rawHeaders.length; i += 2) raw += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+      conn.write(raw + '\r\n');
+      if (head && head.length) conn.write(head);
+      socket.pipe(conn).pipe(socket);
+    });
+    const close = () => { socket.destroy(); conn.destroy(); };
+    conn.on('error', close); socket.on('error', close);
+  });
+  server.keepAliveTimeout = 60_000;
+  server.listen(Number(url), '127.0.0.1');
+  await new Promise(() => {});
+}
 if (cmd === 'proxy') {
   // url is the port here; args: upstream, delay in ms (simulates a remote provider).
   const { createServer } = await import('node:http');
@@ -123,6 +177,47 @@ if (cmd === 'deploy') {
   }
   await rpc(url, 'evm_setAutomine', [true]);
   console.log(rows.join('\n'));
+} else if (cmd === 'deploy-many') {
+  const hashes = [];
+  for (let i = 0; i < Number(args[0]); i++) hashes.push(await send({ data: contract.bytecode }));
+  const out = [];
+  for (const h of hashes) out.push((await receipt(url, h)).contractAddress);
+  console.log(out.join('\n'));
+} else if (cmd === 'scatter') {
+  const [file, blocks, txs, seed, interval] = args.map((a, i) => (i === 0 ? a : Number(a)));
+  const addresses = readFileSync(file, 'utf8').split('\n').filter(Boolean);
+  const next = rng(seed);
+  await rpc(url, 'evm_setAutomine', [false]);
+  const rows = ['block,mined_ms'];
+  for (let b = 0; b < blocks; b++) {
+    const tick = performance.now();
+    const sent = [];
+    for (let t = 0; t < txs; t++) {
+      const to = addresses[Math.floor(next() * addresses.length)];
+      const kind = Math.floor(next() * 3);
+      const n = 1 + Math.floor(next() * 3);
+      const data = kind === 0 ? '0x' + contract.methods['burn(uint256,uint256)'] + word(n) + word(b * 100 + t)
+        : kind === 1 ? '0x' + contract.methods['unlisted(uint256)'] + word(b * 100 + t)
+        : labelCall(`label-${b}-${t}`, [b % 256, t % 256], `text ${b}/${t}`, t % 256, t % 2 ? -b : b);
+      sent.push(send({ to, data }));
+    }
+    await Promise.all(sent);
+    await rpc(url, 'evm_mine', []);
+    rows.push(`${Number(await rpc(url, 'eth_blockNumber', []))},${Date.now()}`);
+    const wait = interval - (performance.now() - tick);
+    if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
+  }
+  await rpc(url, 'evm_setAutomine', [true]);
+  console.log(rows.join('\n'));
+} else if (cmd === 'count-all') {
+  const [file, to] = args;
+  const addresses = readFileSync(file, 'utf8').split('\n').filter(Boolean);
+  let count = 0;
+  for (let a = 0; a <= Number(to); a += 1000) {
+    const logs = await rpc(url, 'eth_getLogs', [{ fromBlock: hex(a), toBlock: hex(Math.min(Number(to), a + 999)), address: addresses }]);
+    count += logs.length;
+  }
+  console.log(count);
 } else if (cmd === 'head') {
   console.log(Number(await rpc(url, 'eth_blockNumber', [])));
 } else {
