@@ -52,7 +52,7 @@ pub async fn consumers_list(cfg: &Config, replica_id: &str) -> Result<Vec<Consum
     let db = connect(cfg, replica_id).await?;
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;
-    let rows = consumers::list(&*tx).await?;
+    let rows = consumers::list(&*tx, consumers::LAG_CAP).await?;
     tx.commit().await.map_err(StoreError::db("read consumers"))?;
     db.close();
     Ok(rows)

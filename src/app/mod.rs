@@ -30,7 +30,7 @@ use crate::poller::gapfill::GapFiller;
 use crate::poller::metrics::{EndpointLabels, PushMetrics, RpcMetrics, StreamLabels, StreamMetrics};
 use crate::poller::parts::LOGS_IN_FLIGHT_PER_REPLICA;
 use crate::poller::{Poller, Stream};
-use crate::store::metrics::BacklogGauges;
+use crate::store::metrics::{BacklogGauges, DeliveryGauges};
 use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, migrate, privileges, StoreError};
 use crate::telemetry::{MetricsExport, TelemetryError};
@@ -243,9 +243,11 @@ impl App {
         let streams: Vec<Arc<Stream>> = pollers.iter().map(|p| Arc::clone(&p.stream)).collect();
         let gap_filler =
             GapFiller::new(&streams, db.clone(), replica_id.to_string(), cfg.database.limits).map(Arc::new);
-        let deliverer = Deliverer::new(&streams, db.clone(), replica_id.to_string()).map(Arc::new);
+        let deliverer = Deliverer::new(&streams, db.clone(), replica_id.to_string(), &mut registry).map(Arc::new);
         let names = cfg.streams.iter().map(|s| s.name.to_string()).collect();
         registry.collect_refreshed(Arc::new(BacklogGauges::new(db.clone(), names)));
+        let webhooks = deliverer.as_ref().map(|d| d.targets()).unwrap_or_default();
+        registry.collect_refreshed(Arc::new(DeliveryGauges::new(db.clone(), webhooks)));
         let registry = Arc::new(registry);
         let otlp = MetricsExport::from_env(&registry, replica_id)?;
         Ok(App {

@@ -26,6 +26,25 @@
 
 mod post;
 
+/// One webhook of one stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, crate::metrics::EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub stream: String,
+    pub webhook: String,
+}
+
+crate::series! {
+    /// What this replica's workers did for one webhook.
+    pub struct DeliveryMetrics for WebhookLabels {
+        /// Delivery attempts by outcome: delivered, retry, dead, lost_claim.
+        pub webhook_attempts: Labelled<WebhookLabels, Outcome, Counter>,
+        /// From the POST to its answer (or its failure).
+        pub webhook_attempt_seconds: Histogram,
+        /// Events in deliveries that were delivered.
+        pub webhook_events_delivered: Counter,
+    }
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +53,8 @@ use tracing::Instrument;
 
 use crate::backoff::{Failures, TICK};
 use crate::config::webhook::WebhookConfig;
+use crate::metrics::{Counter, Histogram, Labelled, Registry};
+use crate::poller::metrics::Outcome;
 use crate::poller::Stream;
 use crate::redact::redact_url;
 use crate::store::outbox::{self, Delivery, Failure};
@@ -53,6 +74,7 @@ struct Target {
     hook: WebhookConfig,
     /// The redacted URL, for logs and spans.
     shown: String,
+    metrics: DeliveryMetrics,
 }
 
 /// What one attempt did.
@@ -94,21 +116,33 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    /// Workers for every webhook of `streams` (none when there are none).
-    pub fn new(streams: &[Arc<Stream>], db: Database, replica_id: String) -> Option<Deliverer> {
+    /// Workers for every webhook of `streams` (none when there are none),
+    /// their metrics in `registry`.
+    pub fn new(
+        streams: &[Arc<Stream>],
+        db: Database,
+        replica_id: String,
+        registry: &mut Registry,
+    ) -> Option<Deliverer> {
+        if streams.iter().all(|s| s.cfg.webhooks.is_empty()) {
+            return None;
+        }
+        let families = DeliveryMetrics::register(registry);
         let targets: Vec<Target> = streams
             .iter()
             .flat_map(|s| {
-                s.cfg.webhooks.iter().map(|h| Target {
+                let families = families.clone();
+                s.cfg.webhooks.iter().map(move |h| Target {
                     stream: Arc::clone(s),
                     shown: redact_url(h.url.expose()),
                     hook: h.clone(),
+                    metrics: families.of(&WebhookLabels {
+                        stream: s.cfg.name.to_string(),
+                        webhook: h.name.clone(),
+                    }),
                 })
             })
             .collect();
-        if targets.is_empty() {
-            return None;
-        }
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))
@@ -230,20 +264,26 @@ impl Deliverer {
             http.response.status_code = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        let started = tokio::time::Instant::now();
         let answer = post::post(&self.http, &t.hook, &d).instrument(span.clone()).await;
+        t.metrics
+            .webhook_attempt_seconds
+            .observe(started.elapsed().as_secs_f64());
         if let Some(status) = answer.status() {
             span.record("http.response.status_code", status);
         }
         let outcome = self.record(t, &d, answer).await?;
-        span.record(
-            "outcome",
-            match &outcome {
-                Attempted::Delivered { .. } => "delivered",
-                Attempted::Retry { .. } => "retry",
-                Attempted::Dead { .. } => "dead",
-                _ => "lost_claim",
-            },
-        );
+        let label = match &outcome {
+            Attempted::Delivered { events, .. } => {
+                t.metrics.webhook_events_delivered.inc_by(*events as u64);
+                "delivered"
+            }
+            Attempted::Retry { .. } => "retry",
+            Attempted::Dead { .. } => "dead",
+            _ => "lost_claim",
+        };
+        t.metrics.webhook_attempts.with(Outcome { outcome: label }).inc();
+        span.record("outcome", label);
         match &outcome {
             Attempted::Dead { status, error, .. } => {
                 tracing::error!(stream = %d.stream, webhook = %d.webhook, delivery_id = %d.delivery_id, ?status, %error, "delivery is dead; `logcursor outbox replay` sends it again")

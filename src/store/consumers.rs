@@ -32,16 +32,17 @@ pub struct Consumer {
     pub stream: String,
     /// `XID/ID`: the last row applied (`0/0` before the first).
     pub position: String,
-    /// Rows stored after the position (at most [`LAG_CAP`] are counted).
+    /// Rows stored after the position (counted up to the cap asked for).
     pub lag: i64,
     pub updated_at: std::time::SystemTime,
 }
 
-/// Counting a consumer's lag stops here, so that `list` stays cheap.
+/// `consumers list` counts a consumer's lag up to this many rows.
 pub const LAG_CAP: i64 = 1_000_000;
 
-/// Every consumer, with its lag.
-pub async fn list<C: GenericClient>(c: &C) -> Result<Vec<Consumer>> {
+/// Every consumer, with its lag counted up to `cap` rows (an index range
+/// scan of at most `cap` entries per consumer).
+pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
     let rows = c
         .query_typed(
             "SELECT k.name, k.stream, k.after_xid::text || '/' || k.after_id, k.updated_at,
@@ -50,7 +51,7 @@ pub async fn list<C: GenericClient>(c: &C) -> Result<Vec<Consumer>> {
                                               AND (e.inserted_xid, e.id) > (k.after_xid, k.after_id)
                                             LIMIT $1) l)
                FROM consumers k ORDER BY k.name",
-            &[(&LAG_CAP, Type::INT8)],
+            &[(&cap, Type::INT8)],
         )
         .await
         .map_err(StoreError::db("list consumers"))?;

@@ -170,6 +170,18 @@ async fn two_consumers_apply_each_event_exactly_once_while_gap_fill_stores_an_ol
         .map(|r| r.get(0))
         .collect();
     assert!(!by.is_empty());
+
+    // /metrics: the consumer's lag is what was stored after its position.
+    let lag = || async {
+        let text = app.registry().encode().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("logcursor_consumer_lag_rows{consumer=\"ledger\",stream=\"burns\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(lag().await, Some(0.0), "caught up");
+    let more = chain.emit_burns(&emitter, 2, |_| 3).await;
+    tick_until_idle(&app).await;
+    assert_eq!(lag().await, Some(more as f64), "the rows stored since");
 }
 
 /// The webhook table of a stream, appended to a `config_toml` config.
@@ -306,7 +318,41 @@ async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_
     );
 
     // Once the receiver takes it, a replay sends the same delivery again.
+    // A replica watched over /metrics meanwhile: the outbox as it is.
     receiver.set(|_| Reply::Status(200));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let replica = spawn_replica(
+        cfg.path(),
+        "after-replay",
+        &[("LOGCURSOR_HTTP_LISTEN", format!("127.0.0.1:{port}"))],
+    );
+    let gauge = |text: &str, name: &str| -> Option<f64> {
+        let series = format!("{name}{{stream=\"burns\",webhook=\"payments-api\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let scrape = || async {
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.ok(),
+            Err(_) => None,
+        }
+    };
+    wait_for(
+        "/metrics showing the dead delivery",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape().await?;
+            (gauge(&text, "logcursor_outbox_dead") == Some(1.0)
+                && gauge(&text, "logcursor_outbox_pending") == Some(0.0))
+            .then_some(())
+        },
+    )
+    .await;
     let out = finish(
         logcursor_cmd(&["outbox", "replay", "--all"], cfg.path(), "operator")
             .spawn()
@@ -315,7 +361,6 @@ async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let replica = spawn_replica(cfg.path(), "after-replay", &[]);
     let doomed_key = keys_of_event
         .iter()
         .find(|((tx, _), _)| *tx == doomed)
@@ -328,6 +373,23 @@ async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_
             .any(|r| r.idempotency_key == doomed_key && r.answered == Some(200))
             .then_some(())
     })
+    .await;
+    wait_for(
+        "/metrics: nothing dead or pending, the attempt counted",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape().await?;
+            let delivered = text.lines().any(|l| {
+                l.starts_with("logcursor_webhook_attempts_total{")
+                    && l.contains("outcome=\"delivered\"")
+                    && l.ends_with(" 1")
+            });
+            (delivered
+                && gauge(&text, "logcursor_outbox_dead") == Some(0.0)
+                && gauge(&text, "logcursor_outbox_pending") == Some(0.0))
+            .then_some(())
+        },
+    )
     .await;
     let logs = stop_all(vec![replica]).await;
     for l in &logs {
