@@ -15,6 +15,8 @@
 //          (a Burned, Unlisted or Labeled event each), one block every
 //          INTERVAL_MS (0: at once); CSV "block,mined_ms"
 //   node scripts/demo-chain.mjs count-all RPC FILE TO      -> logs of FILE's contracts in [0, TO]
+//   node scripts/demo-chain.mjs receiver PORT OUT_CSV      -> a webhook receiver answering 200; appends
+//       "block,received_ms" per event to OUT_CSV; GET /count answers the events received
 //   node scripts/demo-chain.mjs count-proxy PORT UPSTREAM  -> forwards JSON-RPC and WebSocket;
 //       GET /count answers "requests websockets" (a batch counts each request)
 import { readFileSync } from 'node:fs';
@@ -60,6 +62,27 @@ function labelCall(label, blob, text, small, delta) {
 }
 
 const [cmd, url, ...args] = process.argv.slice(2);
+if (cmd === 'receiver') {
+  // url is the port here; args: the CSV to append to.
+  const { createServer } = await import('node:http');
+  const { appendFileSync } = await import('node:fs');
+  const [out] = args;
+  let received = 0;
+  createServer((req, res) => {
+    if (req.method === 'GET' && req.url === '/count') { res.end(`${received}\n`); return; }
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c)).on('end', () => {
+      const at = Date.now();
+      res.writeHead(200); res.end();
+      try {
+        const events = JSON.parse(Buffer.concat(chunks).toString()).events || [];
+        received += events.length;
+        appendFileSync(out, events.map((e) => `${e.block_number},${at}\n`).join(''));
+      } catch { /* not a delivery */ }
+    });
+  }).listen(Number(url), '127.0.0.1');
+  await new Promise(() => {});
+}
 if (cmd === 'count-proxy') {
   // url is the port here; args: upstream. Counts what reaches the node.
   const { createServer } = await import('node:http');

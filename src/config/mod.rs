@@ -392,6 +392,10 @@ fn with_defaults(stream: &toml::Table, defaults: Option<&toml::Table>) -> toml::
 
 /// A schema name: a plain identifier, so that it reads the same quoted or not.
 /// Rules that involve more than one stream.
+fn show_rate(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "unset".to_string(), |r| r.to_string())
+}
+
 fn check_streams_together(streams: &[StreamConfig], problems: &mut Vec<Problem>) {
     let mut names = HashSet::new();
     for (i, s) in streams.iter().enumerate() {
@@ -403,6 +407,27 @@ fn check_streams_together(streams: &[StreamConfig], problems: &mut Vec<Problem>)
                     s.name
                 ),
             });
+        }
+    }
+    // An endpoint is shared by every stream naming its URL (one client, one
+    // rate limit): two different limits for one URL cannot both hold.
+    let mut limits: Vec<(&str, usize, Option<f64>)> = Vec::new();
+    for (i, s) in streams.iter().enumerate() {
+        for e in &s.rpc {
+            let url = e.url.expose();
+            match limits.iter().find(|(u, ..)| *u == url) {
+                Some((_, j, rate)) if *rate != e.max_requests_per_second => problems.push(Problem {
+                    key: format!("streams[{i}].rpc_urls"),
+                    message: format!(
+                        "{} has max_requests_per_second {} here but {} in streams[{j}]; streams share an endpoint's rate limit, so give it one value (in [defaults])",
+                        crate::redact::redact_url(url),
+                        show_rate(e.max_requests_per_second),
+                        show_rate(*rate)
+                    ),
+                }),
+                Some(_) => {}
+                None => limits.push((url, i, e.max_requests_per_second)),
+            }
         }
     }
     // Events are keyed by (chain_id, tx_hash, log_index) across streams, so

@@ -260,6 +260,27 @@ fn streams_must_have_unique_names_and_not_share_an_event() {
 }
 
 #[test]
+fn one_endpoint_has_one_rate_limit_whichever_stream_names_it() {
+    let limited = |rate: &str| {
+        format!(r#"rpc_urls = [{{ url = "http://127.0.0.1:8545/KEY-123", max_requests_per_second = {rate} }}]"#)
+    };
+    let first = GOOD.replace(r#"rpc_urls = ["http://127.0.0.1:8545"]"#, &limited("25"));
+    let second = first
+        .split("[[streams]]")
+        .nth(1)
+        .expect("stream table")
+        .replace("\"burns\"", "\"minted\"")
+        .replace("Burned(address indexed from, uint256 amount)", "Minted(uint256 amount)");
+    parse(&format!("{first}\n[[streams]]{second}")).expect("the same limit twice is fine");
+    let other = second.replace("max_requests_per_second = 25", "max_requests_per_second = 50");
+    let e = parse(&format!("{first}\n[[streams]]{other}")).expect_err("two limits for one URL");
+    assert_eq!(keys(&e), vec!["streams[1].rpc_urls"]);
+    let text = e.to_string();
+    assert!(text.contains("50") && text.contains("25"), "{text}");
+    assert!(!text.contains("KEY-123"), "the URL is shown redacted: {text}");
+}
+
+#[test]
 fn ws_urls_are_derived_from_rpc_urls_or_listed_and_checked() {
     let derive = GOOD.replace(
         r#"rpc_urls = ["http://127.0.0.1:8545"]"#,
