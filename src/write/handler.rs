@@ -65,13 +65,33 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Why a handler failed, and on which event if it knows.
+/// Why a handler failed: on which event if it knows, and whether the events
+/// are at fault at all.
+///
+/// - [`HandlerError::at`]: the event at this index of the batch cannot be
+///   handled (an unknown account): it is parked, the rest of the batch is
+///   handled again without it.
+/// - [`HandlerError::batch`]: some event of the batch cannot be handled;
+///   the seam finds which by handling halves of the batch again.
+/// - [`HandlerError::retry`]: nothing is wrong with the events (a lock
+///   timeout, a lost connection, a service the handler depends on is
+///   down): the whole transaction rolls back, nothing is parked, and the
+///   tick is tried again with backoff.
+///
+/// A `tokio_postgres::Error` converts (`?`) by its SQLSTATE, as the seam
+/// classifies errors of triggers and SQL functions: classes that concern a
+/// row (data exceptions, constraint violations, an exception `RAISE`d by
+/// code, …) are [`batch`](HandlerError::batch) errors; the others (lock
+/// and statement timeouts, deadlocks, serialization failures, a lost
+/// connection) are [`retry`](HandlerError::retry) errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct HandlerError {
     /// Index into the batch of the event that failed, when known.
     pub event: Option<usize>,
     pub message: String,
+    /// The events are not at fault: retry the transaction, park nothing.
+    pub transient: bool,
 }
 
 impl HandlerError {
@@ -80,6 +100,7 @@ impl HandlerError {
         HandlerError {
             event: Some(index),
             message: message.into(),
+            transient: false,
         }
     }
 
@@ -88,13 +109,29 @@ impl HandlerError {
         HandlerError {
             event: None,
             message: message.into(),
+            transient: false,
+        }
+    }
+
+    /// Not the events' fault: the transaction rolls back and is retried.
+    pub fn retry(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            event: None,
+            message: message.into(),
+            transient: true,
         }
     }
 }
 
 impl From<tokio_postgres::Error> for HandlerError {
     fn from(e: tokio_postgres::Error) -> Self {
-        HandlerError::batch(crate::store::describe_pg(&e))
+        let per_row = e.code().is_some_and(|c| crate::store::is_per_row_sqlstate(c.code()));
+        let message = crate::store::describe_pg(&e);
+        if per_row {
+            HandlerError::batch(message)
+        } else {
+            HandlerError::retry(message)
+        }
     }
 }
 

@@ -156,6 +156,11 @@ pub enum WriteError {
         what: &'static str,
         reason: String,
     },
+    /// A Rust handler failed for a reason that is not its events' (a lock
+    /// timeout, a lost connection): the transaction rolls back and is
+    /// retried; nothing is parked.
+    #[error("stream {stream}: a handler asked to retry: {reason}")]
+    HandlerRetry { stream: String, reason: String },
     /// A handler failed while reverting a rewind (nothing was removed).
     #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
     Revert { stream: String, reason: String },
@@ -410,12 +415,20 @@ impl Writer {
                 h.handle(tx, &stored)
                     .instrument(info_span!("handler.rust", events = stored.len()))
                     .await
-                    .map_err(|e| Failure::Row {
-                        kind: Kind::Handler,
-                        // The handler's index is into the new rows; ours into the segment.
-                        at: e.event.and_then(|i| inserted.new.get(i)).map(|(row, _)| *row),
-                        message: e.message,
-                        duplicate: false,
+                    .map_err(|e| {
+                        if e.transient {
+                            return Failure::Fatal(WriteError::HandlerRetry {
+                                stream: self.stream.to_string(),
+                                reason: e.message,
+                            });
+                        }
+                        Failure::Row {
+                            kind: Kind::Handler,
+                            // The handler's index is into the new rows; ours into the segment.
+                            at: e.event.and_then(|i| inserted.new.get(i)).map(|(row, _)| *row),
+                            message: e.message,
+                            duplicate: false,
+                        }
                     })?;
             }
         }

@@ -11,6 +11,8 @@
 mod chain;
 mod deploy;
 mod faults;
+mod handlers;
+mod handlers_chaos;
 mod helpers;
 mod ingest;
 mod nothing_lost;
