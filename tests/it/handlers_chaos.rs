@@ -136,7 +136,13 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
 
     let seed: u64 = rand::random();
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut progress = 0;
     for k in 0..KILLS {
+        // Each kill after more burns were credited than at the last one.
+        progress = wait_for("the cursor moving on", Duration::from_secs(60), || async {
+            cursor_of(&pg, "burns").await.filter(|c| *c >= progress + 4)
+        })
+        .await;
         let victim = if k % 2 == 0 {
             // (A killed replica's backend may still be sleeping: ours are the live ones.)
             wait_for(
