@@ -5,6 +5,7 @@
 //   node scripts/demo-chain.mjs count RPC ADDRESS TO       -> Burned logs in [0, TO]
 //   node scripts/demo-chain.mjs mine RPC N                 -> mines N empty blocks
 //   node scripts/demo-chain.mjs head RPC                   -> latest block number
+//   node scripts/demo-chain.mjs sender RPC                 -> the account every command sends from (lowercase)
 //   node scripts/demo-chain.mjs dense RPC ADDRESS TXS PER_TX -> TXS transactions of PER_TX events each
 //   node scripts/demo-chain.mjs getlogs RPC ADDRESS TO SPAN CONC -> "ms count": raw eth_getLogs of [0, TO]
 //   node scripts/demo-chain.mjs proxy PORT UPSTREAM DELAY_MS     -> forwards JSON-RPC, adding a delay
@@ -123,6 +124,8 @@ if (cmd === 'deploy') {
   }
   await rpc(url, 'evm_setAutomine', [true]);
   console.log(rows.join('\n'));
+} else if (cmd === 'sender') {
+  console.log(from.toLowerCase());
 } else if (cmd === 'head') {
   console.log(Number(await rpc(url, 'eth_blockNumber', [])));
 } else {

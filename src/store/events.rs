@@ -48,6 +48,12 @@ pub struct NewEvent {
     pub params: serde_json::Value,
 }
 
+impl AsRef<NewEvent> for NewEvent {
+    fn as_ref(&self) -> &NewEvent {
+        self
+    }
+}
+
 impl NewEvent {
     /// The event's key within its chain.
     pub fn key(&self) -> (Hash32, u32) {
@@ -77,11 +83,19 @@ fn time(secs: Option<u64>) -> Option<SystemTime> {
 
 /// Stores `events` for `stream`, skipping those already stored; returns
 /// which were new, with their ids.
-pub async fn insert<C: GenericClient>(c: &C, stream: &str, chain_id: u64, events: &[NewEvent]) -> Result<Inserted> {
+/// (Generic over `AsRef`: the write seam passes its rows as they are,
+/// without copying the events out of them.)
+pub async fn insert<C: GenericClient, E: AsRef<NewEvent> + Sync>(
+    c: &C,
+    stream: &str,
+    chain_id: u64,
+    events: &[E],
+) -> Result<Inserted> {
     let chain_id = chain(chain_id);
     let mut out = Inserted::default();
     for (chunk_no, chunk) in events.chunks(ROWS_PER_STATEMENT).enumerate() {
         let base = chunk_no * ROWS_PER_STATEMENT;
+        let chunk: Vec<&NewEvent> = chunk.iter().map(AsRef::as_ref).collect();
         let block_numbers: Vec<i64> = chunk.iter().map(|e| block(e.block_number)).collect();
         let block_hashes: Vec<&[u8]> = chunk.iter().map(|e| &e.block_hash.0[..]).collect();
         let times: Vec<Option<SystemTime>> = chunk.iter().map(|e| time(e.block_timestamp)).collect();
@@ -133,11 +147,11 @@ pub async fn insert<C: GenericClient>(c: &C, stream: &str, chain_id: u64, events
 /// Binary `COPY` of `events` into `events`: every row is new or the whole
 /// statement fails (23505 on a duplicate). With `ids`, the ids are taken
 /// from the sequence first (one round trip) so that the caller learns them.
-pub async fn copy<C: GenericClient>(
+pub async fn copy<C: GenericClient, E: AsRef<NewEvent> + Sync>(
     c: &C,
     stream: &str,
     chain_id: u64,
-    events: &[NewEvent],
+    events: &[E],
     ids: bool,
 ) -> std::result::Result<Inserted, tokio_postgres::Error> {
     let chain_id = chain(chain_id);
@@ -178,7 +192,7 @@ pub async fn copy<C: GenericClient>(
     let sink = c.client().copy_in(statement).await?;
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
-    for (i, e) in events.iter().enumerate() {
+    for (i, e) in events.iter().map(AsRef::as_ref).enumerate() {
         let number = block(e.block_number);
         let at = time(e.block_timestamp);
         let index = e.log_index as i32;

@@ -24,7 +24,20 @@ pub type Transaction<'a> = tokio_postgres::Transaction<'a>;
 /// (`on_handler_error = "dead_letter"`, the default): the event the error
 /// names ([`HandlerError::at`]), or, when it names none, the failing event
 /// found by retrying halves of the batch. The rest of the batch commits.
-/// `logcursor dlq replay` runs the handler again for a parked event, once.
+/// `dlq replay` runs the handler again for a parked event, once. An error
+/// that is not the events' fault ([`HandlerError::retry`], or a
+/// `tokio_postgres::Error` such as a lock timeout) rolls the tick back to
+/// be retried, parking nothing.
+///
+/// What a handler may rely on, and must respect:
+/// - it runs after the stream's SQL `handler_function`, in registration
+///   order with the stream's other handlers, inside a savepoint: it must
+///   not commit, roll back or take savepoints of its own;
+/// - it holds the stream's cursor lock: keep it short and off the network
+///   (record what to deliver in a table, and deliver from there);
+/// - batches come in cursor order, except that gap fill stores older
+///   ranges later and a replayed event comes after those that followed it:
+///   effects commutative per key (credits, counters) need nothing more.
 ///
 /// ```
 /// use logcursor::{Event, Handler, HandlerError, Transaction};

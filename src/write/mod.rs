@@ -12,8 +12,15 @@
 //! RELEASE
 //! ```
 //!
-//! Row triggers on `events` fire inside the same savepoint, for new rows
-//! only (with `AFTER INSERT`; a `BEFORE` trigger also sees duplicates).
+//! Row triggers on `events` are a supported handler mechanism: they fire
+//! inside the same savepoint, and `AFTER INSERT … FOR EACH ROW` fires once
+//! per newly stored row on both paths (`ON CONFLICT DO NOTHING` inserts no
+//! duplicate; a `COPY` that meets a stored row fails with 23505 and is
+//! rolled back to the savepoint, its triggers' work with it, before the
+//! rows are stored again by `INSERT … ON CONFLICT`). A `BEFORE INSERT`
+//! trigger also fires for rows `ON CONFLICT` then discards: never an
+//! effect there. `AFTER DELETE` fires for the rows [`Writer::remove_above`]
+//! deletes, in the rewind's transaction.
 //!
 //! I8 (no input from the chain can stop a stream) and I10 (a failing effect
 //! parks its event, never stops the stream unless asked to): an error that
@@ -23,7 +30,11 @@
 //! else by retrying halves of the batch — and parked whole in
 //! `dead_letters` with the server's or handler's message; the others are
 //! stored. `on_bad_event`/`on_handler_error = "halt"` stop instead. Any
-//! other error (connection, timeout, serialization) fails the transaction.
+//! other error (connection, timeout, deadlock, serialization) fails the
+//! transaction, and so does a Rust handler's [`HandlerError::retry`] (a
+//! `tokio_postgres::Error` converts to it by the same SQLSTATE classes):
+//! the tick is retried and nothing is parked for a fault that is not the
+//! event's.
 //!
 //! I10 (effects exactly once per stored row): handlers run in the savepoint
 //! that stores their rows, for rows that are new in it, so they commit
@@ -107,6 +118,12 @@ impl Savepoints {
 pub struct Row {
     pub event: NewEvent,
     pub raw: RawLog,
+}
+
+impl AsRef<NewEvent> for Row {
+    fn as_ref(&self) -> &NewEvent {
+        &self.event
+    }
 }
 
 /// A batch to store: rows in (block, log index) order, and logs that did
@@ -376,20 +393,19 @@ impl Writer {
         rows: &[Row],
         use_copy: bool,
     ) -> Result<(u64, u64), Failure> {
-        let events: Vec<NewEvent> = rows.iter().map(|r| r.event.clone()).collect();
         let span = info_span!(
             "db.insert_events",
             db.system = "postgresql",
             db.operation = if use_copy { "COPY" } else { "INSERT" },
-            rows = events.len()
+            rows = rows.len()
         );
         let inserted: Inserted = if use_copy {
-            events::copy(tx, &self.stream, self.chain_id, &events, self.handlers.any())
+            events::copy(tx, &self.stream, self.chain_id, rows, self.handlers.any())
                 .instrument(span)
                 .await
                 .map_err(|e| Failure::from_db(StoreError::db("COPY events")(e), Kind::Data))?
         } else {
-            events::insert(tx, &self.stream, self.chain_id, &events)
+            events::insert(tx, &self.stream, self.chain_id, rows)
                 .instrument(span)
                 .await
                 .map_err(|e| Failure::from_db(e, Kind::Data))?
@@ -399,7 +415,7 @@ impl Writer {
             let stored: Vec<StoredEvent> = inserted
                 .new
                 .iter()
-                .map(|(i, id)| StoredEvent::from_new(&events[*i], *id, &self.stream, self.chain_id))
+                .map(|(i, id)| StoredEvent::from_new(&rows[*i].event, *id, &self.stream, self.chain_id))
                 .collect();
             if let Some(function) = &self.handlers.sql {
                 let ids: Vec<i64> = stored.iter().map(|e| e.id).collect();
@@ -432,7 +448,7 @@ impl Writer {
                     })?;
             }
         }
-        Ok((new, events.len() as u64 - new))
+        Ok((new, rows.len() as u64 - new))
     }
 
     fn halt(&self, log: &RawLog, what: &'static str, reason: String) -> WriteError {
