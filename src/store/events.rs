@@ -279,14 +279,29 @@ impl StoredEvent {
     }
 }
 
-/// `stream`'s events above block `to`, in block and log order (what a
-/// rewind to `to` removes).
-pub async fn above<C: GenericClient>(c: &C, stream: &str, to: i64) -> Result<Vec<StoredEvent>> {
+/// `stream`'s events above block `to` (what a rewind to `to` removes), in
+/// block and log order: at most `limit` of them, after the event at
+/// (block, log index) `after` when given.
+pub async fn above<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    to: i64,
+    after: Option<(u64, u32)>,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
+    let (after_block, after_index) = after.map_or((-1, -1), |(b, i)| (block(b), i64::from(i)));
     let rows = c
         .query_typed(
             "SELECT id, stream, chain_id, block_number, block_hash, block_timestamp, tx_hash, log_index, address, event_name, params
-               FROM events WHERE stream = $1 AND block_number > $2 ORDER BY block_number, log_index",
-            &[(&stream, Type::TEXT), (&to, Type::INT8)],
+               FROM events WHERE stream = $1 AND block_number > $2 AND (block_number, log_index) > ($3, $4)
+              ORDER BY block_number, log_index LIMIT $5",
+            &[
+                (&stream, Type::TEXT),
+                (&to, Type::INT8),
+                (&after_block, Type::INT8),
+                (&after_index, Type::INT8),
+                (&limit, Type::INT8),
+            ],
         )
         .await
         .map_err(StoreError::db("read events above a rewind"))?;

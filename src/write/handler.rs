@@ -70,8 +70,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies the effect of `events`, newly stored in `tx`.
     async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError>;
 
-    /// Undoes the effect of `events`, which a rewind removes in `tx`.
-    /// The default does nothing.
+    /// Undoes the effect of `events`, which a rewind removes in `tx` (in
+    /// block and log order, in pages of up to 2,000: called once per page).
+    /// An error fails the rewind: nothing is removed. The default does
+    /// nothing.
     async fn revert(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
         let _ = (tx, events);
         Ok(())

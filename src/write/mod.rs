@@ -50,6 +50,7 @@
 //! and the next transaction goes on.
 
 pub mod handler;
+mod revert;
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -460,38 +461,6 @@ impl Writer {
             what,
             reason,
         }
-    }
-
-    /// Removes the stream's events above block `to` in `tx`, reverting
-    /// their effects first (the SQL revert function and every Rust
-    /// handler's `revert`; row triggers `AFTER DELETE` fire on the delete).
-    /// Returns how many were removed.
-    pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
-        let reverting = self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty();
-        if reverting {
-            let removed = events::above(tx, &self.stream, to).await?;
-            if !removed.is_empty() {
-                if let Some(function) = &self.handlers.sql_revert {
-                    let ids: Vec<i64> = removed.iter().map(|e| e.id).collect();
-                    tx.execute_typed(
-                        "SELECT logcursor_handle($1, $2)",
-                        &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
-                    )
-                    .await
-                    .map_err(|e| WriteError::Revert {
-                        stream: self.stream.to_string(),
-                        reason: crate::store::describe_pg(&e),
-                    })?;
-                }
-                for h in &self.handlers.rust {
-                    h.revert(tx, &removed).await.map_err(|e| WriteError::Revert {
-                        stream: self.stream.to_string(),
-                        reason: e.message,
-                    })?;
-                }
-            }
-        }
-        Ok(events::delete_above(tx, &self.stream, to).await?)
     }
 }
 

@@ -1,0 +1,55 @@
+//! The rewind side of the write seam: [`Writer::remove_above`] undoes the
+//! effects of the events a rewind removes, then deletes them, in the
+//! rewind's transaction (I10): the stream's SQL `revert_function`, every
+//! Rust handler's `revert`, and row triggers `AFTER DELETE` (which fire on
+//! the delete itself).
+//!
+//! A rewind may remove any number of events (an operator's `rewind --to`
+//! far back): they are reverted in pages of [`REVERT_PAGE`], in block and
+//! log order, so that neither logcursor nor the server holds them all at
+//! once.
+
+use tokio_postgres::types::Type;
+
+use super::{handler, WriteError, Writer};
+use crate::store::events;
+
+/// Events reverted per call of a revert function or handler.
+pub const REVERT_PAGE: i64 = 2_000;
+
+impl Writer {
+    /// Removes the stream's events above block `to` in `tx`, reverting
+    /// their effects first (see the module doc). Returns how many were
+    /// removed.
+    pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
+        let reverting = self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty();
+        let mut after = None;
+        while reverting {
+            let page = events::above(tx, &self.stream, to, after, REVERT_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.block_number, last.log_index));
+            if let Some(function) = &self.handlers.sql_revert {
+                let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
+                tx.execute_typed(
+                    "SELECT logcursor_handle($1, $2)",
+                    &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
+                )
+                .await
+                .map_err(|e| WriteError::Revert {
+                    stream: self.stream.to_string(),
+                    reason: crate::store::describe_pg(&e),
+                })?;
+            }
+            for h in &self.handlers.rust {
+                h.revert(tx, &page).await.map_err(|e| WriteError::Revert {
+                    stream: self.stream.to_string(),
+                    reason: e.message,
+                })?;
+            }
+            if (page.len() as i64) < REVERT_PAGE {
+                break;
+            }
+        }
+        Ok(events::delete_above(tx, &self.stream, to).await?)
+    }
+}
