@@ -22,11 +22,18 @@ impl Writer {
     /// their effects first (see the module doc). Returns how many were
     /// removed.
     pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
-        let reverting = self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty();
+        if self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() {
+            self.revert_above(tx, to).await?;
+        }
+        Ok(events::delete_above(tx, &self.stream, to).await?)
+    }
+
+    /// Reverts the effects of the stream's events above `to`, page by page.
+    async fn revert_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<(), WriteError> {
         let mut after = None;
-        while reverting {
+        loop {
             let page = events::above(tx, &self.stream, to, after, REVERT_PAGE).await?;
-            let Some(last) = page.last() else { break };
+            let Some(last) = page.last() else { return Ok(()) };
             after = Some((last.block_number, last.log_index));
             if let Some(function) = &self.handlers.sql_revert {
                 let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
@@ -47,9 +54,8 @@ impl Writer {
                 })?;
             }
             if (page.len() as i64) < REVERT_PAGE {
-                break;
+                return Ok(());
             }
         }
-        Ok(events::delete_above(tx, &self.stream, to).await?)
     }
 }
