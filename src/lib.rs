@@ -46,7 +46,7 @@
 //!
 //! The public surface, re-exported here: [`Service`] (the entry point),
 //! [`Handler`], [`HandlerError`], [`Event`] and [`Transaction`] (what a
-//! handler sees), [`async_trait`] (to implement it), and
+//! handler sees), [`async_trait`](macro@async_trait) (to implement it), and
 //! [`tokio_postgres`] (the client the transaction belongs to, for its
 //! parameter types). [`App`], [`BuildOptions`], [`HandlerMap`] and
 //! [`Config`] are for an application that builds and runs replicas itself
@@ -55,7 +55,7 @@
 //!
 //! SQL handlers need no Rust at all: a row trigger `AFTER INSERT` on
 //! `events`, or a set-based `handler_function`; see the README section
-//! "Handlers: your effects, exactly once" and [`write`].
+//! "Handlers: your effects, exactly once" and [`write`](mod@write).
 //!
 //! # Layers
 //!

@@ -13,6 +13,7 @@ mod deploy;
 mod faults;
 mod handlers;
 mod handlers_chaos;
+mod handlers_rewind;
 mod helpers;
 mod ingest;
 mod nothing_lost;
