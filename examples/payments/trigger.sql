@@ -11,6 +11,13 @@
 -- An exception (here: an unknown account) parks that one event in
 -- dead_letters (kind 'handler') and the rest of the batch commits;
 -- `dlq replay` stores it again, firing the trigger again.
+--
+-- Cost: one function call and one UPDATE per burn. When many burns credit
+-- the same few accounts, every UPDATE of a row also walks the versions of
+-- it that the same transaction made before (PostgreSQL cannot prune them
+-- yet), so the cost grows with the square of the burns per tick: keep
+-- ticks small (max_logs_per_tick) or use function.sql / the Rust handler,
+-- which update each account once per batch. See README "Performance".
 
 CREATE OR REPLACE FUNCTION credit_burn() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -197,3 +197,24 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
         .get(0);
     assert_eq!(parked, 0, "no burn was parked (seed {seed})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_registering_a_handler_for_a_stream_the_config_lacks_exits_64() {
+    let cfg = write_config(&config_toml(
+        "postgres://u@127.0.0.1:1/db",
+        "http://127.0.0.1:1",
+        "0x5fbdb2315678afecb367f032d93f642f64180aa3",
+        "",
+        "",
+    ));
+    let out = Command::new(payments_bin())
+        .args(["run", "--config"])
+        .arg(cfg.path())
+        .env("PAYMENTS_STREAM", "transfers")
+        .output()
+        .await
+        .expect("run payments");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("\"transfers\""), "names the stream: {stderr}");
+}
