@@ -5,7 +5,10 @@
 //   node scripts/demo-chain.mjs count RPC ADDRESS TO       -> Burned logs in [0, TO]
 //   node scripts/demo-chain.mjs mine RPC N                 -> mines N empty blocks
 //   node scripts/demo-chain.mjs head RPC                   -> latest block number
-//   node scripts/demo-chain.mjs dense RPC ADDRESS TXS PER_TX -> TXS transactions of PER_TX events each
+//   node scripts/demo-chain.mjs sender RPC                 -> the account every command sends from (lowercase)
+//   node scripts/demo-chain.mjs senders RPC N              -> anvil's first N accounts, one a line (lowercase)
+//   node scripts/demo-chain.mjs dense RPC ADDRESS TXS PER_TX [SENDERS] -> TXS transactions of PER_TX events each
+//                                                         (sent in turn from anvil's first SENDERS accounts; 1)
 //   node scripts/demo-chain.mjs getlogs RPC ADDRESS TO SPAN CONC -> "ms count": raw eth_getLogs of [0, TO]
 //   node scripts/demo-chain.mjs proxy PORT UPSTREAM DELAY_MS     -> forwards JSON-RPC, adding a delay
 //   node scripts/demo-chain.mjs live RPC ADDRESS BLOCKS INTERVAL_MS -> mines BLOCKS blocks of 3 events, CSV "block,mined_ms"
@@ -160,12 +163,16 @@ if (cmd === 'deploy') {
 } else if (cmd === 'mine') {
   await rpc(url, 'anvil_mine', [hex(args[0])]);
 } else if (cmd === 'dense') {
-  const [address, txs, perTx] = args;
+  const [address, txs, perTx, senders = 1] = args;
+  const accounts = (await rpc(url, 'eth_accounts', [])).slice(0, Number(senders));
+  const nonces = {};
+  for (const a of accounts) nonces[a] = Number(await rpc(url, 'eth_getTransactionCount', [a, 'pending']));
   let last;
   for (let i = 0; i < Number(txs); i++) {
     // About 1,530 gas per event; a block holds 30M.
     const gas = Math.min(30_000_000, 100_000 + 1_600 * Number(perTx));
-    last = await rpc(url, 'eth_sendTransaction', [{ from, gas: hex(gas), nonce: hex(nonce++), to: address,
+    const sender = accounts[i % accounts.length];
+    last = await rpc(url, 'eth_sendTransaction', [{ from: sender, gas: hex(gas), nonce: hex(nonces[sender]++), to: address,
       data: '0x' + contract.methods['burn(uint256,uint256)'] + word(perTx) + word(i * Number(perTx)) }]);
   }
   if (last) await receipt(url, last);
@@ -241,6 +248,10 @@ if (cmd === 'deploy') {
     count += logs.length;
   }
   console.log(count);
+} else if (cmd === 'sender') {
+  console.log(from.toLowerCase());
+} else if (cmd === 'senders') {
+  console.log((await rpc(url, 'eth_accounts', [])).slice(0, Number(args[0])).map((a) => a.toLowerCase()).join('\n'));
 } else if (cmd === 'head') {
   console.log(Number(await rpc(url, 'eth_blockNumber', [])));
 } else {

@@ -6,6 +6,57 @@
 //! set-based SQL function, Rust [`Handler`]s) run in the transaction that
 //! stores their events, so they too happen exactly once.
 //!
+//! # As a library
+//!
+//! An application embeds logcursor to run its own logic on each event,
+//! atomically with the cursor: it implements [`Handler`] and runs a
+//! [`Service`], which is the whole `logcursor` command line (config, `run`,
+//! `dlq replay`, `rewind`, …, telemetry, signals) with the handlers
+//! registered. `examples/payments` is a complete one.
+//!
+//! ```no_run
+//! use logcursor::{Event, Handler, HandlerError, Service, Transaction};
+//!
+//! struct Credit;
+//!
+//! #[logcursor::async_trait]
+//! impl Handler for Credit {
+//!     async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
+//!         for (i, e) in events.iter().enumerate() {
+//!             let (account, amount) = (e.params["from"].as_str(), e.params["amount"].as_str());
+//!             let n = tx
+//!                 .execute(
+//!                     "UPDATE balances SET amount = amount + $2::text::numeric WHERE account = $1",
+//!                     &[&account, &amount],
+//!                 )
+//!                 .await?;
+//!             if n == 0 {
+//!                 // Parks this event in dead_letters; the rest of the batch commits.
+//!                 return Err(HandlerError::at(i, "unknown account"));
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     Service::new().handler("burns", Credit).run()
+//! }
+//! ```
+//!
+//! The public surface, re-exported here: [`Service`] (the entry point),
+//! [`Handler`], [`HandlerError`], [`Event`] and [`Transaction`] (what a
+//! handler sees), [`async_trait`](macro@async_trait) (to implement it), and
+//! [`tokio_postgres`] (the client the transaction belongs to, for its
+//! parameter types). [`App`], [`BuildOptions`], [`HandlerMap`] and
+//! [`Config`] are for an application that builds and runs replicas itself
+//! (tests do). Everything else is public for the binary, the tests and
+//! the curious, and may change.
+//!
+//! SQL handlers need no Rust at all: a row trigger `AFTER INSERT` on
+//! `events`, or a set-based `handler_function`; see the README section
+//! "Handlers: your effects, exactly once" and [`write`](mod@write).
+//!
 //! # Layers
 //!
 //! Dependencies point down: a module imports only modules on lower rows
@@ -14,6 +65,7 @@
 //! up or sideways, or on a cycle.
 //!
 //! ```text
+//! service                            the crate's entry point: handlers + command line → cli
 //! cli                                command line → config → app
 //! admin, status                      operator commands
 //! app                                build and run replicas
@@ -40,6 +92,7 @@
 //! | [`status`]   | `logcursor status`                                            |
 //! | [`views`]    | typed views per event (`<stream>_<event>`)                    |
 //! | [`admin`]    | `logcursor rewind`, `dlq`, `gapfill`, `adopt-filter`          |
+//! | [`service`]  | the entry point for the binary and embedding applications     |
 //! | [`cli`]      | command line                                                  |
 //! | [`shutdown`] | SIGTERM/SIGINT → cancellation token                           |
 //! | [`telemetry`]| tracing subscriber; OTLP export of spans and the registry     |
@@ -95,6 +148,7 @@ pub mod http;
 pub mod metrics;
 pub mod poller;
 pub mod redact;
+pub mod service;
 pub mod shutdown;
 pub mod status;
 pub mod store;
@@ -106,5 +160,9 @@ pub mod write;
 #[cfg(test)]
 mod layers;
 
+pub use app::{App, BuildOptions, HandlerMap};
 pub use async_trait::async_trait;
+pub use config::Config;
+pub use service::Service;
+pub use tokio_postgres;
 pub use write::{Event, Handler, HandlerError, Transaction};

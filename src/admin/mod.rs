@@ -224,8 +224,8 @@ async fn replay_one(
         return Ok(Err(format!("stream {:?} is no longer configured", dl.stream)));
     };
     let stream = stream_of(sc, handlers);
-    let log = match canonical_log(&stream, &dl.log).await {
-        Ok(log) => log,
+    let (log, timestamp) = match canonical_log(&stream, &dl.log).await {
+        Ok(found) => found,
         Err(why) => return Ok(Err(why)),
     };
     let decoded = match sc.events.decode(&log) {
@@ -236,7 +236,7 @@ async fn replay_one(
         event: crate::store::events::NewEvent {
             block_number: log.block_number,
             block_hash: log.block_hash,
-            block_timestamp: None,
+            block_timestamp: Some(timestamp),
             tx_hash: log.tx_hash,
             log_index: u32::try_from(log.log_index).unwrap_or(u32::MAX),
             address: log.address,
@@ -278,9 +278,10 @@ async fn replay_one(
     Ok(Ok(()))
 }
 
-/// The log as the canonical chain has it, or why it cannot be replayed:
-/// the header of its block must carry the hash it was parked under.
-async fn canonical_log(stream: &Stream, stored: &RawLog) -> Result<RawLog, String> {
+/// The log as the canonical chain has it, with its block's timestamp (as
+/// a tick stores it), or why it cannot be replayed: the header of its
+/// block must carry the hash it was parked under.
+async fn canonical_log(stream: &Stream, stored: &RawLog) -> Result<(RawLog, u64), String> {
     let rpc = stream.chain.pick();
     let header = rpc
         .headers(&[stored.block_number])
@@ -301,11 +302,12 @@ async fn canonical_log(stream: &Stream, stored: &RawLog) -> Result<RawLog, Strin
             stored.block_number, stored.block_hash, header.hash
         ));
     }
-    Ok(match refetch(stream, stored).await {
+    let log = match refetch(stream, stored).await {
         Ok(Some(fresh)) if fresh.block_hash == stored.block_hash => fresh,
         // The node does not serve it again: the parked copy, of a canonical block.
         _ => stored.clone(),
-    })
+    };
+    Ok((log, header.timestamp))
 }
 
 /// The log as the chain has it now, by (block, tx hash, log index).

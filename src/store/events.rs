@@ -48,6 +48,12 @@ pub struct NewEvent {
     pub params: serde_json::Value,
 }
 
+impl AsRef<NewEvent> for NewEvent {
+    fn as_ref(&self) -> &NewEvent {
+        self
+    }
+}
+
 impl NewEvent {
     /// The event's key within its chain.
     pub fn key(&self) -> (Hash32, u32) {
@@ -77,11 +83,19 @@ fn time(secs: Option<u64>) -> Option<SystemTime> {
 
 /// Stores `events` for `stream`, skipping those already stored; returns
 /// which were new, with their ids.
-pub async fn insert<C: GenericClient>(c: &C, stream: &str, chain_id: u64, events: &[NewEvent]) -> Result<Inserted> {
+/// (Generic over `AsRef`: the write seam passes its rows as they are,
+/// without copying the events out of them.)
+pub async fn insert<C: GenericClient, E: AsRef<NewEvent> + Sync>(
+    c: &C,
+    stream: &str,
+    chain_id: u64,
+    events: &[E],
+) -> Result<Inserted> {
     let chain_id = chain(chain_id);
     let mut out = Inserted::default();
     for (chunk_no, chunk) in events.chunks(ROWS_PER_STATEMENT).enumerate() {
         let base = chunk_no * ROWS_PER_STATEMENT;
+        let chunk: Vec<&NewEvent> = chunk.iter().map(AsRef::as_ref).collect();
         let block_numbers: Vec<i64> = chunk.iter().map(|e| block(e.block_number)).collect();
         let block_hashes: Vec<&[u8]> = chunk.iter().map(|e| &e.block_hash.0[..]).collect();
         let times: Vec<Option<SystemTime>> = chunk.iter().map(|e| time(e.block_timestamp)).collect();
@@ -133,11 +147,11 @@ pub async fn insert<C: GenericClient>(c: &C, stream: &str, chain_id: u64, events
 /// Binary `COPY` of `events` into `events`: every row is new or the whole
 /// statement fails (23505 on a duplicate). With `ids`, the ids are taken
 /// from the sequence first (one round trip) so that the caller learns them.
-pub async fn copy<C: GenericClient>(
+pub async fn copy<C: GenericClient, E: AsRef<NewEvent> + Sync>(
     c: &C,
     stream: &str,
     chain_id: u64,
-    events: &[NewEvent],
+    events: &[E],
     ids: bool,
 ) -> std::result::Result<Inserted, tokio_postgres::Error> {
     let chain_id = chain(chain_id);
@@ -178,7 +192,7 @@ pub async fn copy<C: GenericClient>(
     let sink = c.client().copy_in(statement).await?;
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
-    for (i, e) in events.iter().enumerate() {
+    for (i, e) in events.iter().map(AsRef::as_ref).enumerate() {
         let number = block(e.block_number);
         let at = time(e.block_timestamp);
         let index = e.log_index as i32;
@@ -265,14 +279,29 @@ impl StoredEvent {
     }
 }
 
-/// `stream`'s events above block `to`, in block and log order (what a
-/// rewind to `to` removes).
-pub async fn above<C: GenericClient>(c: &C, stream: &str, to: i64) -> Result<Vec<StoredEvent>> {
+/// `stream`'s events above block `to` (what a rewind to `to` removes), in
+/// block and log order: at most `limit` of them, after the event at
+/// (block, log index) `after` when given.
+pub async fn above<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    to: i64,
+    after: Option<(u64, u32)>,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
+    let (after_block, after_index) = after.map_or((-1, -1), |(b, i)| (block(b), i64::from(i)));
     let rows = c
         .query_typed(
             "SELECT id, stream, chain_id, block_number, block_hash, block_timestamp, tx_hash, log_index, address, event_name, params
-               FROM events WHERE stream = $1 AND block_number > $2 ORDER BY block_number, log_index",
-            &[(&stream, Type::TEXT), (&to, Type::INT8)],
+               FROM events WHERE stream = $1 AND block_number > $2 AND (block_number, log_index) > ($3, $4)
+              ORDER BY block_number, log_index LIMIT $5",
+            &[
+                (&stream, Type::TEXT),
+                (&to, Type::INT8),
+                (&after_block, Type::INT8),
+                (&after_index, Type::INT8),
+                (&limit, Type::INT8),
+            ],
         )
         .await
         .map_err(StoreError::db("read events above a rewind"))?;

@@ -61,6 +61,12 @@ pub struct Row {
     pub raw: RawLog,
 }
 
+impl AsRef<NewEvent> for Row {
+    fn as_ref(&self) -> &NewEvent {
+        &self.event
+    }
+}
+
 /// A batch to store: rows in (block, log index) order, and logs that did
 /// not decode, with why.
 #[derive(Debug, Default)]
@@ -108,6 +114,11 @@ pub enum WriteError {
         what: &'static str,
         reason: String,
     },
+    /// A Rust handler failed for a reason that is not its events' (a lock
+    /// timeout, a lost connection): the transaction rolls back and is
+    /// retried; nothing is parked.
+    #[error("stream {stream}: a handler asked to retry: {reason}")]
+    HandlerRetry { stream: String, reason: String },
     /// A handler failed while reverting a rewind (nothing was removed).
     #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
     Revert { stream: String, reason: String },

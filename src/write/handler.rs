@@ -24,7 +24,20 @@ pub type Transaction<'a> = tokio_postgres::Transaction<'a>;
 /// (`on_handler_error = "dead_letter"`, the default): the event the error
 /// names ([`HandlerError::at`]), or, when it names none, the failing event
 /// found by retrying halves of the batch. The rest of the batch commits.
-/// `logcursor dlq replay` runs the handler again for a parked event, once.
+/// `dlq replay` runs the handler again for a parked event, once. An error
+/// that is not the events' fault ([`HandlerError::retry`], or a
+/// `tokio_postgres::Error` such as a lock timeout) rolls the tick back to
+/// be retried, parking nothing.
+///
+/// What a handler may rely on, and must respect:
+/// - it runs after the stream's SQL `handler_function`, in registration
+///   order with the stream's other handlers, inside a savepoint: it must
+///   not commit, roll back or take savepoints of its own;
+/// - it holds the stream's cursor lock: keep it short and off the network
+///   (record what to deliver in a table, and deliver from there);
+/// - batches come in cursor order, except that gap fill stores older
+///   ranges later and a replayed event comes after those that followed it:
+///   effects commutative per key (credits, counters) need nothing more.
 ///
 /// ```
 /// use logcursor::{Event, Handler, HandlerError, Transaction};
@@ -57,21 +70,43 @@ pub trait Handler: Send + Sync + 'static {
     /// Applies the effect of `events`, newly stored in `tx`.
     async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError>;
 
-    /// Undoes the effect of `events`, which a rewind removes in `tx`.
-    /// The default does nothing.
+    /// Undoes the effect of `events`, which a rewind removes in `tx` (in
+    /// block and log order, in pages of up to 2,000: called once per page).
+    /// An error fails the rewind: nothing is removed. The default does
+    /// nothing.
     async fn revert(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
         let _ = (tx, events);
         Ok(())
     }
 }
 
-/// Why a handler failed, and on which event if it knows.
+/// Why a handler failed: on which event if it knows, and whether the events
+/// are at fault at all.
+///
+/// - [`HandlerError::at`]: the event at this index of the batch cannot be
+///   handled (an unknown account): it is parked, the rest of the batch is
+///   handled again without it.
+/// - [`HandlerError::batch`]: some event of the batch cannot be handled;
+///   the seam finds which by handling halves of the batch again.
+/// - [`HandlerError::retry`]: nothing is wrong with the events (a lock
+///   timeout, a lost connection, a service the handler depends on is
+///   down): the whole transaction rolls back, nothing is parked, and the
+///   tick is tried again with backoff.
+///
+/// A `tokio_postgres::Error` converts (`?`) by its SQLSTATE, as the seam
+/// classifies errors of triggers and SQL functions: classes that concern a
+/// row (data exceptions, constraint violations, an exception `RAISE`d by
+/// code, …) are [`batch`](HandlerError::batch) errors; the others (lock
+/// and statement timeouts, deadlocks, serialization failures, a lost
+/// connection) are [`retry`](HandlerError::retry) errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct HandlerError {
     /// Index into the batch of the event that failed, when known.
     pub event: Option<usize>,
     pub message: String,
+    /// The events are not at fault: retry the transaction, park nothing.
+    pub transient: bool,
 }
 
 impl HandlerError {
@@ -80,6 +115,7 @@ impl HandlerError {
         HandlerError {
             event: Some(index),
             message: message.into(),
+            transient: false,
         }
     }
 
@@ -88,13 +124,29 @@ impl HandlerError {
         HandlerError {
             event: None,
             message: message.into(),
+            transient: false,
+        }
+    }
+
+    /// Not the events' fault: the transaction rolls back and is retried.
+    pub fn retry(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            event: None,
+            message: message.into(),
+            transient: true,
         }
     }
 }
 
 impl From<tokio_postgres::Error> for HandlerError {
     fn from(e: tokio_postgres::Error) -> Self {
-        HandlerError::batch(crate::store::describe_pg(&e))
+        let per_row = e.code().is_some_and(|c| crate::store::is_per_row_sqlstate(c.code()));
+        let message = crate::store::describe_pg(&e);
+        if per_row {
+            HandlerError::batch(message)
+        } else {
+            HandlerError::retry(message)
+        }
     }
 }
 

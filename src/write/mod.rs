@@ -13,8 +13,15 @@
 //! RELEASE
 //! ```
 //!
-//! Row triggers on `events` fire inside the same savepoint, for new rows
-//! only (with `AFTER INSERT`; a `BEFORE` trigger also sees duplicates).
+//! Row triggers on `events` are a supported handler mechanism: they fire
+//! inside the same savepoint, and `AFTER INSERT … FOR EACH ROW` fires once
+//! per newly stored row on both paths (`ON CONFLICT DO NOTHING` inserts no
+//! duplicate; a `COPY` that meets a stored row fails with 23505 and is
+//! rolled back to the savepoint, its triggers' work with it, before the
+//! rows are stored again by `INSERT … ON CONFLICT`). A `BEFORE INSERT`
+//! trigger also fires for rows `ON CONFLICT` then discards: never an
+//! effect there. `AFTER DELETE` fires for the rows [`Writer::remove_above`]
+//! deletes, in the rewind's transaction.
 //!
 //! I8 (no input from the chain can stop a stream) and I10 (a failing effect
 //! parks its event, never stops the stream unless asked to): an error that
@@ -24,7 +31,11 @@
 //! else by retrying halves of the batch — and parked whole in
 //! `dead_letters` with the server's or handler's message; the others are
 //! stored. `on_bad_event`/`on_handler_error = "halt"` stop instead. Any
-//! other error (connection, timeout, serialization) fails the transaction.
+//! other error (connection, timeout, deadlock, serialization) fails the
+//! transaction, and so does a Rust handler's [`HandlerError::retry`] (a
+//! `tokio_postgres::Error` converts to it by the same SQLSTATE classes):
+//! the tick is retried and nothing is parked for a fault that is not the
+//! event's.
 //!
 //! I10 (effects exactly once per stored row): handlers run in the savepoint
 //! that stores their rows, for rows that are new in it, so they commit
@@ -41,6 +52,7 @@
 
 mod batch;
 pub mod handler;
+mod revert;
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -52,7 +64,7 @@ pub use batch::{Batch, OnFailure, Row, Savepoints, Stop, WriteError, Written, MA
 pub use handler::{Event, Handler, HandlerError, Handlers, Transaction};
 
 use crate::store::dead_letters::{self, Kind};
-use crate::store::events::{self, Inserted, NewEvent, StoredEvent, COPY_FROM_ROWS};
+use crate::store::events::{self, Inserted, StoredEvent, COPY_FROM_ROWS};
 use crate::store::outbox;
 use crate::store::{GenericClient, StoreError};
 use crate::types::{RawLog, StreamName};
@@ -269,20 +281,19 @@ impl Writer {
         rows: &[Row],
         use_copy: bool,
     ) -> Result<(u64, u64), Failure> {
-        let events: Vec<NewEvent> = rows.iter().map(|r| r.event.clone()).collect();
         let span = info_span!(
             "db.insert_events",
             db.system = "postgresql",
             db.operation = if use_copy { "COPY" } else { "INSERT" },
-            rows = events.len()
+            rows = rows.len()
         );
         let inserted: Inserted = if use_copy {
-            events::copy(tx, &self.stream, self.chain_id, &events, self.wants_ids())
+            events::copy(tx, &self.stream, self.chain_id, rows, self.wants_ids())
                 .instrument(span)
                 .await
                 .map_err(|e| Failure::from_db(StoreError::db("COPY events")(e), Kind::Data))?
         } else {
-            events::insert(tx, &self.stream, self.chain_id, &events)
+            events::insert(tx, &self.stream, self.chain_id, rows)
                 .instrument(span)
                 .await
                 .map_err(|e| Failure::from_db(e, Kind::Data))?
@@ -300,7 +311,7 @@ impl Writer {
             let stored: Vec<StoredEvent> = inserted
                 .new
                 .iter()
-                .map(|(i, id)| StoredEvent::from_new(&events[*i], *id, &self.stream, self.chain_id))
+                .map(|(i, id)| StoredEvent::from_new(&rows[*i].event, *id, &self.stream, self.chain_id))
                 .collect();
             if let Some(function) = &self.handlers.sql {
                 let ids: Vec<i64> = stored.iter().map(|e| e.id).collect();
@@ -316,16 +327,24 @@ impl Writer {
                 h.handle(tx, &stored)
                     .instrument(info_span!("handler.rust", events = stored.len()))
                     .await
-                    .map_err(|e| Failure::Row {
-                        kind: Kind::Handler,
-                        // The handler's index is into the new rows; ours into the segment.
-                        at: e.event.and_then(|i| inserted.new.get(i)).map(|(row, _)| *row),
-                        message: e.message,
-                        duplicate: false,
+                    .map_err(|e| {
+                        if e.transient {
+                            return Failure::Fatal(WriteError::HandlerRetry {
+                                stream: self.stream.to_string(),
+                                reason: e.message,
+                            });
+                        }
+                        Failure::Row {
+                            kind: Kind::Handler,
+                            // The handler's index is into the new rows; ours into the segment.
+                            at: e.event.and_then(|i| inserted.new.get(i)).map(|(row, _)| *row),
+                            message: e.message,
+                            duplicate: false,
+                        }
                     })?;
             }
         }
-        Ok((new, events.len() as u64 - new))
+        Ok((new, rows.len() as u64 - new))
     }
 
     /// New rows need their ids (handlers and deliveries refer to them).
@@ -342,43 +361,6 @@ impl Writer {
             what,
             reason,
         }
-    }
-
-    /// Removes the stream's events above block `to` in `tx`, reverting
-    /// their effects first (the SQL revert function and every Rust
-    /// handler's `revert`; row triggers `AFTER DELETE` fire on the delete).
-    /// Returns how many were removed.
-    pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
-        let reverting =
-            self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() || !self.webhooks.is_empty();
-        if reverting {
-            let removed = events::above(tx, &self.stream, to).await?;
-            if !self.webhooks.is_empty() {
-                let ids: Vec<i64> = removed.iter().map(|e| e.id).collect();
-                outbox::revert(tx, &self.stream, &ids).await?;
-            }
-            if !removed.is_empty() {
-                if let Some(function) = &self.handlers.sql_revert {
-                    let ids: Vec<i64> = removed.iter().map(|e| e.id).collect();
-                    tx.execute_typed(
-                        "SELECT logcursor_handle($1, $2)",
-                        &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
-                    )
-                    .await
-                    .map_err(|e| WriteError::Revert {
-                        stream: self.stream.to_string(),
-                        reason: crate::store::describe_pg(&e),
-                    })?;
-                }
-                for h in &self.handlers.rust {
-                    h.revert(tx, &removed).await.map_err(|e| WriteError::Revert {
-                        stream: self.stream.to_string(),
-                        reason: e.message,
-                    })?;
-                }
-            }
-        }
-        Ok(events::delete_above(tx, &self.stream, to).await?)
     }
 }
 

@@ -189,6 +189,22 @@ impl Chain {
         c
     }
 
+    /// The same chain, sending from anvil's unlocked account `index` (so
+    /// that events carry another `msg.sender`), with its own nonces.
+    pub async fn as_account(&self, index: usize) -> Chain {
+        let mut c = self.clone();
+        let accounts = c.rpc("eth_accounts", json!([])).await;
+        c.from = accounts[index].as_str().expect("an account").to_string();
+        let next = c.rpc("eth_getTransactionCount", json!([c.from, "pending"])).await;
+        c.nonce = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(hex_i64(&next) as u64));
+        c
+    }
+
+    /// The address this driver sends from, lowercase 0x-hex.
+    pub fn sender(&self) -> String {
+        self.from.to_lowercase()
+    }
+
     pub async fn rpc(&self, method: &str, params: Value) -> Value {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         let resp: Value = self
@@ -599,7 +615,7 @@ fn method_id(signature: &str) -> String {
 }
 
 /// keccak256("Burned(address,uint256)"), as the chain reports it in topic0.
-fn contract_event_topic() -> &'static str {
+pub fn contract_event_topic() -> &'static str {
     "696de425f79f4a40bc6d2122ca50507f0efbeabbff86a84871b7196ab8ea8df7"
 }
 

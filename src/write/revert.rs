@@ -1,0 +1,67 @@
+//! The rewind side of the write seam: [`Writer::remove_above`] undoes the
+//! effects of the events a rewind removes, then deletes them, in the
+//! rewind's transaction (I10): the stream's SQL `revert_function`, every
+//! Rust handler's `revert`, and row triggers `AFTER DELETE` (which fire on
+//! the delete itself); and, for a stream with webhooks, a `revert`
+//! delivery of the removed events that were delivered (those never sent
+//! are dropped from their pending deliveries).
+//!
+//! A rewind may remove any number of events (an operator's `rewind --to`
+//! far back): they are reverted in pages of [`REVERT_PAGE`], in block and
+//! log order, so that neither logcursor nor the server holds them all at
+//! once.
+
+use tokio_postgres::types::Type;
+
+use super::{handler, WriteError, Writer};
+use crate::store::{events, outbox};
+
+/// Events reverted per call of a revert function or handler.
+pub const REVERT_PAGE: i64 = 2_000;
+
+impl Writer {
+    /// Removes the stream's events above block `to` in `tx`, reverting
+    /// their effects first (see the module doc). Returns how many were
+    /// removed.
+    pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
+        if self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() || !self.webhooks.is_empty() {
+            self.revert_above(tx, to).await?;
+        }
+        Ok(events::delete_above(tx, &self.stream, to).await?)
+    }
+
+    /// Reverts the effects of the stream's events above `to`, page by page.
+    async fn revert_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<(), WriteError> {
+        let mut after = None;
+        loop {
+            let page = events::above(tx, &self.stream, to, after, REVERT_PAGE).await?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = Some((last.block_number, last.log_index));
+            if !self.webhooks.is_empty() {
+                let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
+                outbox::revert(tx, &self.stream, &ids).await?;
+            }
+            if let Some(function) = &self.handlers.sql_revert {
+                let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
+                tx.execute_typed(
+                    "SELECT logcursor_handle($1, $2)",
+                    &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
+                )
+                .await
+                .map_err(|e| WriteError::Revert {
+                    stream: self.stream.to_string(),
+                    reason: crate::store::describe_pg(&e),
+                })?;
+            }
+            for h in &self.handlers.rust {
+                h.revert(tx, &page).await.map_err(|e| WriteError::Revert {
+                    stream: self.stream.to_string(),
+                    reason: e.message,
+                })?;
+            }
+            if (page.len() as i64) < REVERT_PAGE {
+                return Ok(());
+            }
+        }
+    }
+}
