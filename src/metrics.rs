@@ -162,6 +162,13 @@ impl StreamMetrics {
         let t = self.cursor_block_time.load(Ordering::Relaxed);
         (t > 0).then(|| now_secs().saturating_sub(t))
     }
+
+    /// The heads and the cursor a tick read before doing anything else.
+    pub fn saw_heads(&self, head: u64, safe_head: u64, cursor: i64) {
+        self.chain_head.store(head, Ordering::Relaxed);
+        self.safe_head.store(safe_head, Ordering::Relaxed);
+        self.cursor_block.store(cursor, Ordering::Relaxed);
+    }
 }
 
 /// Requests to one endpoint.

@@ -40,7 +40,9 @@
 //! and the server ends its session after the bound. A slow but healthy
 //! provider is bounded instead by `rpc_budget`, one deadline for all the
 //! RPC work of the tick; with `max_block_range` and `max_logs_per_tick` it
-//! bounds how long the lock is held.
+//! bounds how long the lock is held. Later parts get the budget but a
+//! reserve (`rpc_timeout`, at most half of it) kept for the final header
+//! batch, so that parts written before a slow one commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,14 +91,28 @@ struct Session<'a> {
     beat: Duration,
     /// All the RPC work of the tick ends by then.
     deadline: Instant,
+    /// Parts after the first are waited for until then: the rest of the
+    /// budget is the final header batch's, so that the parts written
+    /// commit when later ones are too slow (else every tick would spend
+    /// the budget on the same range and roll back).
+    parts_deadline: Instant,
     budget: Duration,
 }
 
 impl Session<'_> {
     /// Runs `work` (RPC only) with heartbeats, until the tick's deadline.
     async fn wait<T>(&self, work: impl std::future::Future<Output = Result<T, TickError>>) -> Result<T, TickError> {
+        self.wait_until(self.deadline, work).await
+    }
+
+    /// [`Session::wait`] with an earlier deadline.
+    async fn wait_until<T>(
+        &self,
+        until: Instant,
+        work: impl std::future::Future<Output = Result<T, TickError>>,
+    ) -> Result<T, TickError> {
         tokio::pin!(work);
-        let deadline = tokio::time::sleep_until(self.deadline);
+        let deadline = tokio::time::sleep_until(until);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -188,6 +204,9 @@ impl Poller {
         let heads = self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?;
         // Idle costs nothing: a plain read (no lock, no transaction id).
         let (peeked, peeked_hash, halted) = self.peek().await?;
+        // Known now, whatever the tick's outcome: a stream that fails from
+        // the start of this replica still shows how far behind it is.
+        self.metrics.saw_heads(heads.head, heads.safe_head, peeked.to_db());
         if let Some(c) = peeked.block().filter(|c| *c > heads.head) {
             // After a failover, a node behind the cursor: never move back.
             let e: TickError = rpc
@@ -247,11 +266,13 @@ impl Poller {
     ) -> Result<TickOutcome, TickError> {
         let (tx, current, lock_wait) = self.lock(client, cancel, mode).await?;
         let locked_at = Instant::now();
+        let (budget, timeout) = (self.stream.cfg.rpc_budget, self.stream.cfg.rpc_timeout);
         let session = Session {
             tx: &tx,
             beat: self.limits.idle_in_transaction_timeout / 3,
-            deadline: locked_at + self.stream.cfg.rpc_budget,
-            budget: self.stream.cfg.rpc_budget,
+            deadline: locked_at + budget,
+            parts_deadline: locked_at + budget - timeout.min(budget / 2),
+            budget,
         };
         filter::check(&*tx, &self.stream, &current, &self.replica_id).await?;
         let Some((from, planned_to)) = plan_range(current.processed, heads.safe_head, self.stream.cfg.max_block_range)
@@ -467,7 +488,10 @@ impl Poller {
         loop {
             let part = match next.take() {
                 Some(p) => p,
-                None => match session.wait(async { Ok(rest.next().await) }).await {
+                None => match session
+                    .wait_until(session.parts_deadline, async { Ok(rest.next().await) })
+                    .await
+                {
                     Ok(None) => break,
                     Ok(Some(Ok(p))) => p,
                     Ok(Some(Err(e))) | Err(e) => {

@@ -191,7 +191,8 @@ impl Chain {
         resp["result"].clone()
     }
 
-    async fn send(&self, to: Option<&str>, data: String) -> String {
+    /// Sends a transaction with calldata `data` (to `to`, or a deployment).
+    pub async fn send(&self, to: Option<&str>, data: String) -> String {
         self.send_with_gas(to, data, 1_000_000).await
     }
 
@@ -557,7 +558,7 @@ fn contract() -> Value {
     serde_json::from_str(include_str!("../contracts/Emitter.json")).expect("Emitter.json")
 }
 
-fn method_id(signature: &str) -> String {
+pub fn method_id(signature: &str) -> String {
     contract()["methods"][signature]
         .as_str()
         .expect("method id")
@@ -569,7 +570,7 @@ fn contract_event_topic() -> &'static str {
     "696de425f79f4a40bc6d2122ca50507f0efbeabbff86a84871b7196ab8ea8df7"
 }
 
-fn word(v: u64) -> String {
+pub fn word(v: u64) -> String {
     format!("{v:064x}")
 }
 

@@ -12,6 +12,7 @@ mod chain;
 mod deploy;
 mod faults;
 mod helpers;
+mod holes;
 mod ingest;
 mod nothing_lost;
 mod observe;
