@@ -9,6 +9,7 @@
 )]
 
 mod chain;
+mod chaos;
 mod deploy;
 mod faults;
 mod helpers;

@@ -10,43 +10,6 @@ use crate::proxy::PgTap;
 
 const RICH: &str = "event Rich(address indexed to, int256 indexed delta, uint256 id, int64 small, bytes32 tag, bool flag, string note, bytes blob, uint256[] list, (uint256,address) pair)";
 
-/// `bytes` as an ABI dynamic value: its length, then the bytes padded to words.
-fn dynamic(bytes: &[u8]) -> String {
-    let mut padded = bytes.to_vec();
-    padded.resize(bytes.len().div_ceil(32) * 32, 0);
-    format!("{}{}", word(bytes.len() as u64), hex::encode(padded))
-}
-
-/// Calldata of `rich(…)` whose `note` is exactly `note` (any bytes: the
-/// ABI does not check that a string is UTF-8).
-fn rich_calldata(note: &[u8]) -> String {
-    let blob = [0xde, 0xad];
-    let (note_tail, blob_tail) = (dynamic(note), dynamic(&blob));
-    let head_len = 11 * 32;
-    let note_at = head_len;
-    let blob_at = note_at + note_tail.len() / 2;
-    let list_at = blob_at + blob_tail.len() / 2;
-    let head = [
-        format!("{:0>64}", "00000000000000000000000000000000000000aa"), // to
-        "f".repeat(63) + "b",                                           // delta = -5
-        word(7),                                                        // id
-        "f".repeat(63) + "d",                                           // small = -3
-        "ab".repeat(32),                                                // tag
-        word(1),                                                        // flag
-        word(note_at as u64),
-        word(blob_at as u64),
-        word(list_at as u64),
-        word(9),                                                        // pair.a
-        format!("{:0>64}", "00000000000000000000000000000000000000bb"), // pair.b
-    ]
-    .concat();
-    let list = format!("{}{}{}", word(2), word(1), word(2));
-    format!(
-        "0x{}{head}{note_tail}{blob_tail}{list}",
-        method_id("rich(address,int256,uint256,int64,bytes32,bool,string,bytes,uint256[],(uint256,address))")
-    )
-}
-
 /// Checked by decoding `string` as `String` again (src/chain/abi.rs, the
 /// decoder's `kind: strings_as_bytes(&p.kind)` → `kind: p.kind.clone()`):
 /// the NUL note is then refused by jsonb and parked, the invalid one
