@@ -135,20 +135,23 @@ impl App {
             return Err(AppError::Interrupted);
         }
         reachable?;
-        if opts.migrate {
-            let applied = migrate::migrate(&db, replica_id).await?;
-            if !applied.is_empty() {
-                tracing::info!(versions = ?applied, schema = db.schema(), "applied migrations");
+        let retry_for = cfg.database.connect_retry_for;
+        with_db_retry(&db, retry_for, cancel, || async {
+            if opts.migrate {
+                let applied = migrate::migrate(&db, replica_id).await?;
+                if !applied.is_empty() {
+                    tracing::info!(versions = ?applied, schema = db.schema(), "applied migrations");
+                }
             }
-        }
-        {
             // Fail now, naming what is missing, rather than inside the first tick.
             let mut client = db.get().await?;
             let tx = db.begin(&mut client, TxLimits::SHORT).await?;
             privileges::check(&*tx, db.schema()).await?;
             check_functions(&*tx, cfg).await?;
             tx.commit().await.map_err(StoreError::db("commit start-up checks"))?;
-        }
+            Ok(())
+        })
+        .await?;
         let endpoints = Endpoints::new();
         let mut pollers = Vec::new();
         for sc in &cfg.streams {
@@ -165,10 +168,14 @@ impl App {
                 },
             );
             verify_chain(&stream, cfg.database.connect_retry_for, cancel).await?;
-            let mut client = db.get().await?;
-            let tx = db.begin(&mut client, TxLimits::SHORT).await?;
-            let (at, created) = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
-            tx.commit().await.map_err(StoreError::db("commit seed"))?;
+            let (at, created) = with_db_retry(&db, retry_for, cancel, || async {
+                let mut client = db.get().await?;
+                let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+                let seeded = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
+                tx.commit().await.map_err(StoreError::db("commit seed"))?;
+                Ok(seeded)
+            })
+            .await?;
             if created {
                 tracing::info!(stream = %name, start_block = %sc.start_block, "created cursor");
             } else if at.processed.next() != sc.start_block.get() {
@@ -353,6 +360,42 @@ fn died(ended: Option<Result<String, tokio::task::JoinError>>) -> AppError {
             stream: "-".into(),
             reason: "no streams to run".into(),
         },
+    }
+}
+
+/// Runs a start-up step against the database again when the database went
+/// away under it (restarted or failed over after it first answered), as
+/// long as start-up may keep trying (`connect_retry_for` from the first
+/// failure). Every step is one transaction that is safe to repeat.
+async fn with_db_retry<T, F, Fut>(
+    db: &Database,
+    retry_for: Duration,
+    cancel: &CancellationToken,
+    mut step: F,
+) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+{
+    let started = Instant::now();
+    loop {
+        match step().await {
+            Err(AppError::Store(e))
+                if (e.is_connection_broken() || matches!(e, StoreError::Pool { .. }))
+                    && started.elapsed() < retry_for
+                    && !cancel.is_cancelled() =>
+            {
+                tracing::warn!(database = %db.target(), error = %e, "the database went away during start-up; trying again");
+                let reachable = db
+                    .wait_until_reachable(retry_for.saturating_sub(started.elapsed()), cancel)
+                    .await;
+                if cancel.is_cancelled() {
+                    return Err(AppError::Interrupted);
+                }
+                reachable?;
+            }
+            other => return other,
+        }
     }
 }
 

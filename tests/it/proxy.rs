@@ -328,6 +328,10 @@ impl Drop for TcpProxy {
 pub struct PgTap {
     pub port: u16,
     most: Arc<std::sync::atomic::AtomicU32>,
+    /// The next statement containing this (upper case) closes its
+    /// connection instead of reaching the server: the server going away.
+    cut_on: Arc<Mutex<Option<String>>>,
+    cuts: Arc<std::sync::atomic::AtomicU32>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -339,18 +343,37 @@ impl PgTap {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let most = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let m = Arc::clone(&most);
+        let cut_on: Arc<Mutex<Option<String>>> = Arc::default();
+        let cuts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (m, c, n) = (Arc::clone(&most), Arc::clone(&cut_on), Arc::clone(&cuts));
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                let (m, upstream) = (Arc::clone(&m), upstream.clone());
+                let counters = (Arc::clone(&m), Arc::clone(&c), Arc::clone(&n));
+                let upstream = upstream.clone();
                 tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tap(inbound, outbound, m).await;
+                        let _ = tap(inbound, outbound, counters).await;
                     }
                 });
             }
         });
-        PgTap { port, most, accept }
+        PgTap {
+            port,
+            most,
+            cut_on,
+            cuts,
+            accept,
+        }
+    }
+
+    /// The next statement containing `sql` closes its connection instead.
+    pub fn cut_once_on(&self, sql: &str) {
+        *self.cut_on.lock().expect("cut lock") = Some(sql.to_uppercase());
+    }
+
+    /// Connections closed by [`PgTap::cut_once_on`].
+    pub fn cuts(&self) -> u32 {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `db_url` through the tap.
@@ -372,8 +395,14 @@ impl Drop for PgTap {
     }
 }
 
+type TapState = (
+    Arc<std::sync::atomic::AtomicU32>,
+    Arc<Mutex<Option<String>>>,
+    Arc<std::sync::atomic::AtomicU32>,
+);
+
 /// Copies both ways; reads the client's messages on the way.
-async fn tap(inbound: TcpStream, outbound: TcpStream, most: Arc<std::sync::atomic::AtomicU32>) -> std::io::Result<()> {
+async fn tap(inbound: TcpStream, outbound: TcpStream, (most, cut_on, cuts): TapState) -> std::io::Result<()> {
     let (mut client_rx, mut client_tx) = inbound.into_split();
     let (mut server_rx, mut server_tx) = outbound.into_split();
     let down = tokio::spawn(async move { tokio::io::copy(&mut server_rx, &mut client_tx).await });
@@ -385,8 +414,8 @@ async fn tap(inbound: TcpStream, outbound: TcpStream, most: Arc<std::sync::atomi
         if n == 0 {
             break;
         }
-        server_tx.write_all(&chunk[..n]).await?;
         buf.extend_from_slice(&chunk[..n]);
+        let mut cut = false;
         loop {
             // Before start-up completes, messages have no type byte.
             let skip = usize::from(started);
@@ -416,6 +445,13 @@ async fn tap(inbound: TcpStream, outbound: TcpStream, most: Arc<std::sync::atomi
                 _ => continue,
             };
             let sql = String::from_utf8_lossy(sql.split(|b| *b == 0).next().unwrap_or_default()).to_uppercase();
+            let mut wanted = cut_on.lock().expect("cut lock");
+            if wanted.as_deref().is_some_and(|w| sql.contains(w)) {
+                *wanted = None;
+                cut = true;
+                cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            drop(wanted);
             for statement in sql.split(';').map(str::trim) {
                 if statement.starts_with("SAVEPOINT") {
                     savepoints += 1;
@@ -427,6 +463,10 @@ async fn tap(inbound: TcpStream, outbound: TcpStream, most: Arc<std::sync::atomi
                 }
             }
         }
+        if cut {
+            break; // both sockets close: the server is gone for this client
+        }
+        server_tx.write_all(&chunk[..n]).await?;
     }
     down.abort();
     Ok(())

@@ -221,3 +221,21 @@ async fn a_node_without_the_finalized_tag_is_asked_once_and_runs_on_confirmation
         .count();
     assert_eq!(asked, 1, "the tag is asked once, then the node is known not to have it");
 }
+
+/// PostgreSQL goes away after start-up first reached it (a restart, a
+/// failover): start-up tries again within `connect_retry_for` instead of
+/// exiting 1. Found by `scripts/chaos` (a replica restarted during a
+/// PostgreSQL restart exited); checked by calling the steps without
+/// `with_db_retry` (src/app.rs): the build then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_away_during_start_up_is_tried_again() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 4, |_| 2).await;
+    let tap = crate::proxy::PgTap::start(&db.url).await;
+    tap.cut_once_on("pg_advisory_xact_lock");
+    let toml = config_toml(&tap.url(&db.url), &anvil.url, &emitter, "", "");
+    let app = build_app(&config(&toml), "r").await;
+    assert_eq!(tap.cuts(), 1, "the migration's connection went away once");
+    tick_until_idle(&app).await;
+    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+}
