@@ -261,7 +261,7 @@ async fn chaos() {
 
     let t = tally.snapshot();
     println!(
-        "\nchaos: seed {} for {} with {} replicas (command: scripts/chaos)",
+        "\nchaos: CHAOS_SEED={} CHAOS_DURATION={} CHAOS_REPLICAS={} scripts/chaos",
         s.seed,
         humantime::format_duration(s.duration),
         s.replicas
@@ -306,8 +306,12 @@ async fn chaos() {
         idle.longest, idle.by, idle.samples
     );
     println!(
-        "  healed: cursor at the safe head {} after the faults stopped: {:?}",
-        if converged { "in" } else { "NOT" },
+        "  healed: {} after the faults stopped ({:?})",
+        if converged {
+            "cursor at the safe head, nothing pending"
+        } else {
+            "NOT within 180 s"
+        },
         healed_in
     );
     println!("  exits on SIGTERM: {exits:?}; replicas that exited by themselves: {unexpected:?}");

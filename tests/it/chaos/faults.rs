@@ -65,7 +65,7 @@ pub fn install(
                     v
                 }));
             }
-            if roll < 85 && last_reorg.elapsed() >= REORG_EVERY {
+            if roll < 125 && last_reorg.elapsed() >= REORG_EVERY {
                 last_reorg = Instant::now();
                 let depth = rng.gen_range(1..=2 * confirmations + 2);
                 let count = rng.gen_range(1..=4u64);
