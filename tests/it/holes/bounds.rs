@@ -260,3 +260,31 @@ async fn later_parts_that_outlast_the_rpc_budget_end_the_range_and_the_parts_bef
     tick_until_idle(&app).await;
     assert_stored_equals_chain(&pg, &chain, &emitter).await;
 }
+
+/// An endpoint that makes a tick exceed its budget is passed over: the
+/// next tick takes the next endpoint. Checked by removing
+/// `TickError::RpcBudget` from the faults of `Poller::cool_down_after`
+/// (src/poller/tick.rs): the next tick goes to the slow endpoint again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_makes_a_tick_exceed_its_budget_cools_down_and_the_next_one_takes_over() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 6, |_| 2).await;
+    let (slow, next) = (Proxy::start(&anvil.url).await, Proxy::start(&anvil.url).await);
+    let extra = format!(
+        "rpc_urls = [\"{}\", \"{}\"]\nrpc_timeout = \"1s\"\nrpc_budget = \"2s\"\nrpc_cooldown = \"1h\"",
+        slow.url, next.url
+    );
+    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
+    slow.set(|_| delayed(Duration::from_millis(800)));
+    let first = app.pollers()[0].tick(&CancellationToken::new()).await;
+    assert!(matches!(first, Err(TickError::RpcBudget { .. })), "{first:?}");
+    next.forget();
+    let second = app.pollers()[0].tick(&CancellationToken::new()).await;
+    assert!(matches!(second, Ok(TickOutcome::Advanced { .. })), "{second:?}");
+    assert!(
+        next.seen().iter().any(|r| method_of(r) == "eth_getLogs"),
+        "the next endpoint served the tick"
+    );
+    tick_until_idle(&app).await;
+    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+}

@@ -6,11 +6,13 @@ use logcursor::poller::gapfill::GapOutcome;
 use logcursor::poller::{TickError, TickOutcome};
 use logcursor::store::failed_ranges::Kind;
 use sha3::{Digest, Keccak256};
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 
 use super::logs_on_chain;
 use crate::helpers::*;
-use crate::proxy::{log_range, rpc_error, Action, Proxy};
+use crate::proxy::{delayed, log_range, rpc_error, Action, Proxy};
 
 const UNLISTED: &str = "event Unlisted(uint256 value)";
 
@@ -249,4 +251,92 @@ async fn tick_until_skipped_and_idle(app: &logcursor::app::App) -> Vec<Result<Ti
         }
     }
     panic!("never idle: {out:?}")
+}
+
+/// Gap fill under the tick's bounds: it fetches before BEGIN (so a
+/// provider slower than the idle bound does not matter: its transaction
+/// never waits on the chain), commits the prefix it stored, and isolates a
+/// single block too large for the provider as a row of its own while the
+/// rest of the range goes on. Checked by making `GapFiller::fill` never
+/// isolate (src/poller/gapfill.rs: `claim.from_block != claim.to_block` →
+/// `false`): the range then fails whole at the block. It also found that a
+/// row kept its lease after a chunk, so no worker could take the next chunk
+/// before `gapfill_lease` ran out (the second pass was `Idle`): checked by
+/// keeping the claim in `failed_ranges::progress` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_fill_fetches_before_begin_commits_its_prefix_and_isolates_an_overflowing_block() {
+    const TOO_LARGE: u64 = 10;
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 20, |_| 2).await;
+    let proxy = Proxy::start(&anvil.url).await;
+    proxy.set(|r| match log_range(r) {
+        Some((f, t)) if (f..=t).contains(&9) => rpc_error(r, -32000, "history for this range is not available", None),
+        _ => Action::Forward,
+    });
+    let extra = "rpc_attempts = 1\nrpc_timeout = \"5s\"\nmax_block_range = 8\n\
+                 on_unfetchable_range = \"skip_and_backfill\"\nrange_attempts = 1\ngapfill_backoff = \"1h\"";
+    let cfg = config(&config_toml(
+        &db.url,
+        &proxy.url,
+        &emitter,
+        extra,
+        "idle_in_transaction_timeout = \"1s\"",
+    ));
+    let app = build_app(&cfg, "r").await;
+    tick_until_skipped_and_idle(&app).await;
+    let pending = admin::gapfill_list(&cfg, "operator", None).await.expect("list");
+    let (from, to) = (pending[0].from_block, pending[0].to_block);
+    assert!(from < TOO_LARGE as i64 && (TOO_LARGE as i64) < to, "{pending:?}");
+
+    // Now the provider answers, slower than the idle bound, and block 10
+    // holds more logs than it serves.
+    proxy.set(|r| match log_range(r) {
+        Some((f, t)) if (f..=t).contains(&TOO_LARGE) => {
+            rpc_error(r, -32602, "query returned more than 10000 results", None)
+        }
+        _ => delayed(Duration::from_millis(1_500)),
+    });
+    let filler = app.gap_filler().expect("worker");
+    let mut outcomes = Vec::new();
+    loop {
+        let o = filler.work_once().await.expect("pass");
+        if matches!(o, GapOutcome::Idle | GapOutcome::Failed { .. }) {
+            outcomes.push(o);
+            break;
+        }
+        outcomes.push(o);
+    }
+    assert!(
+        matches!(outcomes[0], GapOutcome::Progressed { done_to, .. } if done_to == TOO_LARGE as i64 - 1),
+        "the blocks before the large one commit: {outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[1], GapOutcome::Isolated { block, .. } if block == TOO_LARGE as i64),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], GapOutcome::Filled { .. }),
+        "the rest goes on: {outcomes:?}"
+    );
+    let left = admin::gapfill_list(&cfg, "operator", None).await.expect("list");
+    assert_eq!(
+        left.iter()
+            .map(|r| (r.kind, r.from_block, r.to_block))
+            .collect::<Vec<_>>(),
+        vec![(Kind::Skipped, TOO_LARGE as i64, TOO_LARGE as i64)],
+        "only the large block waits"
+    );
+
+    proxy.pass();
+    assert_eq!(
+        admin::gapfill_retry(&cfg, "operator", &[left[0].id], false)
+            .await
+            .expect("retry"),
+        1
+    );
+    assert!(matches!(
+        filler.work_once().await.expect("pass"),
+        GapOutcome::Filled { .. }
+    ));
+    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
 }
