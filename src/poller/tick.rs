@@ -282,7 +282,8 @@ impl Poller {
                     .wait(async { Ok(rpc.canonical_headers(&[block]).await?) })
                     .await?;
                 if now[0].hash != stored {
-                    return self.deep_reorg(tx, rpc, current, now[0].hash).await;
+                    let ancestor = self.ancestor(&tx, &session, rpc, &current).await?;
+                    return self.deep_reorg(tx, current, now[0].hash, ancestor).await;
                 }
             }
             // Another replica got here first.
@@ -301,7 +302,8 @@ impl Poller {
             }
         };
         if let Err(canonical) = pin.check(current.hash) {
-            return self.deep_reorg(tx, rpc, current, canonical).await;
+            let ancestor = self.ancestor(&tx, &session, rpc, &current).await?;
+            return self.deep_reorg(tx, current, canonical, ancestor).await;
         }
         let span = tracing::Span::current();
         span.record("from_block", from);
@@ -674,33 +676,48 @@ impl Poller {
         }
     }
 
+    /// Under `on_deep_reorg = "rewind"`, the newest stored block within
+    /// `max_reorg_depth` that is still canonical; its headers are asked
+    /// like any of the tick's (heartbeats, the budget).
+    async fn ancestor(
+        &self,
+        tx: &Tx<'_>,
+        session: &Session<'_>,
+        rpc: &Rpc<'_>,
+        current: &Cursor,
+    ) -> Result<Option<(i64, Hash32)>, TickError> {
+        let cfg = &self.stream.cfg;
+        if cfg.on_deep_reorg != DeepReorgPolicy::Rewind {
+            return Ok(None);
+        }
+        let candidates =
+            reorg::recent_hashes(&**tx, cfg.name.as_str(), current.processed.to_db(), cfg.max_reorg_depth).await?;
+        let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
+        let now = session
+            .wait(async { Ok(rpc.canonical_headers(&numbers).await?) })
+            .await?;
+        Ok(candidates
+            .into_iter()
+            .zip(now)
+            .find(|((_, was), is)| *was == is.hash)
+            .map(|((n, h), _)| (n, h)))
+    }
+
     /// The block under the cursor was reorganised away: halt the stream, or
-    /// rewind it to the newest stored block that is still canonical.
+    /// rewind it to `ancestor`, the newest stored block that is still
+    /// canonical (see [`Poller::ancestor`]).
     async fn deep_reorg(
         &self,
         tx: Tx<'_>,
-        rpc: &Rpc<'_>,
         current: Cursor,
         canonical: Hash32,
+        ancestor: Option<(i64, Hash32)>,
     ) -> Result<TickOutcome, TickError> {
         let cfg = &self.stream.cfg;
         let name = cfg.name.as_str();
         let height = current.processed.to_db();
         let stored = current.hash.unwrap_or_default();
         let found = format!("block {height} was {stored} when processed, the chain now has {canonical}");
-        let ancestor = match cfg.on_deep_reorg {
-            DeepReorgPolicy::Halt => None,
-            DeepReorgPolicy::Rewind => {
-                let candidates = reorg::recent_hashes(&*tx, name, height, cfg.max_reorg_depth).await?;
-                let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
-                let now = rpc.canonical_headers(&numbers).await?;
-                candidates
-                    .into_iter()
-                    .zip(now)
-                    .find(|((_, was), is)| *was == is.hash)
-                    .map(|((n, h), _)| (n, h))
-            }
-        };
         let Some((to, to_hash)) = ancestor else {
             let reason = match cfg.on_deep_reorg {
                 DeepReorgPolicy::Halt => format!("reorg below the safe head: {found}; on_deep_reorg = \"halt\": run `logcursor rewind --stream {name} --to N`"),

@@ -288,3 +288,31 @@ async fn an_endpoint_that_makes_a_tick_exceed_its_budget_cools_down_and_the_next
     tick_until_idle(&app).await;
     assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
 }
+
+/// A rewind on a provider slower than the idle bound: the headers that
+/// find the common ancestor are waited for like every other RPC of the
+/// tick (heartbeats, the budget), so the rewind commits. Before
+/// `Poller::ancestor` they were asked with the session idle, and the server
+/// ended it; checked by asking them outside `Session::wait` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_on_a_provider_slower_than_the_idle_bound_commits() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 10, |_| 2).await;
+    let proxy = Proxy::start(&anvil.url).await;
+    let toml = config_toml(
+        &db.url,
+        &proxy.url,
+        &emitter,
+        "on_deep_reorg = \"rewind\"\nrpc_timeout = \"5s\"",
+        "idle_in_transaction_timeout = \"1s\"",
+    );
+    let app = build_app(&config(&toml), "r").await;
+    tick_until_idle(&app).await;
+    chain.reorg(&emitter, 3, &[(4, 500)]).await;
+    proxy.set(|_| delayed(Duration::from_millis(1_200)));
+    let tick = app.pollers()[0].tick(&CancellationToken::new()).await;
+    assert!(matches!(tick, Ok(TickOutcome::Rewound { .. })), "{tick:?}");
+    proxy.pass();
+    tick_until_idle(&app).await;
+    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+}
