@@ -1,8 +1,14 @@
-//! RPC faults between the replicas and anvil, decided call by call from
-//! the seed: 503s, requests never answered, bodies cut short, a backend
-//! behind the head (the header of a request's end missing, its last
-//! block's logs too), and reorganisations made while a replica's logs
-//! request is held, half of them deeper than the stream's confirmations.
+//! RPC faults between the replicas and anvil, decided from the seed: per
+//! HTTP request, 503s and requests never answered; per eth_getLogs call,
+//! bodies cut short, a backend behind the head (the header of a request's
+//! end missing, its last block's logs too), and reorganisations made while
+//! a replica's logs request is held, most of them deeper than the stream's
+//! confirmations.
+//!
+//! The proxy hands its rule the calls of a batch one after the other, and
+//! a replica numbers the calls of a batch consecutively: a call whose id
+//! follows the last one belongs to the same request and shares its fate,
+//! so a batch of 128 headers fails as often as a single call does.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,26 +41,34 @@ pub fn install(
     let lagging: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let mut last_reorg = Instant::now();
     let mut reorg_base = 1_000_000u64;
+    let (mut last_id, mut request_fault) = (0u64, 0u32);
     proxy.set(move |r| {
         if !on.load(Ordering::Relaxed) {
             return Action::Forward;
         }
         let id = r["id"].as_u64().unwrap_or(0);
+        if id != last_id.wrapping_add(1) {
+            // A new HTTP request.
+            request_fault = rng.gen_range(0..1000);
+            match request_fault {
+                0..20 => tally.add("fault: HTTP 503", 1),
+                20..25 => tally.add("fault: hang (client deadline)", 1),
+                _ => {}
+            }
+        }
+        last_id = id;
+        match request_fault {
+            0..20 => return Action::Reply(503, "upstream unavailable".into()),
+            20..25 => return Action::Hang,
+            _ => {}
+        }
         let roll: u32 = rng.gen_range(0..1000);
-        if roll < 20 {
-            tally.add("fault: HTTP 503", 1);
-            return Action::Reply(503, "upstream unavailable".into());
-        }
-        if roll < 25 {
-            tally.add("fault: hang (client deadline)", 1);
-            return Action::Hang;
-        }
         if let Some((_, to)) = log_range(r) {
-            if roll < 45 {
+            if roll < 20 {
                 tally.add("fault: truncated body", 1);
                 return Action::Reply(200, r#"[{"jsonrpc":"2.0","id":1,"result":[{"address":"0x"#.into());
             }
-            if roll < 65 {
+            if roll < 40 {
                 // The header travels first in the same batch (id - 1).
                 tally.add("fault: lagging backend", 1);
                 lagging.lock().unwrap().insert(id.saturating_sub(1));
@@ -65,7 +79,7 @@ pub fn install(
                     v
                 }));
             }
-            if roll < 125 && last_reorg.elapsed() >= REORG_EVERY {
+            if roll < 100 && last_reorg.elapsed() >= REORG_EVERY {
                 last_reorg = Instant::now();
                 let depth = rng.gen_range(1..=2 * confirmations + 2);
                 let count = rng.gen_range(1..=4u64);
