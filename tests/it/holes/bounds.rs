@@ -137,6 +137,7 @@ async fn a_frozen_replica_with_default_settings_delays_the_others_by_at_most_15_
     })
     .await;
     let stalled = stopped_at.elapsed();
+    println!("a replica frozen inside a tick held the other up for {stalled:?}");
     assert!(
         stalled <= Duration::from_secs(17),
         "held up {stalled:?}: more than the 15 s bound"
