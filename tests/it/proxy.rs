@@ -329,8 +329,9 @@ pub struct PgTap {
     pub port: u16,
     most: Arc<std::sync::atomic::AtomicU32>,
     /// The next statement containing this (upper case) closes its
-    /// connection instead of reaching the server: the server going away.
-    cut_on: Arc<Mutex<Option<String>>>,
+    /// connection instead of reaching the server (the server going away),
+    /// or reaches it only after a pause (a client that stalls).
+    cut_on: Arc<Mutex<Option<(String, Trap)>>>,
     cuts: Arc<std::sync::atomic::AtomicU32>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -343,7 +344,7 @@ impl PgTap {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let most = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let cut_on: Arc<Mutex<Option<String>>> = Arc::default();
+        let cut_on: Arc<Mutex<Option<(String, Trap)>>> = Arc::default();
         let cuts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (m, c, n) = (Arc::clone(&most), Arc::clone(&cut_on), Arc::clone(&cuts));
         let accept = tokio::spawn(async move {
@@ -368,7 +369,13 @@ impl PgTap {
 
     /// The next statement containing `sql` closes its connection instead.
     pub fn cut_once_on(&self, sql: &str) {
-        *self.cut_on.lock().expect("cut lock") = Some(sql.to_uppercase());
+        *self.cut_on.lock().expect("cut lock") = Some((sql.to_uppercase(), Trap::Cut));
+    }
+
+    /// The next statement containing `sql` reaches the server `after` a
+    /// pause: its session sits idle meanwhile, as if its client froze.
+    pub fn delay_once_on(&self, sql: &str, after: Duration) {
+        *self.cut_on.lock().expect("cut lock") = Some((sql.to_uppercase(), Trap::Delay(after)));
     }
 
     /// Connections closed by [`PgTap::cut_once_on`].
@@ -395,9 +402,16 @@ impl Drop for PgTap {
     }
 }
 
+/// What [`PgTap`] does to a statement it was told to watch for.
+#[derive(Clone, Copy)]
+enum Trap {
+    Cut,
+    Delay(Duration),
+}
+
 type TapState = (
     Arc<std::sync::atomic::AtomicU32>,
-    Arc<Mutex<Option<String>>>,
+    Arc<Mutex<Option<(String, Trap)>>>,
     Arc<std::sync::atomic::AtomicU32>,
 );
 
@@ -415,7 +429,7 @@ async fn tap(inbound: TcpStream, outbound: TcpStream, (most, cut_on, cuts): TapS
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut cut = false;
+        let (mut cut, mut pause) = (false, None);
         loop {
             // Before start-up completes, messages have no type byte.
             let skip = usize::from(started);
@@ -446,10 +460,15 @@ async fn tap(inbound: TcpStream, outbound: TcpStream, (most, cut_on, cuts): TapS
             };
             let sql = String::from_utf8_lossy(sql.split(|b| *b == 0).next().unwrap_or_default()).to_uppercase();
             let mut wanted = cut_on.lock().expect("cut lock");
-            if wanted.as_deref().is_some_and(|w| sql.contains(w)) {
+            if let Some((_, trap)) = wanted.as_ref().filter(|(w, _)| sql.contains(w.as_str())) {
+                match *trap {
+                    Trap::Cut => {
+                        cut = true;
+                        cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Trap::Delay(d) => pause = Some(d),
+                }
                 *wanted = None;
-                cut = true;
-                cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             drop(wanted);
             for statement in sql.split(';').map(str::trim) {
@@ -465,6 +484,9 @@ async fn tap(inbound: TcpStream, outbound: TcpStream, (most, cut_on, cuts): TapS
         }
         if cut {
             break; // both sockets close: the server is gone for this client
+        }
+        if let Some(d) = pause {
+            tokio::time::sleep(d).await;
         }
         server_tx.write_all(&chunk[..n]).await?;
     }

@@ -317,3 +317,45 @@ async fn a_rewind_on_a_provider_slower_than_the_idle_bound_commits() {
     tick_until_idle(&app).await;
     assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
 }
+
+/// I6 outside ticks: a replica that stalls inside the migration
+/// transaction (frozen during start-up, holding the migration lock that
+/// every starting replica waits for) is cut off by the server after the
+/// default 15 s idle bound, like a tick. Found by `scripts/chaos` (a
+/// replica stopped during start-up sat idle in transaction past 15 s: the
+/// migration allowed 300 s, the start-up checks 60 s); checked by setting
+/// the migration's idle bound back to 300 s (src/store/migrate.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_stalled_mid_transaction_is_ended_by_the_server_after_the_idle_bound() {
+    let db = TestDb::new().await;
+    let tap = crate::proxy::PgTap::start(&db.url).await;
+    tap.delay_once_on("pg_advisory_xact_lock", Duration::from_secs(20));
+    let stalled = tokio::spawn({
+        let url = tap.url(&db.url);
+        async move { logcursor::store::migrate::migrate(&database(&url), "stalled").await }
+    });
+    let pg = db.client().await;
+    let idle = || async {
+        pg.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = 'test' AND state LIKE 'idle in transaction%' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .get::<_, i64>(0)
+    };
+    wait_for("the stalled migration session", Duration::from_secs(10), || async {
+        (idle().await == 1).then_some(())
+    })
+    .await;
+    let since = Instant::now();
+    wait_for("the server to end it", Duration::from_secs(17), || async {
+        (idle().await == 0).then_some(())
+    })
+    .await;
+    println!("the stalled migration session was ended after {:?}", since.elapsed());
+    let result = stalled.await.expect("join");
+    assert!(result.is_err(), "its transaction was ended, not committed: {result:?}");
+    migrate_as(&db.url, "test").await; // and a replica after it migrates at once
+}
