@@ -47,11 +47,15 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;
     let names: Vec<&str> = cfg.streams.iter().map(|s| s.name.as_str()).collect();
     let backlogs = failed_ranges::backlogs(&*tx, &names).await?;
+    let mut read = Vec::new();
+    for s in &cfg.streams {
+        read.push((cursor::get(&*tx, &s.name).await?, events::count(&*tx, &s.name).await?));
+    }
+    // The chain is asked after COMMIT: no transaction waits on an endpoint.
+    tx.commit().await.map_err(StoreError::db("read status"))?;
     let endpoints = Endpoints::new();
     let mut out = Vec::new();
-    for s in &cfg.streams {
-        let row = cursor::get(&*tx, &s.name).await?;
-        let stored = events::count(&*tx, &s.name).await?;
+    for (s, (row, stored)) in cfg.streams.iter().zip(read) {
         let backlog = backlogs
             .iter()
             .find(|(n, _)| n == s.name.as_str())
@@ -95,7 +99,6 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
             backfill_blocks_left: backlog.backfill_blocks_left,
         });
     }
-    tx.commit().await.map_err(StoreError::db("read status"))?;
     db.close();
     Ok(out)
 }

@@ -10,6 +10,7 @@ use super::AppError;
 use crate::backoff::CONNECT;
 use crate::config::Config;
 use crate::poller::Stream;
+use crate::store::pool::Database;
 use crate::store::StoreError;
 
 /// Every configured SQL handler function exists (the server resolves it);
@@ -68,6 +69,42 @@ pub(super) async fn verify_chain(
                     source: Box::new(source),
                 })
             }
+        }
+    }
+}
+
+/// Runs a start-up step against the database again when the database went
+/// away under it (restarted or failed over after it first answered), as
+/// long as start-up may keep trying (`connect_retry_for` from the first
+/// failure). Every step is one transaction that is safe to repeat.
+pub(super) async fn with_db_retry<T, F, Fut>(
+    db: &Database,
+    retry_for: Duration,
+    cancel: &CancellationToken,
+    mut step: F,
+) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+{
+    let started = Instant::now();
+    loop {
+        match step().await {
+            Err(AppError::Store(e))
+                if (e.is_connection_broken() || matches!(e, StoreError::Pool { .. }))
+                    && started.elapsed() < retry_for
+                    && !cancel.is_cancelled() =>
+            {
+                tracing::warn!(database = %db.target(), error = %e, "the database went away during start-up; trying again");
+                let reachable = db
+                    .wait_until_reachable(retry_for.saturating_sub(started.elapsed()), cancel)
+                    .await;
+                if cancel.is_cancelled() {
+                    return Err(AppError::Interrupted);
+                }
+                reachable?;
+            }
+            other => return other,
         }
     }
 }

@@ -37,7 +37,7 @@ use crate::telemetry::{MetricsExport, TelemetryError};
 use crate::write::{Handler, Handlers};
 
 mod checks;
-use checks::{check_functions, verify_chain};
+use checks::{check_functions, verify_chain, with_db_retry};
 
 /// Why the application could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -161,21 +161,24 @@ impl App {
             return Err(AppError::Interrupted);
         }
         reachable?;
-        if opts.migrate {
-            let applied = migrate::migrate(&db, replica_id).await?;
-            if !applied.is_empty() {
-                tracing::info!(versions = ?applied, schema = db.schema(), "applied migrations");
+        let retry_for = cfg.database.connect_retry_for;
+        with_db_retry(&db, retry_for, cancel, || async {
+            if opts.migrate {
+                let applied = migrate::migrate(&db, replica_id).await?;
+                if !applied.is_empty() {
+                    tracing::info!(versions = ?applied, schema = db.schema(), "applied migrations");
+                }
+                crate::views::define(&db, cfg).await?;
             }
-            crate::views::define(&db, cfg).await?;
-        }
-        {
             // Fail now, naming what is missing, rather than inside the first tick.
             let mut client = db.get().await?;
             let tx = db.begin(&mut client, TxLimits::SHORT).await?;
             privileges::check(&*tx, db.schema()).await?;
             check_functions(&*tx, cfg).await?;
             tx.commit().await.map_err(StoreError::db("commit start-up checks"))?;
-        }
+            Ok(())
+        })
+        .await?;
         let endpoints = Endpoints::new();
         let observe: ObserverOf = Box::new(move |endpoint: &str| -> Arc<dyn PushObserver> {
             Arc::new(push_metrics.of(&EndpointLabels {
@@ -218,10 +221,14 @@ impl App {
             stream.in_flight = Arc::clone(&in_flight);
             stream.prefetch_slots = Arc::clone(&prefetch_slots);
             verify_chain(&stream, cfg.database.connect_retry_for, cancel).await?;
-            let mut client = db.get().await?;
-            let tx = db.begin(&mut client, TxLimits::SHORT).await?;
-            let (at, created) = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
-            tx.commit().await.map_err(StoreError::db("commit seed"))?;
+            let (at, created) = with_db_retry(&db, retry_for, cancel, || async {
+                let mut client = db.get().await?;
+                let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+                let seeded = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
+                tx.commit().await.map_err(StoreError::db("commit seed"))?;
+                Ok(seeded)
+            })
+            .await?;
             if created {
                 tracing::info!(stream = %name, start_block = %sc.start_block, "created cursor");
             } else if at.processed.next() != sc.start_block.get() {

@@ -306,4 +306,77 @@ mod tests {
         push.head();
         assert_eq!(count.heads.load(Ordering::Relaxed), 1);
     }
+
+    /// A WebSocket server on a free port that confirms the subscription,
+    /// sends `heads` heads `every` apart, then falls silent: it holds the
+    /// socket but reads nothing, so it answers no ping either.
+    async fn server(heads: u32, every: Duration) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("handshake");
+            let _subscribe = ws.next().await;
+            let confirm = json!({"jsonrpc": "2.0", "id": 1, "result": "0xabc"});
+            ws.send(Message::Text(confirm.to_string())).await.expect("send");
+            for n in 0..heads {
+                tokio::time::sleep(every).await;
+                let head = json!({"jsonrpc": "2.0", "method": "eth_subscription",
+                                  "params": {"subscription": "0xabc", "result": {"number": n}}});
+                ws.send(Message::Text(head.to_string())).await.expect("send");
+            }
+            std::future::pending::<()>().await;
+            drop(ws);
+        });
+        url
+    }
+
+    /// Runs one connection to `url` on paused time; how long until it
+    /// gave up, and why.
+    async fn until_given_up(url: &str, push: &Push) -> (Duration, String) {
+        let started = tokio::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(3600), run_once(&Secret::new(url), push))
+            .await
+            .expect("the silence detector never fired");
+        (started.elapsed(), ended.expect_err("a silent socket is an error"))
+    }
+
+    /// Checked by moving the deadline in the ping arm too (as one timeout
+    /// per wait did): our own pings then keep a dead socket alive forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_falls_silent_is_given_up_after_silent_for_whatever_we_send() {
+        let push = Push::default();
+        let (took, why) = until_given_up(&server(0, Duration::ZERO).await, &push).await;
+        assert!(why.contains("nothing received"), "{why}");
+        assert!(push.connected(), "the subscription was live until then");
+        assert!(
+            took >= SILENT_FOR && took < SILENT_FOR + Duration::from_secs(1),
+            "{took:?}: one deadline of {SILENT_FOR:?}, though pings went out every {PING_EVERY:?}"
+        );
+    }
+
+    /// Checked by not moving the deadline on a frame: the socket is then
+    /// given up while heads still arrive.
+    #[tokio::test(start_paused = true)]
+    async fn each_frame_received_moves_the_deadline_and_nothing_else_does() {
+        #[derive(Default)]
+        struct Heads(std::sync::atomic::AtomicU64);
+        impl PushObserver for Heads {
+            fn head(&self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+            fn live(&self, _: bool) {}
+        }
+        let heads = Arc::new(Heads::default());
+        let push = Push::observed(Arc::clone(&heads) as Arc<dyn PushObserver>);
+        let every = SILENT_FOR * 3 / 4;
+        let (took, why) = until_given_up(&server(3, every).await, &push).await;
+        assert!(why.contains("nothing received"), "{why}");
+        assert_eq!(heads.0.load(Ordering::Relaxed), 3);
+        let expected = every * 3 + SILENT_FOR;
+        assert!(
+            took >= expected && took < expected + Duration::from_secs(1),
+            "{took:?}: silent for {SILENT_FOR:?} after the last of three heads {every:?} apart"
+        );
+    }
 }

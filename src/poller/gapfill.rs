@@ -12,10 +12,15 @@
 //!                                                                        -- within rpc_budget
 //! BEGIN; SET LOCAL timeouts
 //!   the write seam, part by part (events, handlers; failing rows parked)
-//!   progress (done_to) or delete the row — only while the lease is ours,
-//!   checked with clock_timestamp() as the last statement
+//!   progress (done_to, and the row given back, due at once) or delete the
+//!   row — only while the lease is ours, checked with clock_timestamp() as
+//!   the last statement
 //! COMMIT
 //! ```
+//!
+//! A row is given back after every chunk, so a long backfill goes on at
+//! the next pass of any replica (a lease kept until it expired would hold
+//! every following chunk back for `gapfill_lease`).
 //!
 //! A chunk that stops early (the savepoint budget) commits the prefix it
 //! stored; a single block too large for the provider becomes a row of its
@@ -144,7 +149,7 @@ impl GapFiller {
         let Some(stream) = self.streams.iter().find(|s| s.cfg.name == claim.stream.as_str()) else {
             return Ok(GapOutcome::Idle);
         };
-        match self.fill(stream, &claim, lease).await {
+        match self.fill(stream, &claim).await {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
                 let g = &stream.cfg.gapfill;
@@ -170,7 +175,7 @@ impl GapFiller {
 
     /// One chunk of `claim`: fetched and checked before BEGIN, written and
     /// recorded in one short transaction.
-    async fn fill(&self, stream: &Arc<Stream>, claim: &Range, lease: Duration) -> Result<GapOutcome, TickError> {
+    async fn fill(&self, stream: &Arc<Stream>, claim: &Range) -> Result<GapOutcome, TickError> {
         let from = BlockNumber::from_db(claim.done_to + 1).map_or(0, BlockNumber::get);
         let end = BlockNumber::from_db(claim.to_block).map_or(0, BlockNumber::get);
         if from > end {
@@ -207,7 +212,7 @@ impl GapFiller {
         let lease_held = if done >= claim.to_block {
             failed_ranges::complete(&*tx, claim.id, &self.replica_id).await?
         } else {
-            failed_ranges::progress(&*tx, claim.id, &self.replica_id, done, lease).await?
+            failed_ranges::progress(&*tx, claim.id, &self.replica_id, done).await?
         };
         if !lease_held {
             // Dropping `tx` rolls the inserts back; the new claimer redoes them.

@@ -140,7 +140,21 @@ impl Poller {
         m.ticks.with(Outcome { outcome }).inc();
         m.tick_duration_seconds.observe(took.as_secs_f64());
         m.block_range.set(gauge_value(self.stream.chain.pick().log_span()));
-        let last = &o.last;
+        self.show(&o.last);
+    }
+
+    /// The heads and the cursor a tick read before doing anything else:
+    /// known now, whatever the tick's outcome, so that a stream failing
+    /// since this replica started still shows how far behind it is.
+    pub(crate) fn saw_heads(&self, head: u64, safe_head: u64, cursor: Processed) {
+        let mut o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        (o.last.head, o.last.safe_head, o.last.cursor) = (head, safe_head, Some(cursor));
+        self.show(&o.last);
+    }
+
+    /// The cursor, heads and lag gauges, from `last`.
+    fn show(&self, last: &LastTick) {
+        let m = &self.metrics;
         if let Some(c) = last.cursor {
             m.cursor_block.set(c.to_db());
         }

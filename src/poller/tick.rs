@@ -46,7 +46,9 @@
 //! and the server ends its session after the bound. A slow but healthy
 //! provider is bounded instead by `rpc_budget`, one deadline for all the
 //! RPC work of the tick; with `max_block_range` and `max_logs_per_tick` it
-//! bounds how long the lock is held.
+//! bounds how long the lock is held. Later parts get the budget but a
+//! reserve (`rpc_timeout`, at most half of it) kept for the final header
+//! batch, so that parts written before a slow one commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,14 +100,28 @@ struct Session<'a> {
     beat: Duration,
     /// All the RPC work of the tick ends by then.
     deadline: Instant,
+    /// Parts after the first are waited for until then: the rest of the
+    /// budget is the final header batch's, so that the parts written
+    /// commit when later ones are too slow (else every tick would spend
+    /// the budget on the same range and roll back).
+    parts_deadline: Instant,
     budget: Duration,
 }
 
 impl Session<'_> {
     /// Runs `work` (RPC only) with heartbeats, until the tick's deadline.
     async fn wait<T>(&self, work: impl std::future::Future<Output = Result<T, TickError>>) -> Result<T, TickError> {
+        self.wait_until(self.deadline, work).await
+    }
+
+    /// [`Session::wait`] with an earlier deadline.
+    async fn wait_until<T>(
+        &self,
+        until: Instant,
+        work: impl std::future::Future<Output = Result<T, TickError>>,
+    ) -> Result<T, TickError> {
         tokio::pin!(work);
-        let deadline = tokio::time::sleep_until(self.deadline);
+        let deadline = tokio::time::sleep_until(until);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -222,6 +238,9 @@ impl Poller {
             // node itself before calling it behind.
             heads = self.look(&rpc).await.inspect_err(|e| self.cool_down_after(&rpc, e))?;
         }
+        // Known now, whatever the tick's outcome: a stream that fails from
+        // the start of this replica still shows how far behind it is.
+        self.saw_heads(heads.head, heads.safe_head, peeked);
         if let Some(c) = peeked.block().filter(|c| *c > heads.head) {
             // After a failover, a node behind the cursor: never move back.
             let e: TickError = rpc
@@ -281,11 +300,13 @@ impl Poller {
     ) -> Result<TickOutcome, TickError> {
         let (tx, current, lock_wait) = self.lock(client, cancel, mode).await?;
         let locked_at = Instant::now();
+        let (budget, timeout) = (self.stream.cfg.rpc_budget, self.stream.cfg.rpc_timeout);
         let session = Session {
             tx: &tx,
             beat: self.limits.idle_in_transaction_timeout / 3,
-            deadline: locked_at + self.stream.cfg.rpc_budget,
-            budget: self.stream.cfg.rpc_budget,
+            deadline: locked_at + budget,
+            parts_deadline: locked_at + budget - timeout.min(budget / 2),
+            budget,
         };
         filter::check(&*tx, &self.stream, &current, &self.replica_id).await?;
         let Some((from, planned_to)) = plan_range(current.processed, heads.safe_head, self.stream.cfg.max_block_range)
@@ -295,7 +316,8 @@ impl Poller {
                     .wait(async { Ok(rpc.canonical_headers(&[block]).await?) })
                     .await?;
                 if now[0].hash != stored {
-                    return self.deep_reorg(tx, rpc, current, now[0].hash).await;
+                    let ancestor = self.ancestor(&tx, &session, rpc, &current).await?;
+                    return self.deep_reorg(tx, current, now[0].hash, ancestor).await;
                 }
             }
             // Another replica got here first.
@@ -314,7 +336,8 @@ impl Poller {
             }
         };
         if let Err(canonical) = pin.check(current.hash) {
-            return self.deep_reorg(tx, rpc, current, canonical).await;
+            let ancestor = self.ancestor(&tx, &session, rpc, &current).await?;
+            return self.deep_reorg(tx, current, canonical, ancestor).await;
         }
         let span = tracing::Span::current();
         span.record("from_block", from);
@@ -503,7 +526,10 @@ impl Poller {
         loop {
             let part = match next.take() {
                 Some(p) => p,
-                None => match session.wait(async { Ok(rest.next().await) }).await {
+                None => match session
+                    .wait_until(session.parts_deadline, async { Ok(rest.next().await) })
+                    .await
+                {
                     Ok(None) => break,
                     Ok(Some(Ok(p))) => p,
                     Ok(Some(Err(e))) | Err(e) => {
@@ -706,33 +732,48 @@ impl Poller {
         }
     }
 
+    /// Under `on_deep_reorg = "rewind"`, the newest stored block within
+    /// `max_reorg_depth` that is still canonical; its headers are asked
+    /// like any of the tick's (heartbeats, the budget).
+    async fn ancestor(
+        &self,
+        tx: &Tx<'_>,
+        session: &Session<'_>,
+        rpc: &Rpc<'_>,
+        current: &Cursor,
+    ) -> Result<Option<(i64, Hash32)>, TickError> {
+        let cfg = &self.stream.cfg;
+        if cfg.on_deep_reorg != DeepReorgPolicy::Rewind {
+            return Ok(None);
+        }
+        let candidates =
+            reorg::recent_hashes(&**tx, cfg.name.as_str(), current.processed.to_db(), cfg.max_reorg_depth).await?;
+        let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
+        let now = session
+            .wait(async { Ok(rpc.canonical_headers(&numbers).await?) })
+            .await?;
+        Ok(candidates
+            .into_iter()
+            .zip(now)
+            .find(|((_, was), is)| *was == is.hash)
+            .map(|((n, h), _)| (n, h)))
+    }
+
     /// The block under the cursor was reorganised away: halt the stream, or
-    /// rewind it to the newest stored block that is still canonical.
+    /// rewind it to `ancestor`, the newest stored block that is still
+    /// canonical (see [`Poller::ancestor`]).
     async fn deep_reorg(
         &self,
         tx: Tx<'_>,
-        rpc: &Rpc<'_>,
         current: Cursor,
         canonical: Hash32,
+        ancestor: Option<(i64, Hash32)>,
     ) -> Result<TickOutcome, TickError> {
         let cfg = &self.stream.cfg;
         let name = cfg.name.as_str();
         let height = current.processed.to_db();
         let stored = current.hash.unwrap_or_default();
         let found = format!("block {height} was {stored} when processed, the chain now has {canonical}");
-        let ancestor = match cfg.on_deep_reorg {
-            DeepReorgPolicy::Halt => None,
-            DeepReorgPolicy::Rewind => {
-                let candidates = reorg::recent_hashes(&*tx, name, height, cfg.max_reorg_depth).await?;
-                let numbers: Vec<u64> = candidates.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
-                let now = rpc.canonical_headers(&numbers).await?;
-                candidates
-                    .into_iter()
-                    .zip(now)
-                    .find(|((_, was), is)| *was == is.hash)
-                    .map(|((n, h), _)| (n, h))
-            }
-        };
         let Some((to, to_hash)) = ancestor else {
             let reason = match cfg.on_deep_reorg {
                 DeepReorgPolicy::Halt => format!("reorg below the safe head: {found}; on_deep_reorg = \"halt\": run `logcursor rewind --stream {name} --to N`"),

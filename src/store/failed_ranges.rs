@@ -173,22 +173,17 @@ pub async fn claim<C: GenericClient>(c: &C, streams: &[&str], by: &str, lease: D
     Ok(row.as_ref().map(from_row))
 }
 
-/// Records that blocks up to `done_to` of row `id` are stored and renews
-/// the lease, if `by` still holds it (checked on the database clock at this
-/// statement, which the caller issues last before COMMIT); `false` means
-/// the lease was lost and the caller must roll back.
-pub async fn progress<C: GenericClient>(c: &C, id: i64, by: &str, done_to: i64, lease: Duration) -> Result<bool> {
+/// Records that blocks up to `done_to` of row `id` are stored and gives
+/// the row back (due at once: the next pass of any worker goes on from
+/// there), if `by` still holds its lease (checked on the database clock at
+/// this statement, which the caller issues last before COMMIT); `false`
+/// means the lease was lost and the caller must roll back.
+pub async fn progress<C: GenericClient>(c: &C, id: i64, by: &str, done_to: i64) -> Result<bool> {
     let n = c
         .execute_typed(
-            "UPDATE failed_ranges SET done_to = $3, attempts = 0,
-                    claimed_until = clock_timestamp() + $4 * interval '1 millisecond'
+            "UPDATE failed_ranges SET done_to = $3, attempts = 0, claimed_by = NULL, claimed_until = NULL
               WHERE id = $1 AND claimed_by = $2 AND claimed_until >= clock_timestamp()",
-            &[
-                (&id, Type::INT8),
-                (&by, Type::TEXT),
-                (&done_to, Type::INT8),
-                (&millis(lease), Type::FLOAT8),
-            ],
+            &[(&id, Type::INT8), (&by, Type::TEXT), (&done_to, Type::INT8)],
         )
         .await
         .map_err(StoreError::db("record gap-fill progress"))?;
@@ -209,14 +204,14 @@ pub async fn complete<C: GenericClient>(c: &C, id: i64, by: &str) -> Result<bool
 }
 
 /// Isolates the single block `block` of row `id` as a `skipped` row of its
-/// own (with the row's filter), and moves the row past it; under `by`'s
-/// lease only. A block too large for the provider then waits alone while
-/// the rest of the range goes on.
+/// own (with the row's filter), and moves the row past it and gives it
+/// back; under `by`'s lease only. A block too large for the provider then
+/// waits alone while the rest of the range goes on.
 pub async fn isolate_block<C: GenericClient>(c: &C, id: i64, by: &str, block: i64, error: &str) -> Result<bool> {
     let n = c
         .execute_typed(
             "WITH r AS (
-                UPDATE failed_ranges SET done_to = $3
+                UPDATE failed_ranges SET done_to = $3, claimed_by = NULL, claimed_until = NULL
                  WHERE id = $1 AND claimed_by = $2 AND claimed_until >= clock_timestamp()
              RETURNING stream, addresses, topic0s)
              INSERT INTO failed_ranges (stream, kind, from_block, to_block, addresses, topic0s, last_error)

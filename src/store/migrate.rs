@@ -83,10 +83,12 @@ pub fn latest() -> i32 {
 pub async fn migrate(db: &Database, applied_by: &str) -> Result<Vec<i32>> {
     let mut client = db.get().await?;
     let limits = TxLimits {
-        // Migrations may wait for other replicas' and build indexes.
+        // Migrations may wait for other replicas' and build indexes; between
+        // statements they wait on nothing, so a stalled one is cut off soon
+        // (it holds the lock every starting replica waits for).
         lock_timeout: std::time::Duration::from_secs(300),
         statement_timeout: std::time::Duration::from_secs(3600),
-        idle_in_transaction_timeout: std::time::Duration::from_secs(300),
+        idle_in_transaction_timeout: TxLimits::SHORT.idle_in_transaction_timeout,
     };
     let tx = db.begin(&mut client, limits).await?;
     tx.execute_typed(

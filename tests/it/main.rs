@@ -11,6 +11,7 @@
 mod abi;
 mod adoption;
 mod chain;
+mod chaos;
 mod delivery;
 mod deploy;
 mod faults;
@@ -18,6 +19,7 @@ mod handlers;
 mod handlers_chaos;
 mod handlers_rewind;
 mod helpers;
+mod holes;
 mod ingest;
 mod nothing_lost;
 mod observe;
