@@ -214,6 +214,7 @@ impl App {
                         tag: sc.finality.tag(),
                         poll_interval: sc.poll_interval,
                         ws_poll_interval: sc.ws_poll_interval,
+                        filter: stream.filter.clone(),
                     };
                     followers.follow(endpoint, sc.chain_id, crate::poller::client_options(sc), &need)
                 })

@@ -12,8 +12,17 @@
 //!
 //! A tag the endpoint does not answer (a pre-merge node) is reported once
 //! and left out: streams then rely on confirmations.
+//!
+//! Each new head also brings a hint: one `eth_getLogs` of the new blocks
+//! for the union of the streams' filters, before the head is published, so
+//! that a woken stream knows whether the blocks past its cursor hold any of
+//! its logs ([`Follower::holds_logs`]). The hint only decides *when* a
+//! stream ticks (at once, or a little later with others' blocks): a tick
+//! still fetches and checks its whole range itself, so a wrong or missing
+//! hint (a failed request, a reorganisation) can delay an event, never lose
+//! or duplicate one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +34,22 @@ use super::ws::{self, Push};
 use super::{ChainError, ClientOptions, EndpointConfig, Endpoints};
 use crate::backoff::{Failures, CONNECT};
 use crate::redact::Secret;
-use crate::types::Header;
+use crate::types::{Address, Hash32, Header, LogFilter};
+
+/// Blocks whose hints are kept.
+const HINT_KEEP: u64 = 256;
+/// At most this many blocks are fetched for one new head (after a jump,
+/// the newest ones; the others are unknown and their streams tick).
+const HINT_FETCH: u64 = 32;
+
+/// Which recent blocks hold logs some stream on the endpoint wants.
+#[derive(Debug, Default)]
+struct Hints {
+    /// The blocks fetched, `from..=to` (`None`: none yet).
+    covered: Option<(u64, u64)>,
+    /// Of those, each block holding wanted logs, with their (address, topic0).
+    found: BTreeMap<u64, Vec<(Address, Hash32)>>,
+}
 
 /// What a follower knows of its endpoint's chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +75,9 @@ pub struct Follower {
     head: watch::Sender<Option<Head>>,
     /// The subscription's state and pushed headers.
     pub push: Arc<Push>,
+    /// The union of the filters of the streams on this endpoint.
+    interest: Mutex<(BTreeSet<Address>, BTreeSet<Hash32>)>,
+    hints: Mutex<Hints>,
 }
 
 /// What a stream asks of the follower of one of its endpoints.
@@ -60,6 +87,8 @@ pub struct Need {
     pub tag: Option<&'static str>,
     pub poll_interval: Duration,
     pub ws_poll_interval: Duration,
+    /// The stream's logs, for the hints.
+    pub filter: LogFilter,
 }
 
 impl Follower {
@@ -78,7 +107,89 @@ impl Follower {
         self.client.endpoints().join(", ")
     }
 
+    /// Whether blocks `from..=to` hold logs of `filter`, as far as the
+    /// hints know: `None` when some block of the range was not fetched.
+    pub fn holds_logs(&self, from: u64, to: u64, filter: &LogFilter) -> Option<bool> {
+        if from > to {
+            return Some(false);
+        }
+        let hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
+        let (a, b) = hints.covered?;
+        if from < a || to > b {
+            return None;
+        }
+        let wanted = |(address, topic): &(Address, Hash32)| {
+            filter.addresses.contains(address) && (filter.topic0s.is_empty() || filter.topic0s.contains(topic))
+        };
+        Some(hints.found.range(from..=to).any(|(_, pairs)| pairs.iter().any(wanted)))
+    }
+
+    /// Fetches the hints of the blocks up to `head` not fetched yet.
+    async fn hint(&self, head: u64) {
+        let filter = {
+            let interest = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+            if interest.0.is_empty() {
+                return;
+            }
+            LogFilter {
+                addresses: interest.0.iter().copied().collect(),
+                topic0s: interest.1.iter().copied().collect(),
+            }
+        };
+        let from = {
+            let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
+            let next = match hints.covered {
+                // A head at or below what was fetched: a reorganisation
+                // (or a lagging backend); fetch it again.
+                Some((a, b)) if head <= b => {
+                    hints.found.retain(|n, _| *n < head);
+                    hints.covered = (head > a).then(|| (a, head - 1));
+                    head
+                }
+                Some((_, b)) => b + 1,
+                None => head,
+            };
+            next.max(head.saturating_sub(HINT_FETCH - 1))
+        };
+        match self.client.at(0).get_logs(from, head, &filter).await {
+            Ok(logs) => {
+                let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
+                let contiguous = hints.covered.is_some_and(|(_, b)| b + 1 == from);
+                if !contiguous {
+                    hints.found.clear();
+                }
+                let start = hints.covered.filter(|_| contiguous).map_or(from, |(a, _)| a);
+                for log in logs.logs.iter().filter(|l| l.block_number <= logs.covered) {
+                    if let Some(topic) = log.topics.first() {
+                        hints
+                            .found
+                            .entry(log.block_number)
+                            .or_default()
+                            .push((log.address, *topic));
+                    }
+                }
+                let keep_from = logs.covered.saturating_sub(HINT_KEEP - 1).max(start);
+                hints.found.retain(|n, _| *n >= keep_from);
+                hints.covered = Some((keep_from, logs.covered));
+            }
+            Err(e) => {
+                // The streams then tick as if there were no hints.
+                tracing::debug!(endpoint = %self.endpoint(), error = %e, "no log hints for the new blocks");
+            }
+        }
+    }
+
+    /// Whether `header` is news (the head would change).
+    fn is_news(&self, header: &Header) -> bool {
+        self.head.borrow().is_none_or(|h| h.header != *header)
+    }
+
     fn need(&self, n: &Need) {
+        {
+            let mut interest = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+            interest.0.extend(n.filter.addresses.iter().copied());
+            interest.1.extend(n.filter.topic0s.iter().copied());
+        }
         let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = n.tag.filter(|t| !tags.contains(t)) {
             tags.push(t);
@@ -129,6 +240,9 @@ impl Follower {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.push.woken() => {
                     if let Some(h) = self.push.take_pushed() {
+                        if self.is_news(&h) {
+                            self.hint(h.number).await;
+                        }
                         self.publish(h, None);
                         // The tags move with the head; the pushed header lacks them.
                         if self.tags.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
@@ -156,6 +270,9 @@ impl Follower {
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
+        }
+        if self.is_news(&latest) {
+            self.hint(latest.number).await;
         }
         self.publish(latest, Some(tagged));
         Ok(())
@@ -218,6 +335,8 @@ impl Followers {
                 ws_interval: Mutex::new(need.ws_poll_interval),
                 head: watch::channel(None).0,
                 push: Arc::new(push),
+                interest: Mutex::default(),
+                hints: Mutex::default(),
             })
         });
         f.need(need);

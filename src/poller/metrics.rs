@@ -51,6 +51,8 @@ crate::series! {
         pub dead_letters: Counter,
         /// Reorgs below the safe head detected.
         pub reorgs: Counter,
+        /// Ticks put off because the new blocks hold none of the stream's logs (the head follower's hints).
+        pub ticks_deferred: Counter,
         /// Waits for the cursor lock that timed out (another replica was working).
         pub lock_timeouts: Counter,
         /// Ranges skipped into failed_ranges.

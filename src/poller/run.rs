@@ -14,6 +14,12 @@
 //! Without followers (a stream built outside an app) the loop polls: a
 //! tick every `poll_interval`, each asking its endpoint for the head.
 //!
+//! A stream behind the head whose new blocks hold none of its logs (the
+//! follower's hints, see `chain::heads`) waits up to `poll_interval` and
+//! moves over several blocks at once, so that with hundreds of streams the
+//! ones with events tick first; a hint only delays such a tick, the tick
+//! itself still reads and checks its range.
+//!
 //! I5 (after faults stop, the cursor reaches the safe head in bounded
 //! time): every failure is retried with a backoff capped at 30 s
 //! ([`pace`](super::pace)); a busy row is not a failure.
@@ -46,6 +52,8 @@ impl Poller {
         let mut progress = Progress::default();
         let mut last: Option<Header> = None;
         let mut force = true; // look once at start, whatever the head says
+                              // When this replica last ticked the stream (see the deferral below).
+        let mut last_tick = Instant::now();
         while !cancel.is_cancelled() {
             let endpoint = self.stream.chain.pick().index();
             let follower = &self.stream.followers[endpoint.min(self.stream.followers.len() - 1)];
@@ -75,6 +83,27 @@ impl Poller {
                 }
                 continue;
             }
+            // Behind, but the hints say the new blocks hold none of this
+            // stream's logs: nothing to store, only the cursor to move. It
+            // moves at most once per poll_interval then, several blocks at
+            // a time, so the streams whose blocks hold logs tick first.
+            if !force {
+                let from = u64::try_from(seen.saturating_add(1)).unwrap_or(0);
+                let due = last_tick + self.stream.cfg.poll_interval;
+                let now = Instant::now();
+                let short = heads.safe_head.saturating_sub(from) < self.stream.cfg.max_block_range;
+                if now < due && short && follower.holds_logs(from, heads.safe_head, &self.stream.filter) == Some(false)
+                {
+                    self.metrics.ticks_deferred.inc();
+                    match pace::changed(&mut heads_rx, due - now, &cancel).await {
+                        Woken::Cancelled => break,
+                        Woken::TimedOut => force = true,
+                        Woken::Head => {}
+                    }
+                    continue;
+                }
+            }
+            last_tick = Instant::now();
             let result = {
                 let Ok(_permit) = self.permits.acquire().await else {
                     break; // closed: the app is stopping

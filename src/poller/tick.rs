@@ -450,12 +450,16 @@ impl Poller {
 
     /// The cursor, its hash, and whether the stream is halted, read without a lock.
     async fn peek(&self) -> Result<(Processed, Option<Hash32>, bool), TickError> {
-        let mut client = self.db.get().await?;
-        let tx = self.db.begin(&mut client, self.limits).await?;
+        let client = self.db.get().await?;
         let name = self.stream.cfg.name.as_str();
-        let found = cursor::get(&*tx, name).await?;
-        tx.commit().await.map_err(StoreError::db("read cursor"))?;
-        let row = found.ok_or_else(|| StoreError::CursorMissing(name.to_string()))?;
+        // One statement, one round trip: no transaction to begin or end.
+        let found = cursor::get_many_in(&**client, Some(self.db.search_path()), &[name]).await?;
+        self.db.note_answered();
+        let row = found
+            .into_iter()
+            .next()
+            .map(|(_, r)| r)
+            .ok_or_else(|| StoreError::CursorMissing(name.to_string()))?;
         Ok((row.cursor.processed, row.cursor.hash, row.halted_reason.is_some()))
     }
 

@@ -174,11 +174,24 @@ pub async fn get<C: GenericClient>(c: &C, stream: &str) -> Result<Option<CursorR
 
 /// The rows of `streams` without locking them (one round trip), by id.
 pub async fn get_many<C: GenericClient>(c: &C, streams: &[&str]) -> Result<Vec<(String, CursorRow)>> {
+    get_many_in(c, None, streams).await
+}
+
+/// [`get_many`] naming the table in `schema` (a quoted identifier): one
+/// statement on its own, outside any transaction, needs no `search_path`.
+pub async fn get_many_in<C: GenericClient>(
+    c: &C,
+    schema: Option<&str>,
+    streams: &[&str],
+) -> Result<Vec<(String, CursorRow)>> {
+    let table = schema.map_or_else(|| "block_cursors".to_string(), |s| format!("{s}.block_cursors"));
     let rows = c
         .query_typed(
-            "SELECT id, last_processed_block, last_block_hash, filter_fingerprint, updated_at, updated_by,
-                    halted_reason, failing_since, last_error
-               FROM block_cursors WHERE id = ANY($1)",
+            &format!(
+                "SELECT id, last_processed_block, last_block_hash, filter_fingerprint, updated_at, updated_by,
+                        halted_reason, failing_since, last_error
+                   FROM {table} WHERE id = ANY($1)"
+            ),
             &[(&streams, Type::TEXT_ARRAY)],
         )
         .await
