@@ -247,9 +247,18 @@ async fn replay_one(
     };
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    // Serialized with the stream's ticks and rewinds by its cursor row: a
+    // rewind that removed the letter's block since the check above took
+    // the letter with it (nothing to replay); one that comes later waits,
+    // and removes the replayed row with its block.
+    cursor::lock(&*tx, &dl.stream, cursor::LockMode::Wait).await?;
     // The letter leaves first, so the seam does not skip it as parked; a
     // failure parks it again (attempts count on).
-    dead_letters::discard(&*tx, &[dl.id]).await?;
+    if dead_letters::discard(&*tx, &[dl.id]).await? != 1 {
+        return Ok(Err(
+            "the dead letter is gone (a rewind removed its block, or another replay took it)".into(),
+        ));
+    }
     let written = stream
         .writer
         .write(

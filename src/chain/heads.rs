@@ -41,6 +41,9 @@ const HINT_KEEP: u64 = 256;
 /// At most this many blocks are fetched for one new head (after a jump,
 /// the newest ones; the others are unknown and their streams tick).
 const HINT_FETCH: u64 = 32;
+/// The hints of a new head are given up after this long (the head is then
+/// published without them).
+const HINT_WAIT: Duration = Duration::from_millis(500);
 
 /// Which recent blocks hold logs some stream on the endpoint wants.
 #[derive(Debug, Default)]
@@ -151,8 +154,13 @@ impl Follower {
             };
             next.max(head.saturating_sub(HINT_FETCH - 1))
         };
-        match self.client.at(0).get_logs(from, head, &filter).await {
-            Ok(logs) => {
+        // Bounded: a slow hint must not hold the head back from the streams.
+        let fetched = tokio::time::timeout(HINT_WAIT, self.client.at(0).get_logs(from, head, &filter)).await;
+        match fetched {
+            Err(_) => {
+                tracing::debug!(endpoint = %self.endpoint(), "no log hints for the new blocks within {HINT_WAIT:?}");
+            }
+            Ok(Ok(logs)) => {
                 let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
                 let contiguous = hints.covered.is_some_and(|(_, b)| b + 1 == from);
                 if !contiguous {
@@ -172,7 +180,7 @@ impl Follower {
                 hints.found.retain(|n, _| *n >= keep_from);
                 hints.covered = Some((keep_from, logs.covered));
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 // The streams then tick as if there were no hints.
                 tracing::debug!(endpoint = %self.endpoint(), error = %e, "no log hints for the new blocks");
             }
@@ -240,6 +248,14 @@ impl Follower {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.push.woken() => {
                     if let Some(h) = self.push.take_pushed() {
+                        // Before the first poll has read the tags a stream
+                        // needs (safe, finalized), a pushed header would be
+                        // published without them, as if the node had none:
+                        // only a poll publishes the first head then.
+                        let tags_needed = !self.tags.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                        if tags_needed && self.head.borrow().is_none() {
+                            continue;
+                        }
                         if self.is_news(&h) {
                             self.hint(h.number).await;
                         }
@@ -287,9 +303,25 @@ impl Follower {
                 safe,
                 finalized,
             };
-            // A poll that lags a pushed head keeps the newer one.
-            if current.is_some_and(|c| c.header.number > header.number && tags.is_some()) {
-                return false;
+            // A poll that lags a pushed head keeps the newer header, and
+            // takes the fresh tags where they moved forward.
+            if let (Some(c), Some((safe, finalized))) = (current.as_mut(), tags) {
+                if c.header.number > header.number {
+                    let newer = |old: Option<u64>, new: Option<u64>| match (old, new) {
+                        (Some(o), Some(n)) => Some(o.max(n)),
+                        (o, n) => n.or(o),
+                    };
+                    let moved = Head {
+                        safe: newer(c.safe, safe),
+                        finalized: newer(c.finalized, finalized),
+                        ..*c
+                    };
+                    if moved == *c {
+                        return false;
+                    }
+                    *c = moved;
+                    return true;
+                }
             }
             if *current == Some(next) {
                 return false;

@@ -143,7 +143,11 @@ impl Deliverer {
                 })
             })
             .collect();
+        // No redirects: a 301/302/303 would turn the POST into a bodiless
+        // GET whose 2xx would mark the delivery done unreceived; a 3xx is
+        // an answer like any other (refused: dead, visible, replayable).
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5))
             .build()
@@ -204,7 +208,7 @@ impl Deliverer {
             };
             if last_aged.elapsed() > Duration::from_secs(60) {
                 last_aged = tokio::time::Instant::now();
-                if let Err(e) = self.age(t.hook.keep_delivered).await {
+                if let Err(e) = self.age(t).await {
                     tracing::warn!(error = %e, "outbox aging failed");
                 }
             }
@@ -218,10 +222,10 @@ impl Deliverer {
         }
     }
 
-    async fn age(&self, keep: Duration) -> Result<u64, StoreError> {
+    async fn age(&self, t: &Target) -> Result<u64, StoreError> {
         let mut client = self.db.get().await?;
         let tx = self.db.begin(&mut client, TxLimits::SHORT).await?;
-        let n = outbox::age(&*tx, keep).await?;
+        let n = outbox::age(&*tx, &t.stream.cfg.name, &t.hook.name, t.hook.keep_delivered).await?;
         tx.commit().await.map_err(StoreError::db("commit outbox aging"))?;
         Ok(n)
     }
@@ -244,7 +248,7 @@ impl Deliverer {
             .await?;
             let due = match d {
                 Some(_) => None,
-                None => outbox::next_due(&*tx, &t.stream.cfg.name, &t.hook.name).await?,
+                None => outbox::next_due(&*tx, &t.stream.cfg.name, &t.hook.name, t.hook.ordered).await?,
             };
             tx.commit().await.map_err(StoreError::db("commit delivery claim"))?;
             d.ok_or(due)

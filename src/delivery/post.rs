@@ -97,13 +97,17 @@ pub(super) async fn post(http: &reqwest::Client, hook: &WebhookConfig, d: &Deliv
     }
 }
 
-/// `Retry-After`: seconds, or an HTTP date.
+/// `Retry-After`: seconds, or an HTTP date; a day at most either way.
 fn parse_retry_after(v: &str) -> Option<Duration> {
     if let Ok(secs) = v.trim().parse::<u64>() {
         return Some(Duration::from_secs(secs.min(86_400)));
     }
     let at = httpdate::parse_http_date(v.trim()).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(86_400)),
+    )
 }
 
 /// The start of a body, on one line, for the dead letter.

@@ -276,7 +276,8 @@ impl GapFiller {
         let expect = Expect {
             from,
             cursor_hash: None,
-            to: last,
+            to: Some(last),
+            written_to: last,
             pinned,
             named: &named,
             ends: &ends,

@@ -242,6 +242,15 @@ pub enum TickError {
 }
 
 impl TickError {
+    /// The database error under this one, if it is one (directly, or from
+    /// the write seam).
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            TickError::Store(e) | TickError::Write(WriteError::Store(e)) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Another replica holds the lock (past `lock_timeout`, or at once
     /// with `NOWAIT`): not a fault.
     pub fn is_lock_busy(&self) -> bool {

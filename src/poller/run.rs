@@ -125,6 +125,10 @@ impl Poller {
                     failures.reset();
                     Duration::ZERO // wait for the next head, above
                 }
+                // An old replica whose filter was replaced (a rolling
+                // update): it backs off on the failure schedule, not the
+                // busy pause, and says so once.
+                Pace::Busy if matches!(result, Err(TickError::FilterReplaced { .. })) => failures.failed(),
                 Pace::Busy => jitter(BUSY_PAUSE * 2),
                 Pace::Failed => failures.failed(),
                 Pace::Stop => break,
@@ -185,7 +189,10 @@ impl Poller {
                 safe_head.saturating_sub(*to),
                 self.stream.cfg.max_block_range,
             ),
-            Err(e @ TickError::FilterReplaced { .. }) => tracing::warn!(stream = %name, error = %e, "backing off"),
+            Err(e @ TickError::FilterReplaced { .. }) if failures.count() <= 1 => {
+                tracing::warn!(stream = %name, error = %e, "backing off")
+            }
+            Err(TickError::FilterReplaced { .. }) => {}
             Err(e) if e.is_lock_busy() => {
                 tracing::debug!(stream = %name, "cursor row busy: another replica is ticking it")
             }

@@ -93,6 +93,9 @@ pub(crate) struct Refusals {
     endpoints: std::collections::BTreeSet<usize>,
 }
 
+/// The header of a skipped range's end is waited for at most this long.
+const SKIP_HEADER_WAIT: Duration = Duration::from_secs(5);
+
 /// The tick's transaction while it waits on the chain.
 struct Session<'a> {
     tx: &'a Tx<'a>,
@@ -279,8 +282,9 @@ impl Poller {
         }
         let mut client = self.db.get().await?;
         let result = self.locked(&mut client, &rpc, heads, reorged, cancel, mode).await;
-        if let Err(TickError::Store(e)) = &result {
-            // The connection saw the server go away or turn read-only: never again.
+        if let Some(e) = result.as_ref().err().and_then(TickError::store_error) {
+            // The connection saw the server go away or turn read-only
+            // (in the tick or in the write seam): never again.
             if self.db.evict_if_broken(client, e).is_none() {
                 return result;
             }
@@ -344,7 +348,19 @@ impl Poller {
         let first = self.first_part(rpc, &session, from, planned_to).await;
         let (first, rest) = match first {
             Ok(parts) => parts,
-            Err(e) => return self.refused(tx, rpc, &current, from, planned_to, e).await,
+            Err(e) => {
+                let Some((skip_from, skip_to)) = self.skippable(rpc, from, planned_to, &e) else {
+                    return Err(e);
+                };
+                // Best effort, and bounded like the tick's other requests:
+                // the header may be served when the logs are not.
+                let until = session.deadline.min(Instant::now() + SKIP_HEADER_WAIT);
+                let header = session
+                    .wait_until(until, async { Ok(rpc.canonical_headers(&[skip_to]).await?) })
+                    .await;
+                let hash = header.ok().map(|h| h[0].hash);
+                return self.skip(tx, &current, (skip_from, skip_to), e, hash).await;
+            }
         };
         let stored = match self.write_parts(&tx, &session, rpc, first, rest).await {
             Err(TickError::Write(e @ WriteError::Halt { .. })) => {
@@ -357,22 +373,12 @@ impl Poller {
             }
             other => other?,
         };
-        let Some(to) = stored.to.filter(|t| *t >= from) else {
-            // The savepoint budget ran out inside the first block: commit what
-            // was handled; the cursor stays and the next tick goes on.
-            let at = stored.stopped_at.unwrap_or(from);
-            tx.commit().await.map_err(StoreError::db("commit partial tick"))?;
-            return Ok(TickOutcome::Partial {
-                at,
-                inserted: stored.inserted,
-                dead_lettered: usize::try_from(stored.parked).unwrap_or(usize::MAX),
-            });
-        };
-        span.record("to_block", to);
+        let whole = stored.to.filter(|t| *t >= from);
         let expect = Expect {
             from,
             cursor_hash: current.hash,
-            to,
+            to: whole,
+            written_to: stored.stopped_at.or(whole).unwrap_or(from),
             pinned: pin.to,
             named: &stored.blocks,
             ends: &stored.ends,
@@ -384,6 +390,23 @@ impl Poller {
                 return Err(e);
             }
         };
+        let Some(to) = whole else {
+            // The savepoint budget ran out inside the first block: commit what
+            // was handled (checked above like a whole range); the cursor
+            // stays and the next tick goes on.
+            let at = stored.stopped_at.unwrap_or(from);
+            announce(&*tx, self.db.schema(), &self.stream, at, at, stored.inserted).await?;
+            tx.commit().await.map_err(StoreError::db("commit partial tick"))?;
+            if stored.inserted > 0 {
+                self.stream.committed.notify_waiters();
+            }
+            return Ok(TickOutcome::Partial {
+                at,
+                inserted: stored.inserted,
+                dead_lettered: usize::try_from(stored.parked).unwrap_or(usize::MAX),
+            });
+        };
+        span.record("to_block", to);
         self.advance(tx, &current, (from, to), stored.inserted, &verified)
             .await?;
         span.record("events_inserted", stored.inserted);
@@ -452,8 +475,20 @@ impl Poller {
     async fn peek(&self) -> Result<(Processed, Option<Hash32>, bool), TickError> {
         let client = self.db.get().await?;
         let name = self.stream.cfg.name.as_str();
-        // One statement, one round trip: no transaction to begin or end.
-        let found = cursor::get_many_in(&**client, Some(self.db.search_path()), &[name]).await?;
+        // One statement, one round trip: no transaction to begin or end,
+        // so no statement_timeout either: past it the server is asked to
+        // cancel the read (an exclusive lock on the table, say).
+        let cancel_query = client.cancel_token();
+        let names = [name];
+        let read = cursor::get_many_in(&**client, Some(self.db.search_path()), &names);
+        tokio::pin!(read);
+        let found = tokio::select! {
+            r = &mut read => r?,
+            _ = tokio::time::sleep(self.limits.statement_timeout) => {
+                self.db.cancel(cancel_query).await;
+                read.await?
+            }
+        };
         self.db.note_answered();
         let row = found
             .into_iter()
@@ -618,31 +653,34 @@ impl Poller {
     /// deterministic error from every endpoint) `range_attempts` times is
     /// recorded in `failed_ranges` and passed; anything else (429, 5xx,
     /// timeouts, a lagging or malformed endpoint) is retried, never skipped.
-    async fn refused(
-        &self,
-        tx: Tx<'_>,
-        rpc: &Rpc<'_>,
-        current: &Cursor,
-        from: u64,
-        to: u64,
-        e: TickError,
-    ) -> Result<TickOutcome, TickError> {
-        self.cool_down_after(rpc, &e);
-        let TickError::Chain(c) = &e else {
-            return Err(e);
+    /// Whether `e` (the first part's failure) skips a range now, and which.
+    fn skippable(&self, rpc: &Rpc<'_>, from: u64, to: u64, e: &TickError) -> Option<(u64, u64)> {
+        self.cool_down_after(rpc, e);
+        let TickError::Chain(c) = e else {
+            return None;
         };
         if self.stream.cfg.on_unfetchable_range != UnfetchablePolicy::SkipAndBackfill
             || !self.refused_enough(from, rpc.index(), c)
         {
-            return Err(e);
+            return None;
         }
         // A single block that overflows is skipped alone.
-        let (from, to) = match c.kind {
+        Some(match c.kind {
             ChainErrorKind::BlockTooLarge { block, .. } => (block, block),
             _ => (from, to),
-        };
-        // Best effort: the header may be served when the logs are not.
-        let hash = rpc.canonical_headers(&[to]).await.ok().map(|h| h[0].hash);
+        })
+    }
+
+    /// Records `[from, to]` in `failed_ranges` and moves the cursor past it
+    /// (to `hash`, when its header was served).
+    async fn skip(
+        &self,
+        tx: Tx<'_>,
+        current: &Cursor,
+        (from, to): (u64, u64),
+        e: TickError,
+        hash: Option<Hash32>,
+    ) -> Result<TickOutcome, TickError> {
         let name = self.stream.cfg.name.as_str();
         let error = e.to_string();
         let (from_db, to_db) = (

@@ -17,6 +17,11 @@
 //!   with the logs, and the range's last block is still the pinned one. A
 //!   block hash commits to all its ancestors, so the range is one unbroken
 //!   chain from the cursor. Any mismatch is a reorg: the tick rolls back.
+//!
+//! When the savepoint budget stops a tick inside a block, the rows of that
+//! block handled so far commit too (the cursor stays before it): the check
+//! then covers that block's hash as well (`written_to`), also when nothing
+//! before it completes (a partial tick).
 
 use tracing::{info_span, Instrument};
 
@@ -60,8 +65,12 @@ pub(crate) struct Expect<'a> {
     /// The range's first block and the cursor hash its parent must have.
     pub from: u64,
     pub cursor_hash: Option<Hash32>,
-    /// The last block stored (the range's end, or where it stopped).
-    pub to: u64,
+    /// The last block stored whole (the range's end, or where it
+    /// stopped); `None`: none (a partial tick).
+    pub to: Option<u64>,
+    /// The last block with rows written (`to`, or the block the savepoint
+    /// budget stopped inside).
+    pub written_to: u64,
     /// The pinned header of the planned end (checked when `to` is it).
     pub pinned: Header,
     /// Every block with logs and the hash the logs name.
@@ -81,12 +90,15 @@ pub(crate) struct Verified {
 
 /// The final batch of headers (see the module doc).
 pub(crate) async fn verify(rpc: &Rpc<'_>, e: &Expect<'_>) -> Result<Verified, TickError> {
+    let written = |n: &u64| *n <= e.written_to;
     let mut numbers: Vec<u64> = e
         .named
         .iter()
         .map(|(n, _)| *n)
-        .chain(e.ends.iter().map(|h| h.number).filter(|n| *n <= e.to))
-        .chain([e.from, e.to])
+        .chain(e.ends.iter().map(|h| h.number))
+        .filter(written)
+        .chain([e.from])
+        .chain(e.to)
         .collect();
     numbers.sort_unstable();
     numbers.dedup();
@@ -103,16 +115,23 @@ pub(crate) async fn verify(rpc: &Rpc<'_>, e: &Expect<'_>) -> Result<Verified, Ti
         .iter()
         .copied()
         .chain(e.ends.iter().map(|h| (h.number, h.hash)))
-        .chain((e.to == e.pinned.number).then_some((e.pinned.number, e.pinned.hash)));
-    for (n, was) in seen.filter(|(n, _)| *n <= e.to) {
+        .chain((e.to == Some(e.pinned.number)).then_some((e.pinned.number, e.pinned.hash)));
+    for (n, was) in seen.filter(|(n, _)| written(n)) {
         if let Some(h) = at(n).filter(|h| h.hash != was) {
             return Err(reorg(n, was, h.hash));
         }
     }
-    let last = at(e.to).copied().unwrap_or(e.pinned);
-    let mut hashes: Vec<(u64, Hash32)> = e.named.iter().filter(|(n, _)| *n <= e.to).copied().collect();
-    if hashes.last().map(|(n, _)| *n) != Some(e.to) {
-        hashes.push((e.to, last.hash));
+    let Some(to) = e.to else {
+        return Ok(Verified {
+            hashes: Vec::new(),
+            last_hash: e.pinned.hash,
+            last_time: 0,
+        });
+    };
+    let last = at(to).copied().unwrap_or(e.pinned);
+    let mut hashes: Vec<(u64, Hash32)> = e.named.iter().filter(|(n, _)| *n <= to).copied().collect();
+    if hashes.last().map(|(n, _)| *n) != Some(to) {
+        hashes.push((to, last.hash));
     }
     Ok(Verified {
         hashes,

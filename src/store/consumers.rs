@@ -72,7 +72,8 @@ pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
 pub enum Target {
     /// Before the first row: everything is read again.
     Start,
-    /// After the last row stored now: only what comes next.
+    /// After the last row of the transactions finished now (below the
+    /// oldest one running, so nothing commits behind it): only what comes next.
     Latest,
     /// After the row at `XID/ID`.
     At { xid: u64, id: i64 },
@@ -111,9 +112,12 @@ pub async fn reset<C: GenericClient>(c: &C, name: &str, to: &Target) -> Result<O
                                ELSE coalesce(max(e.inserted_xid), '0'::xid8) END,
                        CASE $2 WHEN 'start' THEN 0 WHEN 'at' THEN $4
                                ELSE coalesce(max(e.id) FILTER (WHERE e.inserted_xid = (
-                                        SELECT max(inserted_xid) FROM events WHERE stream = k.stream)), 0) END,
+                                        SELECT max(inserted_xid) FROM events
+                                         WHERE stream = k.stream
+                                           AND inserted_xid < pg_snapshot_xmin(pg_current_snapshot()))), 0) END,
                        now()
-                  FROM events e WHERE e.stream = k.stream)
+                  FROM events e
+                 WHERE e.stream = k.stream AND e.inserted_xid < pg_snapshot_xmin(pg_current_snapshot()))
               WHERE k.name = $1
           RETURNING k.after_xid::text || '/' || k.after_id",
             &[

@@ -300,7 +300,10 @@ pub async fn forget_above<C: GenericClient>(c: &C, stream: &str, to: i64) -> Res
     .await
     .map_err(StoreError::db("forget failed ranges above a rewind"))?;
     c.execute_typed(
-        "UPDATE failed_ranges SET to_block = $2 WHERE stream = $1 AND to_block > $2",
+        // A gap-fill worker holding the row loses its claim: what it fetched
+        // above `to` may be the orphaned branch, and it must not commit it.
+        "UPDATE failed_ranges SET to_block = $2, claimed_by = NULL, claimed_until = NULL
+          WHERE stream = $1 AND to_block > $2",
         &[(&stream, Type::TEXT), (&to, Type::INT8)],
     )
     .await

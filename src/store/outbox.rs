@@ -103,10 +103,14 @@ const FIX_BODY: &str = concat!(
 );
 
 /// Writes the revert deliveries of a rewind and trims what was not sent.
+/// The rows are locked first (`FOR UPDATE` reads their latest version): a
+/// claim that fixed a body meanwhile makes its delivery "sent", and is
+/// reverted rather than trimmed.
 const REVERT: &str = concat!(
     "WITH touched AS (
         SELECT id, webhook, event_ids, status, body IS NOT NULL AS sent
-          FROM outbox WHERE stream = $1 AND kind = 'events' AND event_ids && $2::int8[]),
+          FROM outbox WHERE stream = $1 AND kind = 'events' AND event_ids && $2::int8[]
+           FOR UPDATE),
      reverts AS (
         INSERT INTO outbox (stream, webhook, kind, event_ids, body)
         SELECT $1, r.webhook, 'revert', r.ids, jsonb_build_object(
@@ -209,16 +213,31 @@ pub async fn claim<C: GenericClient>(
     }))
 }
 
-/// How long until the next pending delivery of `webhook` may be claimed
-/// (its retry time, or the end of another worker's lease); `None` when
-/// none is pending.
-pub async fn next_due<C: GenericClient>(c: &C, stream: &str, webhook: &str) -> Result<Option<Duration>> {
+/// How long until the next pending delivery of `webhook` may be claimed,
+/// by the claim's own rule (ordered: the oldest pending row only; both:
+/// rows below the oldest running transaction): its retry time, or the end
+/// of another worker's lease. Rows not below that horizon yet are looked
+/// at again after [`HORIZON_WAIT`]. `None` when none is pending.
+pub async fn next_due<C: GenericClient>(c: &C, stream: &str, webhook: &str, ordered: bool) -> Result<Option<Duration>> {
+    let horizon_wait = HORIZON_WAIT.as_secs_f64();
     let row = c
         .query_typed_one(
-            "SELECT extract(epoch FROM min(greatest(next_attempt_at - now(),
-                                               coalesce(claimed_until - clock_timestamp(), interval '0'))))::float8
-               FROM outbox WHERE stream = $1 AND webhook = $2 AND status = 'pending'",
-            &[(&stream, Type::TEXT), (&webhook, Type::TEXT)],
+            "WITH p AS (
+                SELECT created_xid < pg_snapshot_xmin(pg_current_snapshot()) AS visible,
+                       extract(epoch FROM greatest(next_attempt_at - now(),
+                                                   coalesce(claimed_until - clock_timestamp(), interval '0'))) AS wait
+                  FROM outbox WHERE stream = $1 AND webhook = $2 AND status = 'pending'
+                 ORDER BY created_xid, id
+                 LIMIT CASE WHEN $3 THEN 1 END)
+             SELECT (CASE WHEN bool_or(visible) THEN min(wait) FILTER (WHERE visible)
+                          WHEN count(*) > 0 THEN $4 END)::float8
+               FROM p",
+            &[
+                (&stream, Type::TEXT),
+                (&webhook, Type::TEXT),
+                (&ordered, Type::BOOL),
+                (&horizon_wait, Type::FLOAT8),
+            ],
         )
         .await
         .map_err(StoreError::db("read next delivery"))?;
@@ -226,6 +245,10 @@ pub async fn next_due<C: GenericClient>(c: &C, stream: &str, webhook: &str) -> R
         .get::<_, Option<f64>>(0)
         .map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
 }
+
+/// Pending rows of transactions newer than the oldest one running are
+/// looked at again after this long.
+pub const HORIZON_WAIT: Duration = Duration::from_millis(50);
 
 /// A 2xx: the delivery is done. The row stays, without its body, as the
 /// record that its events were delivered (a later rewind reverts them)
@@ -364,12 +387,13 @@ pub async fn discard<C: GenericClient>(c: &C, ids: &[i64]) -> Result<u64> {
         .map_err(StoreError::db("discard deliveries"))
 }
 
-/// Deletes delivered rows older than `keep` (outbox aging).
-pub async fn age<C: GenericClient>(c: &C, keep: Duration) -> Result<u64> {
+/// Deletes the delivered rows of one webhook older than its `keep` (outbox aging).
+pub async fn age<C: GenericClient>(c: &C, stream: &str, webhook: &str, keep: Duration) -> Result<u64> {
     let keep_ms = keep.as_secs_f64() * 1000.0;
     c.execute_typed(
-        "DELETE FROM outbox WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 millisecond'",
-        &[(&keep_ms, Type::FLOAT8)],
+        "DELETE FROM outbox WHERE stream = $2 AND webhook = $3 AND status = 'delivered'
+            AND delivered_at < now() - $1 * interval '1 millisecond'",
+        &[(&keep_ms, Type::FLOAT8), (&stream, Type::TEXT), (&webhook, Type::TEXT)],
     )
     .await
     .map_err(StoreError::db("age deliveries"))

@@ -14,7 +14,7 @@
 use tokio_postgres::types::Type;
 
 use super::{handler, WriteError, Writer};
-use crate::store::{events, outbox};
+use crate::store::{events, failed_ranges, outbox};
 
 /// Events reverted per call of a revert function or handler.
 pub const REVERT_PAGE: i64 = 2_000;
@@ -24,6 +24,11 @@ impl Writer {
     /// their effects first (see the module doc). Returns how many were
     /// removed.
     pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
+        // First, so that a gap-fill worker filling above `to` loses its
+        // claim before the events go: it then cannot commit the orphaned
+        // branch (its commit waits for this row and finds the claim gone),
+        // or it committed before, and the delete below sees its rows.
+        failed_ranges::forget_above(tx, &self.stream, to).await?;
         if self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() || !self.webhooks.is_empty() {
             self.revert_above(tx, to).await?;
         }
