@@ -287,6 +287,13 @@ impl Follower {
                 Err(e) => return Err(e),
             }
         }
+        if self.head.borrow().is_none() {
+            // The first head goes out at once (every stream looks at start
+            // anyway); the hints start from it.
+            self.publish(latest, Some(tagged));
+            self.hint(latest.number).await;
+            return Ok(());
+        }
         if self.is_news(&latest) {
             self.hint(latest.number).await;
         }
