@@ -35,7 +35,7 @@ many_streams() {
   chain deploy-many "$rpc" "$MANY_CONTRACTS" >"$addrs"
   chain scatter "$rpc" "$addrs" "$MANY_BLOCKS" 15 7 0 >/dev/null
   head=$(chain head "$rpc")
-  onchain=$(chain count-all "$rpc" "$addrs" "$head")
+  onchain=$(chain count-all "$rpc" "$addrs" "$head" "$streams")
 
   db=$(new_db many)
   cfg="$work/many-$label.toml"
@@ -100,7 +100,7 @@ many_streams() {
   kill "$prober" 2>/dev/null || true
   local lstored lonchain
   lstored=$(psql "$db" -qtAXc "SELECT count(*) FROM events")
-  lonchain=$(chain count-all "$rpc" "$addrs" "$lhead")
+  lonchain=$(chain count-all "$rpc" "$addrs" "$lhead" "$streams")
   kill -TERM "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
   kill "$sampler" 2>/dev/null || true
 

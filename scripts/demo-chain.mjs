@@ -17,7 +17,7 @@
 //       -> BLOCKS blocks of TXS transactions each to random contracts of FILE
 //          (a Burned, Unlisted or Labeled event each), one block every
 //          INTERVAL_MS (0: at once); CSV "block,mined_ms"
-//   node scripts/demo-chain.mjs count-all RPC FILE TO      -> logs of FILE's contracts in [0, TO]
+//   node scripts/demo-chain.mjs count-all RPC FILE TO [STREAMS] -> logs of FILE's contracts in [0, TO] (of the first STREAMS (contract, event) pairs)
 //   node scripts/demo-chain.mjs receiver PORT OUT_CSV      -> a webhook receiver answering 200; appends
 //       "block,received_ms" per event to OUT_CSV; GET /count answers the events received
 //   node scripts/demo-chain.mjs count-proxy PORT UPSTREAM  -> forwards JSON-RPC and WebSocket;
@@ -240,12 +240,18 @@ if (cmd === 'deploy') {
   await rpc(url, 'evm_setAutomine', [true]);
   console.log(rows.join('\n'));
 } else if (cmd === 'count-all') {
-  const [file, to] = args;
-  const addresses = readFileSync(file, 'utf8').split('\n').filter(Boolean);
+  // STREAMS (optional): only the first STREAMS (contract, event) pairs are
+  // watched, in the order Burned, Unlisted, Labeled per contract (told apart
+  // by their topic count: 2, 1, 3).
+  const [file, to, streams] = args;
+  const addresses = readFileSync(file, 'utf8').split('\n').filter(Boolean).map((a) => a.toLowerCase());
+  const kindOf = { 2: 0, 1: 1, 3: 2 };
+  const watched = (log) => streams === undefined
+    || 3 * addresses.indexOf(log.address.toLowerCase()) + kindOf[log.topics.length] < Number(streams);
   let count = 0;
   for (let a = 0; a <= Number(to); a += 1000) {
     const logs = await rpc(url, 'eth_getLogs', [{ fromBlock: hex(a), toBlock: hex(Math.min(Number(to), a + 999)), address: addresses }]);
-    count += logs.length;
+    count += logs.filter(watched).length;
   }
   console.log(count);
 } else if (cmd === 'sender') {

@@ -134,6 +134,8 @@ pub struct Poller {
     pub metrics: StreamMetrics,
     /// The replica's tick permits: ticks in flight at once, bounded by the pool.
     permits: Arc<tokio::sync::Semaphore>,
+    /// How many there are (all free when the poller is made).
+    permits_total: usize,
     /// The last tick and this run's totals (see `record`).
     observed: Mutex<record::Observed>,
     /// The idle wait the loop is in now, in milliseconds (0: working, or
@@ -285,6 +287,7 @@ impl Poller {
             replica_id,
             limits,
             metrics,
+            permits_total: permits.available_permits(),
             permits,
             observed: Mutex::default(),
             idle_wait_ms: AtomicU64::new(0),

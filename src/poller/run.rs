@@ -41,6 +41,10 @@ use crate::types::Header;
 
 /// A row another replica holds is looked at again after about this long.
 const BUSY_PAUSE: Duration = Duration::from_millis(150);
+/// Tick permits a lazy tick (cursor only, or a re-look) leaves free.
+const RESERVED_FOR_EVENTS: usize = 2;
+/// A lazy tick waiting for room looks again after about this long.
+const LAZY_RETRY: Duration = Duration::from_millis(10);
 
 impl Poller {
     /// Ticks until `cancel` fires. Returns only then: failures are retried.
@@ -54,6 +58,9 @@ impl Poller {
         let mut force = true; // look once at start, whatever the head says
                               // When this replica last ticked the stream (see the deferral below).
         let mut last_tick = Instant::now();
+        // This tick only moves the cursor over blocks without the stream's
+        // logs, or looks again: it leaves tick permits to ticks with events.
+        let mut lazy = false;
         while !cancel.is_cancelled() {
             let endpoint = self.stream.chain.pick().index();
             let follower = &self.stream.followers[endpoint.min(self.stream.followers.len() - 1)];
@@ -78,7 +85,7 @@ impl Poller {
                     Woken::Cancelled => break,
                     // The safety re-look: a cheap read, in case another
                     // replica's view or an operator moved the cursor.
-                    Woken::TimedOut => force = true,
+                    Woken::TimedOut => (force, lazy) = (true, true),
                     Woken::Head => {}
                 }
                 continue;
@@ -97,12 +104,16 @@ impl Poller {
                     self.metrics.ticks_deferred.inc();
                     match pace::changed(&mut heads_rx, due - now, &cancel).await {
                         Woken::Cancelled => break,
-                        Woken::TimedOut => force = true,
+                        Woken::TimedOut => (force, lazy) = (true, true),
                         Woken::Head => {}
                     }
                     continue;
                 }
             }
+            if lazy && !self.room_for_lazy(&cancel).await {
+                break;
+            }
+            lazy = false;
             last_tick = Instant::now();
             let result = {
                 let Ok(_permit) = self.permits.acquire().await else {
@@ -141,6 +152,22 @@ impl Poller {
                 }
             }
         }
+    }
+
+    /// Waits until a lazy tick leaves [`RESERVED_FOR_EVENTS`] tick permits
+    /// free (when the replica has more than that many), so that a stream
+    /// whose new blocks hold events never queues behind cursor-only ticks.
+    /// `false`: cancelled.
+    async fn room_for_lazy(&self, cancel: &CancellationToken) -> bool {
+        if self.permits_total <= RESERVED_FOR_EVENTS {
+            return true;
+        }
+        while self.permits.available_permits() <= RESERVED_FOR_EVENTS {
+            if !pace::pause(jitter(LAZY_RETRY), None, cancel).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// The heads a tick works against, from the follower's `head`.
