@@ -141,6 +141,23 @@ const [from] = await rpc(url, 'eth_accounts', []);
 let nonce = Number(await rpc(url, 'eth_getTransactionCount', [from, 'pending']));
 const send = (tx) => rpc(url, 'eth_sendTransaction', [{ from, gas: hex(1_000_000), nonce: hex(nonce++), ...tx }]);
 
+// Mines `blocks` blocks, one every `interval` ms (0: at once), each holding
+// what `fill(i)` sends; prints CSV "block,mined_ms".
+async function mineEvery(blocks, interval, fill) {
+  await rpc(url, 'evm_setAutomine', [false]);
+  const rows = ['block,mined_ms'];
+  for (let i = 0; i < blocks; i++) {
+    const tick = performance.now();
+    await fill(i);
+    await rpc(url, 'evm_mine', []);
+    rows.push(`${Number(await rpc(url, 'eth_blockNumber', []))},${Date.now()}`);
+    const wait = interval - (performance.now() - tick);
+    if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
+  }
+  await rpc(url, 'evm_setAutomine', [true]);
+  console.log(rows.join('\n'));
+}
+
 if (cmd === 'deploy') {
   const r = await receipt(url, await send({ data: contract.bytecode }));
   console.log(r.contractAddress);
@@ -194,19 +211,8 @@ if (cmd === 'deploy') {
   console.log(`${Math.round(performance.now() - started)} ${count}`);
 } else if (cmd === 'live') {
   const [address, blocks, interval] = args.map((a, i) => (i === 0 ? a : Number(a)));
-  await rpc(url, 'evm_setAutomine', [false]);
-  const rows = ['block,mined_ms'];
-  for (let i = 0; i < blocks; i++) {
-    const tick = performance.now();
-    await rpc(url, 'eth_sendTransaction', [{ from, gas: hex(1_000_000), nonce: hex(nonce++), to: address,
-      data: '0x' + contract.methods['burn(uint256,uint256)'] + word(3) + word(i * 3) }]);
-    await rpc(url, 'evm_mine', []);
-    rows.push(`${Number(await rpc(url, 'eth_blockNumber', []))},${Date.now()}`);
-    const wait = interval - (performance.now() - tick);
-    if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
-  }
-  await rpc(url, 'evm_setAutomine', [true]);
-  console.log(rows.join('\n'));
+  await mineEvery(blocks, interval, (i) =>
+    send({ to: address, data: '0x' + contract.methods['burn(uint256,uint256)'] + word(3) + word(i * 3) }));
 } else if (cmd === 'deploy-many') {
   const hashes = [];
   for (let i = 0; i < Number(args[0]); i++) hashes.push(await send({ data: contract.bytecode }));
@@ -217,10 +223,7 @@ if (cmd === 'deploy') {
   const [file, blocks, txs, seed, interval] = args.map((a, i) => (i === 0 ? a : Number(a)));
   const addresses = readFileSync(file, 'utf8').split('\n').filter(Boolean);
   const next = rng(seed);
-  await rpc(url, 'evm_setAutomine', [false]);
-  const rows = ['block,mined_ms'];
-  for (let b = 0; b < blocks; b++) {
-    const tick = performance.now();
+  await mineEvery(blocks, interval, (b) => {
     const sent = [];
     for (let t = 0; t < txs; t++) {
       const to = addresses[Math.floor(next() * addresses.length)];
@@ -231,14 +234,8 @@ if (cmd === 'deploy') {
         : labelCall(`label-${b}-${t}`, [b % 256, t % 256], `text ${b}/${t}`, t % 256, t % 2 ? -b : b);
       sent.push(send({ to, data }));
     }
-    await Promise.all(sent);
-    await rpc(url, 'evm_mine', []);
-    rows.push(`${Number(await rpc(url, 'eth_blockNumber', []))},${Date.now()}`);
-    const wait = interval - (performance.now() - tick);
-    if (wait > 0) await new Promise((ok) => setTimeout(ok, wait));
-  }
-  await rpc(url, 'evm_setAutomine', [true]);
-  console.log(rows.join('\n'));
+    return Promise.all(sent);
+  });
 } else if (cmd === 'count-all') {
   // STREAMS (optional): only the first STREAMS (contract, event) pairs are
   // watched, in the order Burned, Unlisted, Labeled per contract (told apart

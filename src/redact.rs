@@ -59,6 +59,20 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// A `reqwest` error and its causes on one line, without the URL (its path
+/// or query may carry an API key or a webhook token).
+pub fn describe_http_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

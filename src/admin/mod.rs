@@ -232,19 +232,7 @@ async fn replay_one(
         Ok(d) => d,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    let row = Row {
-        event: crate::store::events::NewEvent {
-            block_number: log.block_number,
-            block_hash: log.block_hash,
-            block_timestamp: Some(timestamp),
-            tx_hash: log.tx_hash,
-            log_index: u32::try_from(log.log_index).unwrap_or(u32::MAX),
-            address: log.address,
-            event_name: decoded.event_name,
-            params: decoded.params,
-        },
-        raw: log,
-    };
+    let row = Row::new(log, decoded.event_name, decoded.params, Some(timestamp));
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;
     // Serialized with the stream's ticks and rewinds by its cursor row: a

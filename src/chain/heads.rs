@@ -54,6 +54,59 @@ struct Hints {
     found: BTreeMap<u64, Vec<(Address, Hash32)>>,
 }
 
+impl Hints {
+    /// Whether blocks `from..=to` hold logs of `filter`: `None` unless
+    /// every block of the range was fetched (an unknown block may hold
+    /// anything, so it never reads as empty).
+    fn holds(&self, from: u64, to: u64, filter: &LogFilter) -> Option<bool> {
+        if from > to {
+            return Some(false);
+        }
+        let (a, b) = self.covered?;
+        if from < a || to > b {
+            return None;
+        }
+        let wanted = |(address, topic): &(Address, Hash32)| {
+            filter.addresses.contains(address) && (filter.topic0s.is_empty() || filter.topic0s.contains(topic))
+        };
+        Some(self.found.range(from..=to).any(|(_, pairs)| pairs.iter().any(wanted)))
+    }
+
+    /// The first block to fetch for a new `head`: the one after those
+    /// fetched, at most [`HINT_FETCH`] back. A head at or below what was
+    /// fetched is a reorganisation (or a lagging backend): what was known
+    /// from it on is forgotten and fetched again.
+    fn next_from(&mut self, head: u64) -> u64 {
+        let next = match self.covered {
+            Some((a, b)) if head <= b => {
+                self.found.retain(|n, _| *n < head);
+                self.covered = (head > a).then(|| (a, head - 1));
+                head
+            }
+            Some((_, b)) => b + 1,
+            None => head,
+        };
+        next.max(head.saturating_sub(HINT_FETCH - 1))
+    }
+
+    /// Records that `from..=covered` was fetched and held `found` (block,
+    /// address, topic0); keeps the last [`HINT_KEEP`] blocks. A range that
+    /// does not continue the one known replaces it.
+    fn record(&mut self, from: u64, covered: u64, found: impl IntoIterator<Item = (u64, Address, Hash32)>) {
+        let contiguous = self.covered.is_some_and(|(_, b)| b + 1 == from);
+        if !contiguous {
+            self.found.clear();
+        }
+        let start = self.covered.filter(|_| contiguous).map_or(from, |(a, _)| a);
+        for (block, address, topic) in found.into_iter().filter(|(n, ..)| *n <= covered) {
+            self.found.entry(block).or_default().push((address, topic));
+        }
+        let keep_from = covered.saturating_sub(HINT_KEEP - 1).max(start);
+        self.found.retain(|n, _| *n >= keep_from);
+        self.covered = Some((keep_from, covered));
+    }
+}
+
 /// What a follower knows of its endpoint's chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -113,18 +166,10 @@ impl Follower {
     /// Whether blocks `from..=to` hold logs of `filter`, as far as the
     /// hints know: `None` when some block of the range was not fetched.
     pub fn holds_logs(&self, from: u64, to: u64, filter: &LogFilter) -> Option<bool> {
-        if from > to {
-            return Some(false);
-        }
-        let hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
-        let (a, b) = hints.covered?;
-        if from < a || to > b {
-            return None;
-        }
-        let wanted = |(address, topic): &(Address, Hash32)| {
-            filter.addresses.contains(address) && (filter.topic0s.is_empty() || filter.topic0s.contains(topic))
-        };
-        Some(hints.found.range(from..=to).any(|(_, pairs)| pairs.iter().any(wanted)))
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .holds(from, to, filter)
     }
 
     /// Fetches the hints of the blocks up to `head` not fetched yet.
@@ -139,21 +184,7 @@ impl Follower {
                 topic0s: interest.1.iter().copied().collect(),
             }
         };
-        let from = {
-            let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
-            let next = match hints.covered {
-                // A head at or below what was fetched: a reorganisation
-                // (or a lagging backend); fetch it again.
-                Some((a, b)) if head <= b => {
-                    hints.found.retain(|n, _| *n < head);
-                    hints.covered = (head > a).then(|| (a, head - 1));
-                    head
-                }
-                Some((_, b)) => b + 1,
-                None => head,
-            };
-            next.max(head.saturating_sub(HINT_FETCH - 1))
-        };
+        let from = self.hints.lock().unwrap_or_else(|p| p.into_inner()).next_from(head);
         // Bounded: a slow hint must not hold the head back from the streams.
         let fetched = tokio::time::timeout(HINT_WAIT, self.client.at(0).get_logs(from, head, &filter)).await;
         match fetched {
@@ -161,24 +192,14 @@ impl Follower {
                 tracing::debug!(endpoint = %self.endpoint(), "no log hints for the new blocks within {HINT_WAIT:?}");
             }
             Ok(Ok(logs)) => {
-                let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());
-                let contiguous = hints.covered.is_some_and(|(_, b)| b + 1 == from);
-                if !contiguous {
-                    hints.found.clear();
-                }
-                let start = hints.covered.filter(|_| contiguous).map_or(from, |(a, _)| a);
-                for log in logs.logs.iter().filter(|l| l.block_number <= logs.covered) {
-                    if let Some(topic) = log.topics.first() {
-                        hints
-                            .found
-                            .entry(log.block_number)
-                            .or_default()
-                            .push((log.address, *topic));
-                    }
-                }
-                let keep_from = logs.covered.saturating_sub(HINT_KEEP - 1).max(start);
-                hints.found.retain(|n, _| *n >= keep_from);
-                hints.covered = Some((keep_from, logs.covered));
+                let found = logs
+                    .logs
+                    .iter()
+                    .filter_map(|l| l.topics.first().map(|t| (l.block_number, l.address, *t)));
+                self.hints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(from, logs.covered, found);
             }
             Ok(Err(e)) => {
                 // The streams then tick as if there were no hints.
@@ -390,5 +411,71 @@ impl Followers {
             .values()
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(b: u8) -> Address {
+        Address::from_slice(&[b; 20]).expect("20 bytes")
+    }
+
+    fn topic(b: u8) -> Hash32 {
+        Hash32::from_slice(&[b; 32]).expect("32 bytes")
+    }
+
+    fn filter(a: u8, t: u8) -> LogFilter {
+        LogFilter {
+            addresses: vec![address(a)],
+            topic0s: vec![topic(t)],
+        }
+    }
+
+    /// A hint may only delay a tick: a block not fetched never reads as
+    /// holding nothing, and a reorganised head forgets what it replaced.
+    #[test]
+    fn hints_say_empty_only_for_blocks_fetched_and_forget_a_reorganised_head() {
+        let mut h = Hints::default();
+        assert_eq!(h.holds(10, 10, &filter(1, 1)), None, "nothing fetched");
+        let from = h.next_from(12);
+        assert_eq!(from, 12);
+        h.record(from, 12, [(12, address(1), topic(1))]);
+        assert_eq!(h.holds(12, 12, &filter(1, 1)), Some(true));
+        assert_eq!(h.holds(12, 12, &filter(2, 1)), Some(false), "another contract's");
+        assert_eq!(h.holds(12, 12, &filter(1, 2)), Some(false), "another event's");
+        assert_eq!(h.holds(11, 12, &filter(2, 1)), None, "block 11 was never fetched");
+        assert_eq!(h.holds(12, 13, &filter(2, 1)), None, "block 13 not yet");
+
+        let from = h.next_from(14);
+        assert_eq!(from, 13, "continues after the blocks fetched");
+        h.record(from, 14, []);
+        assert_eq!(h.holds(12, 14, &filter(1, 1)), Some(true));
+        assert_eq!(h.holds(13, 14, &filter(1, 1)), Some(false));
+
+        // The head goes back to 12 with another block 12: what was known
+        // from 12 on is forgotten until fetched again.
+        let from = h.next_from(12);
+        assert_eq!(from, 12);
+        assert_eq!(h.holds(12, 12, &filter(1, 1)), None);
+        h.record(from, 12, []);
+        assert_eq!(
+            h.holds(12, 12, &filter(1, 1)),
+            Some(false),
+            "the new block 12 holds none"
+        );
+
+        // A jump further than HINT_FETCH: the blocks skipped stay unknown.
+        let far = 12 + HINT_FETCH + 10;
+        let from = h.next_from(far);
+        assert_eq!(from, far - HINT_FETCH + 1);
+        h.record(from, far, []);
+        assert_eq!(h.holds(13, far, &filter(1, 1)), None);
+        assert_eq!(h.holds(from, far, &filter(1, 1)), Some(false));
+        // A fetch that covered less than asked leaves the rest unknown.
+        let from = h.next_from(far + 5);
+        h.record(from, far + 2, []);
+        assert_eq!(h.holds(far, far + 5, &filter(1, 1)), None);
     }
 }

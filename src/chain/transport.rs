@@ -243,23 +243,10 @@ fn classify_reqwest(e: reqwest::Error) -> ChainErrorKind {
     if e.is_timeout() {
         ChainErrorKind::Timeout
     } else if e.is_decode() || e.is_body() {
-        ChainErrorKind::Malformed(describe_reqwest(e))
+        ChainErrorKind::Malformed(crate::redact::describe_http_error(e))
     } else {
-        ChainErrorKind::Connect(describe_reqwest(e))
+        ChainErrorKind::Connect(crate::redact::describe_http_error(e))
     }
-}
-
-/// The error and its causes, without the URL (which may carry an API key).
-fn describe_reqwest(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn snippet(bytes: &[u8]) -> String {

@@ -125,15 +125,7 @@ fn describe(e: reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    let e = e.without_url();
-    let mut out = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+    format!("{kind}: {}", crate::redact::describe_http_error(e))
 }
 
 #[cfg(test)]

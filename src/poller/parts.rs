@@ -37,7 +37,6 @@ use tracing::{field, info_span, Instrument};
 
 use super::{Stream, TickError};
 use crate::chain::{ChainErrorKind, Rpc};
-use crate::store::events::NewEvent;
 use crate::types::{Hash32, Header, LogFilter, RawLog};
 use crate::write::{Batch, Row};
 
@@ -346,19 +345,9 @@ fn decode(stream: &Stream, logs: Vec<RawLog>, times: &[(u64, u64)]) -> Batch {
         match stream.cfg.events.decode(&log) {
             Ok(decoded) => {
                 let block_timestamp = times.get(&log.block_number).copied();
-                batch.rows.push(Row {
-                    event: NewEvent {
-                        block_number: log.block_number,
-                        block_hash: log.block_hash,
-                        block_timestamp,
-                        tx_hash: log.tx_hash,
-                        log_index: u32::try_from(log.log_index).unwrap_or(u32::MAX),
-                        address: log.address,
-                        event_name: decoded.event_name,
-                        params: decoded.params,
-                    },
-                    raw: log,
-                });
+                batch
+                    .rows
+                    .push(Row::new(log, decoded.event_name, decoded.params, block_timestamp));
             }
             Err(e) => batch.undecodable.push((log, e.to_string())),
         }

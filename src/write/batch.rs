@@ -61,6 +61,26 @@ pub struct Row {
     pub raw: RawLog,
 }
 
+impl Row {
+    /// The row of `log`, decoded as `event_name` with `params`, in a block
+    /// of `block_timestamp`.
+    pub fn new(log: RawLog, event_name: String, params: serde_json::Value, block_timestamp: Option<u64>) -> Row {
+        Row {
+            event: NewEvent {
+                block_number: log.block_number,
+                block_hash: log.block_hash,
+                block_timestamp,
+                tx_hash: log.tx_hash,
+                log_index: u32::try_from(log.log_index).unwrap_or(u32::MAX),
+                address: log.address,
+                event_name,
+                params,
+            },
+            raw: log,
+        }
+    }
+}
+
 impl AsRef<NewEvent> for Row {
     fn as_ref(&self) -> &NewEvent {
         &self.event

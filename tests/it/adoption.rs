@@ -204,24 +204,11 @@ async fn two_deployments_in_two_schemas_share_a_database_each_exactly_once_witho
 async fn the_runtime_role_of_the_roles_example_works_in_a_schema_of_its_own() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    let dbname = url::Url::parse(&db.url)
-        .expect("url")
-        .path()
-        .trim_start_matches('/')
-        .to_string();
-    let suffix = rand::random::<u32>();
-    let (owner, app_role) = (format!("lc_owner_{suffix}"), format!("lc_app_{suffix}"));
-    let example = roles_example("ledger")
-        .replace("logcursor_owner", &owner)
-        .replace("logcursor_app", &app_role)
-        .replace("DATABASE logcursor", &format!("DATABASE {dbname}"));
-    let (part1, part2) = example.split_once("-- PART 2\n").expect("two parts");
-    admin.batch_execute(part1).await.expect("roles");
-    let as_role = |role: &str| db.url.replacen("postgres@", &format!("{role}@"), 1);
-    migrate_in(&as_role(&owner), "ledger", "owner").await;
-    connect(&as_role(&owner))
+    let roles = ExampleRoles::create(&db, "ledger").await;
+    migrate_in(&roles.url_as(&roles.owner), "ledger", "owner").await;
+    connect(&roles.url_as(&roles.owner))
         .await
-        .batch_execute(part2)
+        .batch_execute(&roles.grants)
         .await
         .expect("grants");
 
@@ -230,7 +217,7 @@ async fn the_runtime_role_of_the_roles_example_works_in_a_schema_of_its_own() {
     let emitter = chain.deploy_emitter().await;
     chain.emit_burns(&emitter, 6, |_| 2).await;
     let runtime = config(&config_toml(
-        &as_role(&app_role),
+        &roles.url_as(&roles.app),
         &anvil.url,
         &emitter,
         "",

@@ -406,6 +406,41 @@ async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_
     assert_eq!(left, 0, "nothing pending or dead");
 }
 
+/// A 3xx is an answer, not a way on: followed, a 303 turns the POST into a
+/// GET without the body, and that GET's 200 would mark the delivery done
+/// though its events never arrived. Refused instead: dead, and replayable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_refused_and_never_followed() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 2, |_| 1).await;
+    let receiver = Receiver::start().await;
+    receiver.set(|_| Reply::Redirect);
+    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
+    std::fs::write(secret_file.path(), "s").expect("write secret");
+    let toml = with_webhook(
+        &config_toml(&db.url, &anvil.url, &emitter, "", ""),
+        &receiver.url,
+        secret_file.path(),
+    );
+    let app = build_app(&config(&toml), "r").await;
+    tick_until_idle(&app).await;
+    let deliverer = app.deliverer().expect("webhook workers");
+    // Claimable once every older transaction of the cluster has ended.
+    let outcome = wait_for("a delivery attempted", Duration::from_secs(30), || async {
+        match deliverer.deliver_once(0).await.expect("deliver") {
+            logcursor::delivery::Attempted::Idle(_) => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    assert!(
+        matches!(outcome, logcursor::delivery::Attempted::Dead { status: Some(303), .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(receiver.landed(), 0, "the redirect was not followed");
+    assert_eq!(receiver.seen().len(), 1, "one POST, not retried");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_what_was_never_sent() {
     let (anvil, db, chain, emitter) = world().await;

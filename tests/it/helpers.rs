@@ -73,6 +73,62 @@ pub fn roles_example(schema: &str) -> String {
         .replace(":\"schema\"", &format!("\"{schema}\""))
 }
 
+/// The sessions of this database whose `application_name` is LIKE
+/// `pattern` and whose transaction holds a transaction id (it took a row
+/// lock or wrote), as `name: query`.
+pub async fn holding_xids(pg: &tokio_postgres::Client, pattern: &str) -> Vec<String> {
+    pg.query(
+        "SELECT application_name || ': ' || coalesce(query, '') FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name LIKE $1 AND backend_xid IS NOT NULL",
+        &[&pattern],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// The roles of `sql/roles.example.sql` for `schema` in a test database,
+/// under names of their own: the first part (roles, database grants) is
+/// applied by the admin; the second ([`ExampleRoles::grants`]) is for the
+/// owner to run once it has migrated.
+pub struct ExampleRoles {
+    pub owner: String,
+    pub app: String,
+    pub grants: String,
+    url: String,
+}
+
+impl ExampleRoles {
+    pub async fn create(db: &TestDb, schema: &str) -> ExampleRoles {
+        let dbname = url::Url::parse(&db.url)
+            .expect("url")
+            .path()
+            .trim_start_matches('/')
+            .to_string();
+        let suffix = rand::random::<u32>();
+        let (owner, app) = (format!("lc_owner_{suffix}"), format!("lc_app_{suffix}"));
+        let example = roles_example(schema)
+            .replace("logcursor_owner", &owner)
+            .replace("logcursor_app", &app)
+            .replace("DATABASE logcursor", &format!("DATABASE {dbname}"));
+        let (roles, grants) = example.split_once("-- PART 2\n").expect("two parts");
+        db.client().await.batch_execute(roles).await.expect("roles");
+        ExampleRoles {
+            grants: grants.to_string(),
+            owner,
+            app,
+            url: db.url.clone(),
+        }
+    }
+
+    /// The test database's URL, connecting as `role`.
+    pub fn url_as(&self, role: &str) -> String {
+        self.url.replacen("postgres@", &format!("{role}@"), 1)
+    }
+}
+
 /// A pool to `url`, in `schema`.
 pub fn database_in(url: &str, schema: &str) -> logcursor::store::pool::Database {
     let settings = logcursor::store::pool::DbSettings {

@@ -458,3 +458,39 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
     );
     assert_stored_equals_chain(&pg, &chain, &emitter).await;
 }
+
+/// I2 against gap fill: a rewind below a range a gap-fill worker holds
+/// takes the worker's claim away (in the rewind's transaction, before its
+/// events go), so a worker that fetched the orphaned branch cannot commit
+/// it: its closing statement finds the claim gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_below_a_claimed_range_takes_the_gap_fill_claim_away() {
+    let (anvil, db, chain, emitter) = world().await;
+    chain.emit_burns(&emitter, 12, |_| 1).await;
+    let toml = config_toml(&db.url, &anvil.url, &emitter, "", "");
+    let app = build_app(&config(&toml), "r").await;
+    tick_until_idle(&app).await;
+    let pg = db.client().await;
+    let id: i64 = pg
+        .query_one(
+            "INSERT INTO failed_ranges (stream, from_block, to_block, last_error, claimed_by, claimed_until)
+             VALUES ('burns', 4, 9, 'test', 'gap-worker', now() + interval '1 hour') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("claimed range")
+        .get(0);
+    logcursor::admin::rewind(&config(&toml), "operator", &Default::default(), "burns", 6)
+        .await
+        .expect("rewind");
+    let still_holds = logcursor::store::failed_ranges::complete(&pg, id, "gap-worker")
+        .await
+        .expect("complete");
+    assert!(!still_holds, "the worker's claim went with the rewind");
+    let row: (i64, Option<String>) = pg
+        .query_one("SELECT to_block, claimed_by FROM failed_ranges WHERE id = $1", &[&id])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("the range stays, trimmed");
+    assert_eq!(row, (6, None), "trimmed to the rewind target, unclaimed");
+}

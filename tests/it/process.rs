@@ -214,16 +214,7 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     // id) and waiting on eth_getLogs. (The head follower's log hint is an
     // eth_getLogs outside any transaction: the request alone says nothing.)
     wait_for("the first replica inside a tick", Duration::from_secs(30), || async {
-        let locked: bool = pg
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE datname = current_database() AND application_name = 'frozen'
-                                   AND backend_xid IS NOT NULL)",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .get(0);
+        let locked = !holding_xids(&pg, "frozen").await.is_empty();
         (locked && proxy.seen().iter().any(|r| method_of(r) == "eth_getLogs")).then_some(())
     })
     .await;

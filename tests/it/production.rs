@@ -340,24 +340,13 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
 async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    let dbname = url::Url::parse(&db.url)
-        .expect("url")
-        .path()
-        .trim_start_matches('/')
-        .to_string();
-    let suffix = rand::random::<u32>();
-    let (owner, app_role) = (format!("lc_owner_{suffix}"), format!("lc_app_{suffix}"));
-    let example = roles_example("public")
-        .replace("logcursor_owner", &owner)
-        .replace("logcursor_app", &app_role)
-        .replace("DATABASE logcursor", &format!("DATABASE {dbname}"));
-    let (part1, part2) = example.split_once("-- PART 2\n").expect("two parts");
-    admin.batch_execute(part1).await.expect("roles");
-    let as_role = |role: &str| db.url.replacen("postgres@", &format!("{role}@"), 1);
+    let roles = ExampleRoles::create(&db, "public").await;
+    let (owner, app_role) = (roles.owner.clone(), roles.app.clone());
+    let as_role = |role: &str| roles.url_as(role);
 
     let owner_client = connect(&as_role(&owner)).await;
     migrate_as(&as_role(&owner), "owner").await;
-    owner_client.batch_execute(part2).await.expect("grants");
+    owner_client.batch_execute(&roles.grants).await.expect("grants");
 
     let anvil = Anvil::start().await;
     let chain = Chain::new(&anvil.url).await;

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
 use axum::Router;
 use serde_json::Value;
 
@@ -19,6 +20,9 @@ pub enum Reply {
     Status(u16),
     /// Never answers (the sender's deadline fires).
     Hang,
+    /// 303 See Other to `/landing`, which answers 200 to anything and
+    /// counts what reaches it.
+    Redirect,
 }
 
 /// One request as received.
@@ -37,6 +41,7 @@ type Rule = Box<dyn FnMut(&Value) -> Reply + Send>;
 struct Inner {
     rule: Mutex<Rule>,
     seen: Mutex<Vec<Received>>,
+    landed: std::sync::atomic::AtomicUsize,
 }
 
 /// A receiver on 127.0.0.1; stopped on drop.
@@ -57,9 +62,11 @@ impl Receiver {
         let inner = Arc::new(Inner {
             rule: Mutex::new(Box::new(|_| Reply::Status(200))),
             seen: Mutex::new(Vec::new()),
+            landed: Default::default(),
         });
         let app = Router::new()
             .route("/hook", post(receive))
+            .route("/landing", any(land))
             .with_state(Arc::clone(&inner));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -80,13 +87,23 @@ impl Receiver {
         *self.inner.rule.lock().expect("rule") = Box::new(rule);
     }
 
+    /// Requests that followed a redirect to `/landing`.
+    pub fn landed(&self) -> usize {
+        self.inner.landed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Every request so far, in arrival order.
     pub fn seen(&self) -> Vec<Received> {
         self.inner.seen.lock().expect("seen").clone()
     }
 }
 
-async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn land(State(inner): State<Arc<Inner>>) -> StatusCode {
+    inner.landed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    StatusCode::OK
+}
+
+async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
     let text = String::from_utf8_lossy(&body).into_owned();
     let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     let reply = (inner.rule.lock().expect("rule"))(&json);
@@ -102,12 +119,17 @@ async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
         Reply::Hang => {
             inner.seen.lock().expect("seen").push(record);
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            StatusCode::OK
+            StatusCode::OK.into_response()
         }
         Reply::Status(code) => {
             record.answered = Some(code);
             inner.seen.lock().expect("seen").push(record);
-            StatusCode::from_u16(code).unwrap_or(StatusCode::OK)
+            StatusCode::from_u16(code).unwrap_or(StatusCode::OK).into_response()
+        }
+        Reply::Redirect => {
+            record.answered = Some(303);
+            inner.seen.lock().expect("seen").push(record);
+            (StatusCode::SEE_OTHER, [(header::LOCATION, "/landing")]).into_response()
         }
     }
 }

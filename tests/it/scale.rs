@@ -243,18 +243,7 @@ async fn an_idle_stretch_takes_no_lock_and_burns_no_transaction_id() {
     let looks_before = replicas.idle_ticks();
     // Idle for at least 10 safety re-looks per stream and replica.
     wait_for("the replicas' idle looks", Duration::from_secs(60), || async {
-        let held: Vec<String> = pg
-            .query(
-                "SELECT application_name || ': ' || coalesce(query, '') FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name LIKE 'idle-r%'
-                    AND backend_xid IS NOT NULL",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let held = holding_xids(&pg, "idle-r%").await;
         assert!(held.is_empty(), "an idle replica holds a transaction id: {held:?}");
         (replicas.idle_ticks() - looks_before >= 3 * 20 * 10).then_some(())
     })

@@ -128,16 +128,7 @@ async fn a_frozen_replica_with_default_settings_delays_the_others_by_at_most_15_
     // Inside a tick: the row lock taken (its transaction has an id) and
     // eth_getLogs asked (the head follower's log hint alone is no tick).
     wait_for("the frozen replica inside a tick", Duration::from_secs(30), || async {
-        let locked: bool = pg
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                 WHERE datname = current_database() AND application_name = 'frozen'
-                                   AND backend_xid IS NOT NULL)",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .get(0);
+        let locked = !holding_xids(&pg, "frozen").await.is_empty();
         (locked && proxy.seen().iter().any(|r| method_of(r) == "eth_getLogs")).then_some(())
     })
     .await;
