@@ -4,7 +4,7 @@
 use sha3::Digest as _;
 
 use crate::abi::{address, boolean, int, uint, Arg};
-use crate::helpers::*;
+use crate::support::*;
 
 const RICH: &str = "event Rich(address indexed to, int256 indexed delta, uint256 id, int64 small, bytes32 tag, bool flag, string note, bytes blob, uint256[] list, (uint256,address) pair)";
 const LABELED: &str = "event Labeled(string indexed label, bytes indexed blob, string text, uint8 small, int256 delta)";

@@ -10,8 +10,8 @@ use logcursor::poller::{TickError, TickOutcome};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{log_range, method_of, rpc_error, Action, Proxy};
+use crate::support::*;
 
 async fn build(cfg_toml: &str) -> App {
     build_app(&config(cfg_toml), "r").await

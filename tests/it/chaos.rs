@@ -32,8 +32,8 @@ use rand::{Rng, SeedableRng};
 use sha3::{Digest, Keccak256};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::Proxy;
+use crate::support::*;
 
 const STREAM: &str = "chaos";
 const CONFIRMATIONS: u64 = 2;

@@ -9,8 +9,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::helpers::*;
 use crate::receiver::{Receiver, Reply};
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_stores_rows_notifies_its_stream_channel_and_an_idle_tick_does_not() {

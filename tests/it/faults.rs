@@ -9,7 +9,7 @@ use logcursor::poller::{TickError, TickOutcome};
 use logcursor::write::WriteError;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_the_cursor_stays_before_it() {

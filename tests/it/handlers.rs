@@ -15,7 +15,7 @@ use logcursor::Handler;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 #[path = "../../examples/payments/credit.rs"]
 mod credit;

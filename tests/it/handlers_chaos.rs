@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use tokio::process::{Child, Command};
 
 use crate::handlers::{balances, burns_on_chain, each_form, expected, open, Credit};
-use crate::helpers::*;
+use crate::support::*;
 
 /// The payments example binary, next to the test binary's directory
 /// (`target/debug/examples/payments`; `scripts/test` builds it), or

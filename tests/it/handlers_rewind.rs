@@ -8,7 +8,7 @@ use logcursor::poller::TickOutcome;
 use tokio_util::sync::CancellationToken;
 
 use crate::handlers::{balances, burns_on_chain, each_form, expected, open, Credit};
-use crate::helpers::*;
+use crate::support::*;
 
 each_form!(
     a_deep_reorg_rewind_reverts_the_credits_of_removed_burns,

@@ -18,7 +18,7 @@ mod reorgs;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{hex_i64, Chain};
+use crate::support::{hex_i64, Chain};
 
 /// Every log of `addresses` with one of `topic0s` up to block `to`, as the
 /// chain has them: (tx hash, log index, block).
@@ -27,7 +27,7 @@ pub async fn logs_on_chain(
     addresses: &[&str],
     topic0s: &[&str],
     to: i64,
-) -> std::collections::BTreeSet<crate::helpers::LogKey> {
+) -> std::collections::BTreeSet<crate::support::LogKey> {
     let logs = chain
         .rpc(
             "eth_getLogs",

@@ -8,7 +8,7 @@ use logcursor::poller::TickOutcome;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const STREAM: &str = "burns";
 

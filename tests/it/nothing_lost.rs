@@ -6,8 +6,8 @@ use logcursor::poller::TickOutcome;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{method_of, Action, Proxy};
+use crate::support::*;
 
 /// Corrupts, in every eth_getLogs answer, log 0 of `wrong_topics` (drops
 /// its indexed topic) and log 1 of `short_data` (cuts its data short).

@@ -18,8 +18,8 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{log_range, Action, Proxy};
+use crate::support::*;
 
 /// Collects every exported span and metric.
 #[derive(Clone, Default)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use logcursor::poller::TickOutcome;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{log_range, Action, Proxy};
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_logcursor");
 

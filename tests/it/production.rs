@@ -11,7 +11,7 @@ use logcursor::store::StoreError;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 fn is_root() -> bool {
     StdCommand::new("id")

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// `n` streams, one per emitter, sharing everything else through `[defaults]`.
 fn streams_toml(db_url: &str, pool_size: usize, defaults: &str, emitters: &[String]) -> String {

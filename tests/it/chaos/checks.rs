@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::world::Sender;
-use crate::helpers::hex_i64;
+use crate::support::hex_i64;
 
 /// The longest idle-in-transaction stretch seen, and whose.
 #[derive(Debug, Default, Clone)]

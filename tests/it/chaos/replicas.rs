@@ -10,7 +10,7 @@ use rand::Rng;
 use tokio::process::Child;
 
 use super::Tally;
-use crate::helpers::{logcursor_cmd, signal};
+use crate::support::{logcursor_cmd, signal};
 
 enum State {
     Running(Child),

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::Tally;
-use crate::helpers::{method_id, rich_calldata, word};
+use crate::support::{method_id, rich_calldata, word};
 
 /// Notes the emitter writes as `string`s: two that jsonb cannot hold as
 /// text, and some that it can.

@@ -8,8 +8,8 @@ use logcursor::app::{App, BuildOptions};
 use logcursor::poller::{TickError, TickOutcome};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{delayed, log_range, method_of, rpc_error, Action, Proxy};
+use crate::support::*;
 
 /// Checked by removing the `refuses_the_range` test from
 /// `Poller::refused_enough` (src/poller/tick.rs): rate-limit and internal

@@ -8,8 +8,8 @@ use logcursor::poller::TickOutcome;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{log_range, method_of, rpc_error, Action, Proxy};
+use crate::support::*;
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let r = reqwest::get(format!("http://{addr}{path}")).await.expect("http");

@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::logs_on_chain;
-use crate::helpers::*;
 use crate::proxy::{delayed, log_range, rpc_error, Action, Proxy};
+use crate::support::*;
 
 const UNLISTED: &str = "event Unlisted(uint256 value)";
 

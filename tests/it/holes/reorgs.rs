@@ -10,8 +10,8 @@ use logcursor::poller::TickError;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
 use crate::proxy::{log_range, method_of, Action, Proxy};
+use crate::support::*;
 
 /// Blocks without logs are replaced by blocks with logs after eth_getLogs
 /// answered and before the final header batch: every per-log check
