@@ -201,6 +201,7 @@ impl App {
                 Some(Arc::clone(&rpc)),
                 Handlers {
                     rust,
+                    deadline: Some(cfg.database.limits.statement_timeout),
                     ..Handlers::default()
                 },
             );

@@ -108,8 +108,12 @@ impl StoreError {
     ///
     /// Classes: 09 triggered action, 21 cardinality, 22 data, 23 integrity
     /// (23505 never reaches here from an insert: ON CONFLICT), 27 triggered
-    /// data change, 2F/38/39 routine exceptions, 42 (a handler's broken
-    /// SQL), 44 check option, P0 PL/pgSQL `RAISE`.
+    /// data change, 2F/38/39 routine exceptions, 44 check option, P0
+    /// PL/pgSQL `RAISE`. Not class 42 (a revoked grant, a dropped table or
+    /// function a trigger uses, SQL that does not compile): the schema is
+    /// not what the code expects, which is no event's fault, and parking
+    /// would send every event to `dead_letters`; the transaction rolls back
+    /// and the stream waits (stuck after `stuck_after`) until it is mended.
     pub fn is_per_row(&self) -> bool {
         self.sqlstate().is_some_and(is_per_row_sqlstate)
     }
@@ -120,7 +124,7 @@ pub fn is_per_row_sqlstate(code: &str) -> bool {
     let class = &code[..code.len().min(2)];
     matches!(
         class,
-        "09" | "21" | "22" | "23" | "27" | "2F" | "38" | "39" | "42" | "44" | "P0"
+        "09" | "21" | "22" | "23" | "27" | "2F" | "38" | "39" | "44" | "P0"
     )
 }
 
@@ -158,11 +162,11 @@ mod tests {
 
     #[test]
     fn row_errors_are_told_from_session_errors_by_class() {
-        for per_row in ["22P05", "23514", "23502", "P0001", "42P01", "2F005", "22003"] {
+        for per_row in ["22P05", "23514", "23502", "P0001", "2F005", "22003"] {
             assert!(is_per_row_sqlstate(per_row), "{per_row}");
         }
         for whole in [
-            "40001", "40P01", "55P03", "57014", "08006", "57P01", "53100", "25P02", "XX000",
+            "40001", "40P01", "55P03", "57014", "08006", "57P01", "53100", "25P02", "XX000", "42501", "42P01", "42883",
         ] {
             assert!(!is_per_row_sqlstate(whole), "{whole}");
         }

@@ -3,6 +3,7 @@
 //! configured set-based SQL function.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use crate::store::events::StoredEvent as Event;
 
@@ -98,7 +99,9 @@ pub trait Handler: Send + Sync + 'static {
 /// row (data exceptions, constraint violations, an exception `RAISE`d by
 /// code, …) are [`batch`](HandlerError::batch) errors; the others (lock
 /// and statement timeouts, deadlocks, serialization failures, a lost
-/// connection) are [`retry`](HandlerError::retry) errors.
+/// connection, and class 42: a missing grant, table or function) are
+/// [`retry`](HandlerError::retry) errors. A handler that means to refuse
+/// one event says so ([`HandlerError::at`], or `RAISE` in SQL).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct HandlerError {
@@ -154,6 +157,13 @@ impl From<tokio_postgres::Error> for HandlerError {
 #[derive(Clone, Default)]
 pub struct Handlers {
     pub rust: Vec<Arc<dyn Handler>>,
+    /// The longest one call of a Rust handler may take (the stream's
+    /// `statement_timeout`, the bound its SQL `handler_function` has as one
+    /// statement). Past it the call is abandoned and the transaction rolls
+    /// back as for [`HandlerError::retry`]: a handler awaiting something
+    /// that never comes cannot hold the cursor lock and a tick permit
+    /// forever. `None`: unbounded.
+    pub deadline: Option<Duration>,
     /// A SQL function `f(batch events[])` called once per batch of new rows.
     pub sql: Option<String>,
     /// A SQL function `f(batch events[])` called with the rows a rewind removes.
@@ -165,6 +175,21 @@ impl Handlers {
     pub fn any(&self) -> bool {
         !self.rust.is_empty() || self.sql.is_some()
     }
+
+    /// One handler call, within [`Handlers::deadline`].
+    pub(crate) async fn bounded(
+        &self,
+        call: impl std::future::Future<Output = Result<(), HandlerError>>,
+    ) -> Result<(), HandlerError> {
+        let Some(deadline) = self.deadline else {
+            return call.await;
+        };
+        tokio::time::timeout(deadline, call).await.unwrap_or_else(|_| {
+            Err(HandlerError::retry(format!(
+                "the handler did not finish within {deadline:?} (statement_timeout)"
+            )))
+        })
+    }
 }
 
 impl std::fmt::Debug for Handlers {
@@ -173,6 +198,7 @@ impl std::fmt::Debug for Handlers {
             .field("rust", &self.rust.len())
             .field("sql", &self.sql)
             .field("sql_revert", &self.sql_revert)
+            .field("deadline", &self.deadline)
             .finish()
     }
 }

@@ -324,7 +324,8 @@ impl Writer {
                 .map_err(|e| Failure::from_db(StoreError::db("handler_function")(e), Kind::Handler))?;
             }
             for h in &self.handlers.rust {
-                h.handle(tx, &stored)
+                self.handlers
+                    .bounded(h.handle(tx, &stored))
                     .instrument(info_span!("handler.rust", events = stored.len()))
                     .await
                     .map_err(|e| {

@@ -59,10 +59,13 @@ impl Writer {
                 })?;
             }
             for h in &self.handlers.rust {
-                h.revert(tx, &page).await.map_err(|e| WriteError::Revert {
-                    stream: self.stream.to_string(),
-                    reason: e.message,
-                })?;
+                self.handlers
+                    .bounded(h.revert(tx, &page))
+                    .await
+                    .map_err(|e| WriteError::Revert {
+                        stream: self.stream.to_string(),
+                        reason: e.message,
+                    })?;
             }
             if (page.len() as i64) < REVERT_PAGE {
                 return Ok(());

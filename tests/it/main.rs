@@ -10,6 +10,7 @@
 
 mod abi;
 mod adoption;
+mod broken_handlers;
 mod chain;
 mod chaos;
 mod delivery;
