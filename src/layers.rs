@@ -11,8 +11,9 @@
 //! - every import between top-level modules points down the rows drawn in
 //!   `lib.rs` (so the leaves import no module, and `chain` and `store` not
 //!   each other);
-//! - no file of `src/` is over [`MAX_LINES`] lines unless one of its first
-//!   lines says "Why this file is long".
+//! - no Rust file of the crate (`src/`, `tests/`, `examples/`) is over
+//!   [`MAX_LINES`] lines unless one of its first lines says "Why this file
+//!   is long".
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -178,7 +179,12 @@ fn read_src() -> Vec<(Vec<String>, String, PathBuf)> {
     let src = std::env::var_os("LOGCURSOR_LAYERS_SRC")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
-    sources(&src)
+    read_tree(&src)
+}
+
+/// Every `.rs` file under `dir` with its module path and text.
+fn read_tree(dir: &Path) -> Vec<(Vec<String>, String, PathBuf)> {
+    sources(dir)
         .into_iter()
         .map(|(m, p)| {
             let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -270,8 +276,10 @@ fn every_import_points_down_the_layers_drawn_in_lib_rs() {
 
 #[test]
 fn no_file_is_over_500_lines_without_saying_why_at_its_top() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let long: Vec<String> = read_src()
         .into_iter()
+        .chain(["tests", "examples"].into_iter().flat_map(|d| read_tree(&root.join(d))))
         .filter(|(_, text, _)| {
             text.lines().count() > MAX_LINES && !text.lines().take(30).any(|l| l.contains("Why this file is long"))
         })

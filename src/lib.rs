@@ -127,6 +127,9 @@
 //! - **I6** no session stays idle in transaction longer than the configured
 //!   bound — [`poller::tick`] (a heartbeat while the tick waits on the chain;
 //!   only a frozen replica goes idle, and the server ends it).
+//! - **I7** a webhook delivery happens at least once, with the same
+//!   idempotency key on every attempt, and is dead only after its
+//!   configured attempts — [`delivery`].
 //! - **I8** no input from the chain can stop a stream: strings `jsonb`
 //!   cannot hold are kept as their bytes ([`chain::abi`]), and a row
 //!   PostgreSQL refuses is isolated and parked ([`write`]).
@@ -135,7 +138,9 @@
 //!   [`store::cursor`].
 //! - **I10** a user effect runs in the transaction that stores its rows,
 //!   once per stored row; a rewind undoes it in the rewind's transaction; a
-//!   failing effect parks its event — [`write`].
+//!   failing effect parks its event, and an effect failing for no event's
+//!   fault (a missing grant or table, a deadline passed) parks nothing and
+//!   rolls back — [`write`].
 
 pub mod admin;
 pub mod app;

@@ -7,9 +7,9 @@
 //! logs parked already (same block hash) → skipped: they wait for replay
 //! SAVEPOINT
 //!   COPY (≥ 500 rows) or INSERT … ON CONFLICT DO NOTHING RETURNING id   -- new rows only
-//!   SELECT logcursor_handle(handler_function, ids of the new rows)       -- set-based SQL handler
-//!   Handler::handle(tx, new rows) for each Rust handler
 //!   INSERT INTO outbox … one delivery per (webhook, batch of new rows)   -- store::outbox
+//!   SELECT logcursor_handle(handler_function, ids of the new rows)       -- set-based SQL handler
+//!   Handler::handle(tx, new rows) for each Rust handler, within statement_timeout
 //! RELEASE
 //! ```
 //!
@@ -31,8 +31,9 @@
 //! else by retrying halves of the batch — and parked whole in
 //! `dead_letters` with the server's or handler's message; the others are
 //! stored. `on_bad_event`/`on_handler_error = "halt"` stop instead. Any
-//! other error (connection, timeout, deadlock, serialization) fails the
-//! transaction, and so does a Rust handler's [`HandlerError::retry`] (a
+//! other error (connection, timeout, deadlock, serialization, and class 42:
+//! a grant, table or function missing) fails the transaction, and so does
+//! a Rust handler's [`HandlerError::retry`] or a call past its deadline (a
 //! `tokio_postgres::Error` converts to it by the same SQLSTATE classes):
 //! the tick is retried and nothing is parked for a fault that is not the
 //! event's.

@@ -17,12 +17,13 @@ fn keccak(bytes: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_views_read_every_abi_type_the_contract_emits_as_the_json_does_with_block_times() {
-    let (anvil, db, chain, emitter) = world().await;
+    let w = World::new().await;
+    let (chain, emitter) = (&w.chain, &w.emitter);
     let to = format!("0x{}", "ab".repeat(20));
     let pair_b = format!("0x{}", "cd".repeat(20));
     chain
         .call(
-            &emitter,
+            emitter,
             RICH_FN,
             &[
                 address(&to),
@@ -41,7 +42,7 @@ async fn typed_views_read_every_abi_type_the_contract_emits_as_the_json_does_wit
         .await;
     chain
         .call(
-            &emitter,
+            emitter,
             LABEL_FN,
             &[
                 Arg::Bytes(b"tag-1".to_vec()),
@@ -53,9 +54,9 @@ async fn typed_views_read_every_abi_type_the_contract_emits_as_the_json_does_wit
         )
         .await;
     let events = format!("events = [\"{RICH}\", \"{LABELED}\"]");
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &events, "")), "r").await;
-    tick_until_idle(&app).await;
-    let pg = db.client().await;
+    let app = w.config().stream_toml(&events).replica("r").await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
 
     let r = pg
         .query_one(
@@ -127,11 +128,7 @@ async fn typed_views_read_every_abi_type_the_contract_emits_as_the_json_does_wit
         .expect("n")
         .get(0);
     let only_rich = format!("events = [\"{RICH}\"]");
-    build_app(
-        &config(&config_toml(&db.url, &anvil.url, &emitter, &only_rich, "")),
-        "r2",
-    )
-    .await;
+    w.config().stream_toml(&only_rich).replica("r2").await;
     let views: Vec<String> = pg
         .query(
             "SELECT table_name::text FROM information_schema.views WHERE table_schema = 'public' ORDER BY 1",
@@ -153,17 +150,20 @@ async fn typed_views_read_every_abi_type_the_contract_emits_as_the_json_does_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_deployments_in_two_schemas_share_a_database_each_exactly_once_without_seeing_each_other() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 10, |i| i % 3 + 1).await;
+    let w = World::new().await;
+    w.emit_burns(10, |i| i % 3 + 1).await;
     for schema in ["app_a", "app_b"] {
-        let toml = config_toml(&db.url, &anvil.url, &emitter, "", &format!("schema = \"{schema}\""));
-        let app = build_app(&config(&toml), schema).await;
-        tick_until_idle(&app).await;
-        tick_until_idle(&app).await;
+        let app = w
+            .config()
+            .database_toml(&format!("schema = \"{schema}\""))
+            .replica(schema)
+            .await;
+        app.tick_until_idle().await;
+        app.tick_until_idle().await;
     }
-    let pg = db.client().await;
-    let head = chain.block_number().await;
-    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();
+    let pg = w.pg().await;
+    let head = w.chain.block_number().await;
+    let on_chain: Vec<LogKey> = w.chain.burned_logs(&w.emitter, head).await.into_iter().collect();
     for schema in ["app_a", "app_b"] {
         pg.batch_execute(&format!("SET search_path TO {schema}"))
             .await
@@ -216,13 +216,9 @@ async fn the_runtime_role_of_the_roles_example_works_in_a_schema_of_its_own() {
     let chain = Chain::new(&anvil.url).await;
     let emitter = chain.deploy_emitter().await;
     chain.emit_burns(&emitter, 6, |_| 2).await;
-    let runtime = config(&config_toml(
-        &roles.url_as(&roles.app),
-        &anvil.url,
-        &emitter,
-        "",
-        "schema = \"ledger\"",
-    ));
+    let runtime = TestConfig::new(&roles.url_as(&roles.app), &anvil.url, &emitter)
+        .database_toml("schema = \"ledger\"")
+        .build();
     let app = logcursor::app::App::build(
         &runtime,
         "least-privilege",
@@ -231,7 +227,7 @@ async fn the_runtime_role_of_the_roles_example_works_in_a_schema_of_its_own() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    tick_until_idle(&app).await;
+    app.tick_until_idle().await;
     admin.batch_execute("SET search_path TO ledger").await.expect("path");
     assert_stored_equals_chain(&admin, &chain, &emitter).await;
 }

@@ -25,14 +25,15 @@ mod world;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha3::{Digest, Keccak256};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Proxy;
+use crate::support::proxy::Proxy;
 use crate::support::*;
 
 const STREAM: &str = "chaos";
@@ -85,6 +86,7 @@ fn topic0(signature: &str) -> String {
     format!("0x{}", hex::encode(Keccak256::digest(signature.as_bytes())))
 }
 
+/// Written in full: the database timeouts are the defaults (`IDLE_BOUND`).
 fn replica_config(db_url: &str, rpc: &str, emitter: &str) -> String {
     format!(
         "[database]\nurl = \"{db_url}\"\npool_size = 4\nconnect_retry_for = \"120s\"\n\n\
@@ -124,13 +126,13 @@ async fn chaos() {
         s.replicas
     );
     let started = Instant::now();
-    let anvil = Anvil::start().await;
-    let sender = world::Sender::new(&anvil.url).await;
-    let emitter = Chain::new(&anvil.url).await.deploy_emitter().await;
-    let db = TestDb::new().await;
-    db.migrate_with_history().await;
+    let w = World::new().await;
+    // The run sends through a sender that survives reorgs; `w.chain` is not used again.
+    let sender = world::Sender::new(&w.anvil.url).await;
+    let (db, emitter) = (&w.db, w.emitter.clone());
+    w.migrate().await;
     let tally = Tally::default();
-    let proxy = Proxy::start(&anvil.url).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     let faults_on = Arc::new(AtomicBool::new(true));
     let args = (
         Arc::clone(&sender),
@@ -139,7 +141,7 @@ async fn chaos() {
         Arc::clone(&faults_on),
     );
     faults::install(&proxy, s.seed, args.0, args.1, CONFIRMATIONS, args.2, args.3);
-    let config = write_config(&replica_config(&db.url, &proxy.url, &emitter));
+    let config = TestConfig::from_toml(&replica_config(&db.url, &proxy.url, &emitter)).file();
     let logs = tempfile::Builder::new()
         .prefix("logcursor-chaos-logs")
         .tempdir()

@@ -1,39 +1,35 @@
 //! Bad input and faults at start-up and in a tick: each is a clear error
 //! that names the problem, and nothing moves past it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use logcursor::app::{App, AppError, BuildOptions};
 use logcursor::chain::ChainErrorKind;
 use logcursor::poller::{TickError, TickOutcome};
 use logcursor::write::WriteError;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_the_cursor_stays_before_it() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await; // block 1
-    let first_bad = chain.burn(&emitter, 1, 0).await; // block 2
-    chain.burn(&emitter, 2, 0).await; // block 3: must not be reached past block 2
-                                      // Same topic0 (indexing is not part of the signature hash), but this ABI
-                                      // expects one topic and two data words, so the real logs cannot decode.
-    let wrong_abi =
-        "events = [\"event Burned(address from, uint256 amount)\"]\nmax_block_range = 1\non_bad_event = \"halt\"";
+    let w = World::new().await; // the Emitter is deployed in block 1
+    let first_bad = w.chain.burn(&w.emitter, 1, 0).await; // block 2
+    w.chain.burn(&w.emitter, 2, 0).await; // block 3: must not be reached past block 2
+
+    // Same topic0 (indexing is not part of the signature hash), but this ABI
+    // expects one topic and two data words, so the real logs cannot decode.
+    let wrong_abi = "events = [\"event Burned(address from, uint256 amount)\"]\non_bad_event = \"halt\"";
     // In a schema of its own: the halt is recorded with the schema's
     // search_path (it once ran outside a transaction and missed the table).
-    let cfg = config(&config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        wrong_abi,
-        "schema = \"ingest\"",
-    ));
-    let app = App::build(&cfg, "r", BuildOptions { migrate: true }, &CancellationToken::new())
-        .await
-        .expect("build");
+    let app = w
+        .config()
+        .stream_toml(wrong_abi)
+        .stream(|s| s.max_block_range = 1)
+        .database_toml("schema = \"ingest\"")
+        .replica("r")
+        .await;
     let poller = &app.pollers()[0];
     let tick = || async { poller.tick(&CancellationToken::new()).await };
 
@@ -60,7 +56,7 @@ async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_th
             "names tx hash and log index: {msg}"
         );
     }
-    let pg = db.client().await;
+    let pg = w.pg().await;
     pg.batch_execute("SET search_path = ingest").await.expect("search_path");
     assert_eq!(
         cursor_of(&pg, "burns").await,
@@ -87,13 +83,16 @@ async fn an_unreachable_database_at_start_is_retried_then_fails_naming_the_host_
         l.local_addr().expect("addr").port()
     }; // dropped: nothing listens there now
     let url = format!("postgres://app:hunter2@127.0.0.1:{closed_port}/appdb");
-    let cfg = config(&config_toml(
+    let cfg = TestConfig::new(
         &url,
         "http://127.0.0.1:1/?apikey=SECRETKEY",
         "0x5fbdb2315678afecb367f032d93f642f64180aa3",
-        "",
-        "connect_retry_for = \"1500ms\"\nconnect_timeout = \"500ms\"",
-    ));
+    )
+    .database(|d| {
+        d.connect_retry_for = Duration::from_millis(1500);
+        d.settings.connect_timeout = Duration::from_millis(500);
+    })
+    .build();
     let started = Instant::now();
     let err = match App::build(&cfg, "r", BuildOptions { migrate: true }, &CancellationToken::new()).await {
         Ok(_) => panic!("built against a closed port"),
@@ -116,13 +115,9 @@ async fn an_unreachable_database_at_start_is_retried_then_fails_naming_the_host_
 async fn an_endpoint_on_another_chain_refuses_to_start_naming_it_without_its_api_key() {
     let (anvil, db) = (Anvil::start().await, TestDb::new().await);
     let keyed = format!("{}/?apikey=SECRETKEY", anvil.url);
-    let cfg = config(&config_toml(
-        &db.url,
-        &keyed,
-        "0x5fbdb2315678afecb367f032d93f642f64180aa3",
-        "chain_id = 1",
-        "",
-    ));
+    let cfg = TestConfig::new(&db.url, &keyed, "0x5fbdb2315678afecb367f032d93f642f64180aa3")
+        .stream(|s| s.chain_id = 1)
+        .build();
     let err = match App::build(&cfg, "r", BuildOptions { migrate: true }, &CancellationToken::new()).await {
         Ok(_) => panic!("started on the wrong chain"),
         Err(e) => e,

@@ -8,8 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use logcursor::app::{App, BuildOptions, HandlerMap};
+use logcursor::config::Config;
 use logcursor::poller::{TickError, TickOutcome};
 use logcursor::Handler;
 use serde_json::json;
@@ -59,6 +61,11 @@ impl Credit {
         }
     }
 
+    /// `cfg` with the stream keys this form needs.
+    pub fn configure(self, cfg: TestConfig) -> TestConfig {
+        cfg.stream_toml(self.stream_extra())
+    }
+
     /// `PAYMENTS_CREDIT` for the example binary.
     pub fn env(self) -> &'static str {
         match self {
@@ -77,10 +84,10 @@ impl Credit {
         map
     }
 
-    /// An in-process replica of `toml` with this form's handlers.
-    pub async fn app(self, toml: &str) -> App {
+    /// An in-process replica of `cfg` with this form's handlers.
+    pub async fn app(self, cfg: &Config) -> App {
         App::build_with(
-            &config(toml),
+            cfg,
             "r",
             BuildOptions { migrate: true },
             &self.handlers(),
@@ -229,27 +236,29 @@ each_form!(
 );
 
 async fn a_handler_error_parks_exactly_the_failing_burns_and_replay_credits_each_once(credit: Credit) {
-    let (anvil, db, chain, emitter) = world().await;
-    let pg = credit.install(&db).await;
+    let w = World::new().await;
+    let (chain, emitter) = (&w.chain, &w.emitter);
+    let pg = credit.install(&w.db).await;
     let (a, b, c) = (chain.clone(), chain.as_account(1).await, chain.as_account(2).await);
     open(&pg, &a.sender()).await;
     open(&pg, &b.sender()).await;
     // c has no account yet. Big transactions around its burns put them in
     // parts of 500+ rows (stored by COPY), where the failing row is found
     // by bisection; one of c's transactions emits three.
-    a.burn_many(&emitter, 600, 0).await;
-    c.receipt(&c.burn(&emitter, 1, 10_000).await).await;
-    b.receipt(&b.burn(&emitter, 3, 20_000).await).await;
-    c.receipt(&c.burn(&emitter, 3, 30_000).await).await;
-    b.burn_many(&emitter, 600, 40_000).await;
-    c.receipt(&c.burn(&emitter, 1, 50_000).await).await;
-    a.receipt(&a.burn(&emitter, 2, 60_000).await).await;
+    a.burn_many(emitter, 600, 0).await;
+    c.receipt(&c.burn(emitter, 1, 10_000).await).await;
+    b.receipt(&b.burn(emitter, 3, 20_000).await).await;
+    c.receipt(&c.burn(emitter, 3, 30_000).await).await;
+    b.burn_many(emitter, 600, 40_000).await;
+    c.receipt(&c.burn(emitter, 1, 50_000).await).await;
+    a.receipt(&a.burn(emitter, 2, 60_000).await).await;
     let head = chain.block_number().await;
-    let toml = config_toml(&db.url, &anvil.url, &emitter, credit.stream_extra(), "");
-    let app = credit.app(&toml).await;
-    tick_until_idle(&app).await;
+    let config = credit.configure(w.config());
+    let cfg = config.file();
+    let app = credit.app(&config.build()).await;
+    app.tick_until_idle().await;
 
-    let burns = burns_on_chain(&chain, &emitter, head).await;
+    let burns = burns_on_chain(chain, emitter, head).await;
     let of_c: BTreeSet<LogKey> = burns
         .iter()
         .filter(|x| x.from == c.sender())
@@ -286,7 +295,6 @@ async fn a_handler_error_parks_exactly_the_failing_burns_and_replay_credits_each
         "every other burn credited once"
     );
 
-    let cfg = write_config(&toml);
     // Before the account exists, a replay changes nothing but the attempts.
     let out = payments(credit, &["dlq", "replay", "--all"], cfg.path()).await;
     assert!(out.contains("replayed: 0 stored, 5 still failing"), "{out}");
@@ -306,7 +314,7 @@ async fn a_handler_error_parks_exactly_the_failing_burns_and_replay_credits_each
     let all = [a.sender(), b.sender(), c.sender()];
     assert_eq!(balances(&pg).await, expected(&burns, &all), "c credited once per burn");
     assert_eq!(dead_letter_count(&pg).await, 0);
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
     let untimed: i64 = pg
         .query_one("SELECT count(*) FROM events WHERE block_timestamp IS NULL", &[])
         .await
@@ -325,17 +333,16 @@ async fn a_handler_error_parks_exactly_the_failing_burns_and_replay_credits_each
 }
 
 async fn a_cursor_moved_back_stores_duplicates_without_crediting_them_again(credit: Credit) {
-    let (anvil, db, chain, emitter) = world().await;
-    let pg = credit.install(&db).await;
-    let accounts = [chain.sender()];
+    let w = World::new().await;
+    let pg = credit.install(&w.db).await;
+    let accounts = [w.chain.sender()];
     open(&pg, &accounts[0]).await;
     // Blocks of 100: the parts of the second pass (several blocks each,
     // 500+ rows: COPY, refused, then INSERT … ON CONFLICT) mix stored
     // burns with new ones.
-    chain.emit_burns(&emitter, 30, |_| 100).await;
-    let toml = config_toml(&db.url, &anvil.url, &emitter, credit.stream_extra(), "");
-    let app = credit.app(&toml).await;
-    tick_until_idle(&app).await;
+    w.emit_burns(30, |_| 100).await;
+    let app = credit.app(&credit.configure(w.config()).build()).await;
+    app.tick_until_idle().await;
     // As a failover to a replica that lost the last commits would leave it.
     pg.execute(
         "UPDATE block_cursors SET last_processed_block = -1, last_block_hash = NULL",
@@ -343,8 +350,8 @@ async fn a_cursor_moved_back_stores_duplicates_without_crediting_them_again(cred
     )
     .await
     .expect("move the cursor back");
-    chain.emit_burns(&emitter, 4, |_| 50).await;
-    let outcomes = tick_until_idle(&app).await;
+    w.emit_burns(4, |_| 50).await;
+    let outcomes = app.tick_until_idle().await;
     let (inserted, duplicates) = outcomes.iter().fold((0, 0), |(i, d), o| match o {
         TickOutcome::Advanced {
             inserted, duplicates, ..
@@ -352,8 +359,8 @@ async fn a_cursor_moved_back_stores_duplicates_without_crediting_them_again(cred
         _ => (i, d),
     });
     assert_eq!((inserted, duplicates), (200, 3_000), "{outcomes:?}");
-    let head = chain.block_number().await;
-    let burns = burns_on_chain(&chain, &emitter, head).await;
+    let head = w.chain.block_number().await;
+    let burns = burns_on_chain(&w.chain, &w.emitter, head).await;
     assert_eq!(
         balances(&pg).await,
         expected(&burns, &accounts),
@@ -362,21 +369,18 @@ async fn a_cursor_moved_back_stores_duplicates_without_crediting_them_again(cred
 }
 
 async fn a_lock_timeout_inside_a_handler_parks_nothing_and_the_tick_is_retried(credit: Credit) {
-    let (anvil, db, chain, emitter) = world().await;
-    let pg = credit.install(&db).await;
-    let accounts = [chain.sender()];
+    let w = World::new().await;
+    let pg = credit.install(&w.db).await;
+    let accounts = [w.chain.sender()];
     open(&pg, &accounts[0]).await;
-    chain.emit_burns(&emitter, 5, |i| i + 1).await;
-    let toml = config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        credit.stream_extra(),
-        "lock_timeout = \"300ms\"",
-    );
-    let app = credit.app(&toml).await;
+    w.emit_burns(5, |i| i + 1).await;
+    let cfg = credit
+        .configure(w.config())
+        .database(|d| d.limits.lock_timeout = Duration::from_millis(300))
+        .build();
+    let app = credit.app(&cfg).await;
     // Someone else holds the balance row: the handler's UPDATE times out.
-    let mut holder = db.client().await;
+    let mut holder = w.pg().await;
     let hold = holder.transaction().await.expect("begin");
     hold.execute("SELECT 1 FROM balances FOR UPDATE", &[])
         .await
@@ -394,11 +398,11 @@ async fn a_lock_timeout_inside_a_handler_parks_nothing_and_the_tick_is_retried(c
     assert_eq!(cursor_of(&pg, "burns").await, Some(-1), "nothing committed");
     hold.rollback().await.expect("release");
 
-    tick_until_idle(&app).await;
-    let head = chain.block_number().await;
+    app.tick_until_idle().await;
+    let head = w.chain.block_number().await;
     assert_eq!(dead_letter_count(&pg).await, 0);
     assert_eq!(
         balances(&pg).await,
-        expected(&burns_on_chain(&chain, &emitter, head).await, &accounts)
+        expected(&burns_on_chain(&w.chain, &w.emitter, head).await, &accounts)
     );
 }

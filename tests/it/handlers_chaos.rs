@@ -97,8 +97,9 @@ async fn assert_balances_match_cursor(
 each_form!(three_replicas_killed_at_random_credit_every_burn_once);
 
 async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) {
-    let (anvil, db, chain, emitter) = world().await;
-    let mut pg = credit.install(&db).await;
+    let w = World::new().await;
+    let (chain, emitter) = (&w.chain, &w.emitter);
+    let mut pg = credit.install(&w.db).await;
     pg.batch_execute(SLOW_ADVANCE).await.expect("slow advance");
     let mut senders = vec![chain.clone()];
     for i in 1..4 {
@@ -108,8 +109,7 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
     for a in &accounts {
         open(&pg, a).await;
     }
-    let extra = format!("max_block_range = 3\n{}", credit.stream_extra());
-    let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, &extra, ""));
+    let cfg = credit.configure(w.config().stream_toml("max_block_range = 3")).file();
     let logs = tempfile::tempdir().expect("log dir");
     let mut replicas: Vec<(String, Child)> = (0..3)
         .map(|i| {
@@ -170,7 +170,7 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
         let (_, mut child) = replicas.swap_remove(victim);
         child.start_kill().expect("SIGKILL");
         child.wait().await.expect("reap");
-        assert_balances_match_cursor(&mut pg, &chain, &emitter, &accounts).await;
+        assert_balances_match_cursor(&mut pg, chain, emitter, &accounts).await;
         let name = format!("r{}", 3 + k);
         replicas.push((name.clone(), spawn(credit, cfg.path(), logs.path(), &name)));
     }
@@ -187,9 +187,9 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
     })
     .await;
     stop_all(replicas.into_iter().map(|(_, c)| c).collect()).await;
-    let at = assert_balances_match_cursor(&mut pg, &chain, &emitter, &accounts).await;
+    let at = assert_balances_match_cursor(&mut pg, chain, emitter, &accounts).await;
     assert_eq!(at, head);
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
     let parked: i64 = pg
         .query_one("SELECT count(*) FROM dead_letters", &[])
         .await
@@ -200,13 +200,12 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_registering_a_handler_for_a_stream_the_config_lacks_exits_64() {
-    let cfg = write_config(&config_toml(
+    let cfg = TestConfig::new(
         "postgres://u@127.0.0.1:1/db",
         "http://127.0.0.1:1",
         "0x5fbdb2315678afecb367f032d93f642f64180aa3",
-        "",
-        "",
-    ));
+    )
+    .file();
     let out = Command::new(payments_bin())
         .args(["run", "--config"])
         .arg(cfg.path())

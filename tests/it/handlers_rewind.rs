@@ -16,8 +16,9 @@ each_form!(
 );
 
 async fn a_deep_reorg_rewind_reverts_the_credits_of_removed_burns(credit: Credit) {
-    let (anvil, db, chain, emitter) = world().await;
-    let pg = credit.install(&db).await;
+    let w = World::new().await;
+    let (chain, emitter) = (&w.chain, &w.emitter);
+    let pg = credit.install(&w.db).await;
     let (a, b) = (chain.clone(), chain.as_account(1).await);
     let accounts = [a.sender(), b.sender()];
     for acc in &accounts {
@@ -25,75 +26,74 @@ async fn a_deep_reorg_rewind_reverts_the_credits_of_removed_burns(credit: Credit
     }
     for i in 0..10 {
         let sender = if i % 2 == 0 { &a } else { &b };
-        sender.receipt(&sender.burn(&emitter, i % 3 + 1, i * 100).await).await;
+        sender.receipt(&sender.burn(emitter, i % 3 + 1, i * 100).await).await;
     }
-    let extra = format!(
-        "max_block_range = 4\non_deep_reorg = \"rewind\"\n{}",
-        credit.stream_extra()
-    );
-    let app = credit
-        .app(&config_toml(&db.url, &anvil.url, &emitter, &extra, ""))
-        .await;
-    tick_until_idle(&app).await;
+    let cfg = credit
+        .configure(w.config().stream_toml("on_deep_reorg = \"rewind\""))
+        .stream(|s| s.max_block_range = 4)
+        .build();
+    let app = credit.app(&cfg).await;
+    app.tick_until_idle().await;
     let head = chain.block_number().await;
-    let before = expected(&burns_on_chain(&chain, &emitter, head).await, &accounts);
+    let before = expected(&burns_on_chain(chain, emitter, head).await, &accounts);
     assert_eq!(balances(&pg).await, before);
 
     // Deeper than the safe head (confirmations = 0): the last 5 blocks,
     // with burns of both accounts, are replaced by one burn of a's.
-    chain.reorg(&emitter, 5, &[(3, 5000)]).await;
+    chain.reorg(emitter, 5, &[(3, 5000)]).await;
     let first = app.pollers()[0].tick(&CancellationToken::new()).await.expect("tick");
     assert!(
         matches!(first, TickOutcome::Rewound { events_deleted, .. } if events_deleted > 0),
         "{first:?}"
     );
     chain.mine(1).await;
-    tick_until_idle(&app).await;
+    app.tick_until_idle().await;
     let head = chain.block_number().await;
-    let after = expected(&burns_on_chain(&chain, &emitter, head).await, &accounts);
+    let after = expected(&burns_on_chain(chain, emitter, head).await, &accounts);
     assert_ne!(after, before, "the reorg changed what the balances should be");
     assert_eq!(balances(&pg).await, after, "balances equal the canonical chain's burns");
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 async fn an_operator_rewind_reverts_every_credit_it_removes_page_by_page(credit: Credit) {
-    let (anvil, db, chain, emitter) = world().await;
-    let pg = credit.install(&db).await;
+    let w = World::new().await;
+    let (chain, emitter) = (&w.chain, &w.emitter);
+    let pg = credit.install(&w.db).await;
     let (a, b) = (chain.clone(), chain.as_account(1).await);
     let accounts = [a.sender(), b.sender()];
     for acc in &accounts {
         open(&pg, acc).await;
     }
     // 3,500 burns: the second rewind removes more than a page of reverts (2,000).
-    a.emit_burns(&emitter, 18, |_| 100).await;
-    b.emit_burns(&emitter, 17, |_| 100).await;
-    let toml = config_toml(&db.url, &anvil.url, &emitter, credit.stream_extra(), "");
-    let app = credit.app(&toml).await;
-    tick_until_idle(&app).await;
+    a.emit_burns(emitter, 18, |_| 100).await;
+    b.emit_burns(emitter, 17, |_| 100).await;
+    let cfg = credit.configure(w.config()).build();
+    let app = credit.app(&cfg).await;
+    app.tick_until_idle().await;
     let head = chain.block_number().await;
     assert_eq!(
         balances(&pg).await,
-        expected(&burns_on_chain(&chain, &emitter, head).await, &accounts)
+        expected(&burns_on_chain(chain, emitter, head).await, &accounts)
     );
 
     let rewind = |to: i64| {
-        let (toml, handlers) = (toml.clone(), credit.handlers());
+        let (cfg, handlers) = (&cfg, credit.handlers());
         async move {
-            logcursor::admin::rewind(&config(&toml), "operator", &handlers, "burns", to)
+            logcursor::admin::rewind(cfg, "operator", &handlers, "burns", to)
                 .await
                 .expect("rewind")
         }
     };
     // Back to the block of the 2,101st burn (anvil may put several
     // transactions in a block), then to the start: more than a page.
-    let mut burns = burns_on_chain(&chain, &emitter, head).await;
+    let mut burns = burns_on_chain(chain, emitter, head).await;
     burns.sort_by_key(|x| (x.key.2, x.key.1));
     let to = burns[2_100].key.2;
     let above = burns.iter().filter(|x| x.key.2 > to).count() as u64;
     assert!(above > 0 && to < head);
     let r = rewind(to).await;
     assert_eq!(r.events_deleted, above);
-    let at = expected(&burns_on_chain(&chain, &emitter, to).await, &accounts);
+    let at = expected(&burns_on_chain(chain, emitter, to).await, &accounts);
     assert_eq!(
         balances(&pg).await,
         at,
@@ -104,10 +104,10 @@ async fn an_operator_rewind_reverts_every_credit_it_removes_page_by_page(credit:
     assert!(r.events_deleted > 2_000, "more than a page of reverts");
     assert_eq!(balances(&pg).await, expected(&[], &accounts), "every credit taken back");
 
-    tick_until_idle(&app).await;
+    app.tick_until_idle().await;
     assert_eq!(
         balances(&pg).await,
-        expected(&burns_on_chain(&chain, &emitter, head).await, &accounts),
+        expected(&burns_on_chain(chain, emitter, head).await, &accounts),
         "credited once again as they are stored again"
     );
 }

@@ -35,20 +35,20 @@ fn totals(outcomes: &[TickOutcome]) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_replica_stores_every_event_of_hundreds_of_transactions_exactly_once() {
-    let (anvil, db, chain, emitter) = world().await;
-    let emitted = chain.emit_burns(&emitter, 300, |i| i % 5 + 1).await;
-    chain.mine(2).await; // bury the last events under `confirmations`
-    let pg = db.migrate_with_history().await;
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 2", ""));
+    let w = World::new().await;
+    let emitted = w.emit_burns(300, |i| i % 5 + 1).await;
+    w.chain.mine(2).await; // bury the last events under `confirmations`
+    let pg = w.migrate().await;
+    let app = w.config().stream(|s| s.confirmations = 2).replica("solo").await;
 
     let token = CancellationToken::new();
-    let run = spawn_run(build_app(&cfg, "solo").await, &token);
-    let safe_head = chain.block_number().await - 2;
+    let run = spawn_run(app, &token);
+    let safe_head = w.chain.block_number().await - 2;
     wait_for_cursor(&pg, safe_head).await;
     token.cancel();
     let summary = run.await.expect("join");
 
-    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, safe_head).await.into_iter().collect();
+    let on_chain: Vec<LogKey> = w.chain.burned_logs(&w.emitter, safe_head).await.into_iter().collect();
     let mut stored = stored_logs(&pg).await;
     stored.sort();
     assert_eq!(
@@ -64,10 +64,10 @@ async fn one_replica_stores_every_event_of_hundreds_of_transactions_exactly_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_started_together_store_every_event_once_and_never_process_a_range_twice() {
-    let (anvil, db, chain, emitter) = world().await;
-    let mut emitted = chain.emit_burns(&emitter, 150, |i| i % 4 + 1).await;
-    let pg = db.migrate_with_history().await;
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 7", ""));
+    let w = World::new().await;
+    let mut emitted = w.emit_burns(150, |i| i % 4 + 1).await;
+    let pg = w.migrate().await;
+    let cfg = w.config().stream(|s| s.max_block_range = 7).build();
 
     let token = CancellationToken::new();
     let apps = tokio::join!(
@@ -77,8 +77,8 @@ async fn three_replicas_started_together_store_every_event_once_and_never_proces
     );
     let runs = [apps.0, apps.1, apps.2].map(|app| spawn_run(app, &token));
     // Keep the chain moving while they run.
-    emitted += chain.emit_burns(&emitter, 60, |i| i % 3 + 1).await;
-    let head = chain.block_number().await;
+    emitted += w.emit_burns(60, |i| i % 3 + 1).await;
+    let head = w.chain.block_number().await;
     wait_for_cursor(&pg, head).await;
     token.cancel();
     let mut summaries = Vec::new();
@@ -86,7 +86,7 @@ async fn three_replicas_started_together_store_every_event_once_and_never_proces
         summaries.extend(r.await.expect("join"));
     }
 
-    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();
+    let on_chain: Vec<LogKey> = w.chain.burned_logs(&w.emitter, head).await.into_iter().collect();
     let mut stored = stored_logs(&pg).await;
     stored.sort();
     assert_eq!(on_chain.len() as u64, emitted);
@@ -103,10 +103,10 @@ async fn three_replicas_started_together_store_every_event_once_and_never_proces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_gaps() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 120, |i| i % 3 + 1).await;
-    let pg = db.migrate_with_history().await;
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 20", ""));
+    let w = World::new().await;
+    w.emit_burns(120, |i| i % 3 + 1).await;
+    let pg = w.migrate().await;
+    let cfg = w.config().stream(|s| s.max_block_range = 20).build();
 
     let first = build_app(&cfg, "before-restart").await;
     for _ in 0..3 {
@@ -117,16 +117,16 @@ async fn a_restart_in_the_middle_resumes_from_the_cursor_without_duplicates_or_g
     assert_eq!(cursor_of(&pg, STREAM).await, Some(59));
 
     let second = build_app(&cfg, "after-restart").await;
-    let outcomes = tick_until_idle(&second).await;
+    let outcomes = second.tick_until_idle().await;
     let first_range = outcomes.first().expect("a tick");
     assert!(
         matches!(first_range, TickOutcome::Advanced { from: 60, .. }),
         "{first_range:?}"
     );
-    let head = chain.block_number().await;
+    let head = w.chain.block_number().await;
     let (_, duplicates) = totals(&outcomes);
     assert_eq!(duplicates, 0);
-    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();
+    let on_chain: Vec<LogKey> = w.chain.burned_logs(&w.emitter, head).await.into_iter().collect();
     let mut stored = stored_logs(&pg).await;
     stored.sort();
     assert_eq!(stored, on_chain);
@@ -147,20 +147,19 @@ async fn a_bulk_copy_that_meets_stored_rows_falls_back_and_counts_them_as_duplic
 }
 
 async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
-    let (anvil, db, chain, emitter) = world().await;
+    let w = World::new().await;
     let emitted = if bulk {
         let per_tx = logcursor::store::events::COPY_FROM_ROWS as u64 + 100;
-        chain.burn_many(&emitter, per_tx, 0).await;
-        chain.burn_many(&emitter, per_tx, per_tx).await;
+        w.chain.burn_many(&w.emitter, per_tx, 0).await;
+        w.chain.burn_many(&w.emitter, per_tx, per_tx).await;
         2 * per_tx
     } else {
-        chain.emit_burns(&emitter, 40, |i| i % 4 + 1).await
+        w.emit_burns(40, |i| i % 4 + 1).await
     };
-    let pg = db.client().await;
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
-    let app = build_app(&cfg, "replica").await;
-    assert_eq!(totals(&tick_until_idle(&app).await), (emitted, 0));
-    let head = chain.block_number().await;
+    let pg = w.pg().await;
+    let app = w.replica("replica").await;
+    assert_eq!(totals(&app.tick_until_idle().await), (emitted, 0));
+    let head = w.chain.block_number().await;
 
     // As after a failover to a replica whose copy lagged: some rows are
     // there, the cursor is behind them.
@@ -172,7 +171,7 @@ async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
         .await
         .expect("rewind");
 
-    let (inserted, duplicates) = totals(&tick_until_idle(&app).await);
+    let (inserted, duplicates) = totals(&app.tick_until_idle().await);
     let regressions = app.pollers()[0].metrics.cursor_regressions.get();
     assert_eq!(
         regressions, 1,
@@ -185,18 +184,17 @@ async fn duplicates_are_counted_and_the_cursor_advances(bulk: bool) {
         "the present rows are counted as duplicates, not errors"
     );
     assert_eq!(cursor_of(&pg, STREAM).await, Some(head));
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    w.assert_stored_up_to(&pg, head).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_events_of_the_same_transaction_are_both_stored() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.burn(&emitter, 1, 100).await;
-    let tx = chain.burn(&emitter, 3, 7).await;
-    chain.unlisted(&emitter, 5).await;
-    let pg = db.client().await;
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
-    tick_until_idle(&build_app(&cfg, "replica").await).await;
+    let w = World::new().await;
+    w.chain.burn(&w.emitter, 1, 100).await;
+    let tx = w.chain.burn(&w.emitter, 3, 7).await;
+    w.chain.unlisted(&w.emitter, 5).await;
+    let pg = w.pg().await;
+    w.replica("replica").await.tick_until_idle().await;
 
     let rows = pg
         .query(
@@ -226,13 +224,12 @@ async fn two_events_of_the_same_transaction_are_both_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_newer_than_the_safe_head_are_not_processed() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 2).await;
-    let pg = db.client().await;
-    let cfg = config(&config_toml(&db.url, &anvil.url, &emitter, "confirmations = 5", ""));
-    let app = build_app(&cfg, "replica").await;
-    let outcomes = tick_until_idle(&app).await;
-    let head = chain.block_number().await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 2).await;
+    let pg = w.pg().await;
+    let app = w.config().stream(|s| s.confirmations = 5).replica("replica").await;
+    let outcomes = app.tick_until_idle().await;
+    let head = w.chain.block_number().await;
     let safe_head = head - 5;
     assert!(
         matches!(outcomes.last(), Some(TickOutcome::Idle { cursor, .. }) if *cursor == safe_head),
@@ -248,8 +245,9 @@ async fn blocks_newer_than_the_safe_head_are_not_processed() {
         newest.is_some_and(|b| b <= safe_head),
         "stored a block above the safe head: {newest:?}"
     );
-    let above = chain
-        .burned_logs(&emitter, head)
+    let above = w
+        .chain
+        .burned_logs(&w.emitter, head)
         .await
         .iter()
         .filter(|l| l.2 > safe_head)
@@ -257,7 +255,7 @@ async fn blocks_newer_than_the_safe_head_are_not_processed() {
     // Automine may pack two transactions into a block under load: count, do not assume.
     assert!(above >= 2, "the chain has events above the safe head ({above})");
 
-    chain.mine(5).await;
-    tick_until_idle(&app).await;
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    w.chain.mine(5).await;
+    app.tick_until_idle().await;
+    w.assert_stored_up_to(&pg, head).await;
 }

@@ -1,12 +1,14 @@
 //! Nothing lost, nothing stuck: dead letters and their replay.
 
+use std::time::Duration;
+
 use logcursor::admin;
-use logcursor::app::{App, BuildOptions};
+use logcursor::app::App;
 use logcursor::poller::TickOutcome;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{method_of, Action, Proxy};
+use crate::support::proxy::{method_of, Action, Proxy};
 use crate::support::*;
 
 /// Corrupts, in every eth_getLogs answer, log 0 of `wrong_topics` (drops
@@ -36,23 +38,16 @@ fn corrupt(proxy: &Proxy, wrong_topics: String, short_data: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_the_source_is_fixed() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 5, |_| 2).await;
-    let wrong_topics = chain.burn(&emitter, 2, 100).await;
-    let short_data = chain.burn(&emitter, 2, 200).await;
-    chain.emit_burns(&emitter, 5, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(5, |_| 2).await;
+    let wrong_topics = w.chain.burn(&w.emitter, 2, 100).await;
+    let short_data = w.chain.burn(&w.emitter, 2, 200).await;
+    w.emit_burns(5, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     corrupt(&proxy, wrong_topics.clone(), short_data.clone());
-    let toml = config_toml(&db.url, &proxy.url, &emitter, "", "");
-    let app = App::build(
-        &config(&toml),
-        "r",
-        BuildOptions { migrate: true },
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("build");
-    let outcomes = tick_until_idle(&app).await;
+    let cfg = w.config().rpc(&proxy.url).build();
+    let app = build_app(&cfg, "r").await;
+    let outcomes = app.tick_until_idle().await;
     let parked: usize = outcomes
         .iter()
         .map(|o| match o {
@@ -62,14 +57,14 @@ async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_
         .sum();
     assert_eq!(parked, 2);
 
-    let pg = db.client().await;
-    let head = chain.block_number().await;
+    let pg = w.pg().await;
+    let head = w.chain.block_number().await;
     assert_eq!(
         cursor_of(&pg, "burns").await,
         Some(head),
         "the cursor passes the bad logs"
     );
-    let all_logs = chain.burned_logs(&emitter, head).await;
+    let all_logs = w.chain.burned_logs(&w.emitter, head).await;
     let stored = stored_logs(&pg).await;
     assert_eq!(stored.len(), all_logs.len() - 2, "every other event is stored");
     let rows = pg
@@ -96,7 +91,6 @@ async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_
     assert!(errors[0].contains("expected 2 topics, log has 1"), "{errors:?}");
     assert!(errors[1].contains("does not decode"), "{errors:?}");
 
-    let cfg = config(&toml);
     let still = admin::dlq_replay(&cfg, "operator", &Default::default(), &[])
         .await
         .expect("replay");
@@ -134,7 +128,7 @@ async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_
 /// Answers HTTP 500 (a fault of the moment) to every eth_getLogs whose
 /// range contains `block`.
 fn refuse_block(proxy: &Proxy, block: u64) {
-    proxy.set(move |r| match crate::proxy::log_range(r) {
+    proxy.set(move |r| match crate::support::proxy::log_range(r) {
         Some((f, t)) if (f..=t).contains(&block) => Action::Reply(500, "internal error".into()),
         _ => Action::Forward,
     });
@@ -144,32 +138,30 @@ fn refuse_block(proxy: &Proxy, block: u64) {
 /// problem: a provider that pruned it, say), every eth_getLogs whose range
 /// contains `block`.
 fn refuse_range(proxy: &Proxy, block: u64) {
-    proxy.set(move |r| match crate::proxy::log_range(r) {
+    proxy.set(move |r| match crate::support::proxy::log_range(r) {
         Some((f, t)) if (f..=t).contains(&block) => {
-            crate::proxy::rpc_error(r, -32000, "history for this range is not available", None)
+            crate::support::proxy::rpc_error(r, -32000, "history for this range is not available", None)
         }
         _ => Action::Forward,
     });
 }
 
-async fn app(toml: &str, replica: &str) -> App {
-    build_app(&config(toml), replica).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports_itself_stuck() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 12, |_| 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(12, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     refuse_block(&proxy, 6);
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "rpc_attempts = 1\nmax_block_range = 4\nstuck_after = \"1ms\"",
-        "",
-    );
-    let app = app(&toml, "r").await;
+    let cfg = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_attempts = 1;
+            s.max_block_range = 4;
+            s.stuck_after = Duration::from_millis(1);
+        })
+        .build();
+    let app = build_app(&cfg, "r").await;
     let poller = &app.pollers()[0];
     let mut errors = 0;
     for _ in 0..6 {
@@ -178,40 +170,43 @@ async fn under_retry_an_unservable_range_holds_the_cursor_and_the_stream_reports
         }
     }
     assert!(errors >= 4, "the refused range keeps failing");
-    let pg = db.client().await;
+    let pg = w.pg().await;
     assert_eq!(
         cursor_of(&pg, "burns").await,
         Some(5),
         "the blocks before the refused one are kept; the cursor waits right before block 6"
     );
-    let status = logcursor::status::collect(&config(&toml), "status")
-        .await
-        .expect("status");
+    let status = logcursor::status::collect(&cfg, "status").await.expect("status");
     assert!(
         status[0].stuck.as_deref().is_some_and(|s| s.contains("HTTP 500")),
         "{:?}",
         status[0].stuck
     );
     proxy.pass();
-    tick_until_idle(&app).await;
-    let status = logcursor::status::collect(&config(&toml), "status")
-        .await
-        .expect("status");
+    app.tick_until_idle().await;
+    let status = logcursor::status::collect(&cfg, "status").await.expect("status");
     assert_eq!(status[0].stuck, None, "a committed range clears it");
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_stores_the_range_once() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     refuse_range(&proxy, 9);
-    let extra =
-        "rpc_attempts = 1\nmax_block_range = 4\non_unfetchable_range = \"skip_and_backfill\"\nrange_attempts = 3\n\
-                 gapfill_backoff = \"10s\"\ngapfill_backoff_max = \"1h\"\ngapfill_max_attempts = 4";
-    let toml = config_toml(&db.url, &proxy.url, &emitter, extra, "");
-    let app = app(&toml, "r").await;
+    let cfg = backfill(&w)
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_attempts = 1;
+            s.max_block_range = 4;
+            s.range_attempts = 3;
+            s.gapfill.backoff = Duration::from_secs(10);
+            s.gapfill.backoff_max = Duration::from_secs(3600);
+            s.gapfill.max_attempts = 4;
+        })
+        .build();
+    let app = build_app(&cfg, "r").await;
     let poller = &app.pollers()[0];
     let mut outcomes = Vec::new();
     for _ in 0..100 {
@@ -225,8 +220,8 @@ async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_store
         2,
         "two failures, then the third attempt skips"
     );
-    let pg = db.client().await;
-    let head = chain.block_number().await;
+    let pg = w.pg().await;
+    let head = w.chain.block_number().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(head), "the cursor passed the range");
     let row = pg
         .query_one("SELECT id, from_block, to_block, attempts FROM failed_ranges", &[])
@@ -237,8 +232,8 @@ async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_store
         from <= 9 && 9 <= to,
         "the recorded range holds the refused block: {from}..={to}"
     );
-    let on_chain = chain.burned_logs(&emitter, head).await;
-    let database = logcursor::store::pool::Database::new(&config(&toml).database.settings, "metrics").expect("pool");
+    let on_chain = w.chain.burned_logs(&w.emitter, head).await;
+    let database = logcursor::store::pool::Database::new(&cfg.database.settings, "metrics").expect("pool");
     let backlog = logcursor::http::database_metrics(&database, &["burns".to_string()])
         .await
         .expect("metrics");
@@ -291,9 +286,7 @@ async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_store
             i + 1
         );
     }
-    let status = logcursor::status::collect(&config(&toml), "status")
-        .await
-        .expect("status");
+    let status = logcursor::status::collect(&cfg, "status").await.expect("status");
     assert_eq!((status[0].failed_ranges_pending, status[0].failed_ranges_dead), (0, 1));
 
     // The provider serves it again and an operator revives the row: filled once.
@@ -325,27 +318,25 @@ async fn under_skip_and_backfill_the_cursor_passes_and_the_gap_fill_worker_store
     );
 }
 
+/// The world's config with `on_unfetchable_range = "skip_and_backfill"`.
+fn backfill(w: &World) -> TestConfig {
+    w.config().stream_toml("on_unfetchable_range = \"skip_and_backfill\"")
+}
+
 /// Ingests everything, then turns `ranges` back into gaps: their events are
 /// deleted and each is recorded as a failed range, due now.
-async fn with_gaps(ranges: &[(i64, i64)]) -> (Anvil, TestDb, Chain, String, tokio_postgres::Client) {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
+async fn with_gaps(ranges: &[(i64, i64)]) -> (World, tokio_postgres::Client) {
+    let w = World::new().await;
+    w.emit_burns(30, |i| i % 3 + 1).await;
     // anvil may pack several burns into one block: make sure every gap is
     // below the head.
     let highest = ranges.iter().map(|(_, t)| *t).max().unwrap_or(0);
-    let head = chain.block_number().await;
+    let head = w.chain.block_number().await;
     if head <= highest {
-        chain.mine(u64::try_from(highest - head + 1).expect("blocks")).await;
+        w.chain.mine(u64::try_from(highest - head + 1).expect("blocks")).await;
     }
-    let toml = config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        "on_unfetchable_range = \"skip_and_backfill\"",
-        "",
-    );
-    tick_until_idle(&app(&toml, "seed").await).await;
-    let pg = db.client().await;
+    backfill(&w).replica("seed").await.tick_until_idle().await;
+    let pg = w.pg().await;
     for (f, t) in ranges {
         pg.execute("DELETE FROM events WHERE block_number BETWEEN $1 AND $2", &[f, t])
             .await
@@ -357,21 +348,17 @@ async fn with_gaps(ranges: &[(i64, i64)]) -> (Anvil, TestDb, Chain, String, toki
         .await
         .expect("failed range");
     }
-    (anvil, db, chain, emitter, pg)
+    (w, pg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_gap_fill_workers_never_process_the_same_range() {
     let ranges: Vec<(i64, i64)> = (0..8).map(|i| (2 + i * 3, 4 + i * 3)).collect();
-    let (anvil, db, chain, emitter, pg) = with_gaps(&ranges).await;
-    let toml = config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        "on_unfetchable_range = \"skip_and_backfill\"",
-        "",
+    let (w, pg) = with_gaps(&ranges).await;
+    let (a, b) = (
+        backfill(&w).replica("worker-a").await,
+        backfill(&w).replica("worker-b").await,
     );
-    let (a, b) = (app(&toml, "worker-a").await, app(&toml, "worker-b").await);
     let work = |app: App| async move {
         let filler = app.gap_filler().expect("worker");
         let mut filled = Vec::new();
@@ -392,13 +379,13 @@ async fn two_replicas_gap_fill_workers_never_process_the_same_range() {
     all.dedup();
     assert_eq!(all.len(), fa.len() + fb.len(), "no range filled by both: {fa:?} {fb:?}");
     assert_eq!(all.len(), ranges.len(), "every range filled");
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once() {
-    let (anvil, db, chain, emitter, pg) = with_gaps(&[(5, 9)]).await;
-    let hanging = Proxy::start(&anvil.url).await;
+    let (w, pg) = with_gaps(&[(5, 9)]).await;
+    let hanging = Proxy::start(&w.anvil.url).await;
     hanging.set(|r| {
         if method_of(r) == "eth_getLogs" {
             Action::Hang
@@ -406,9 +393,11 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
             Action::Forward
         }
     });
-    let extra =
-        "on_unfetchable_range = \"skip_and_backfill\"\ngapfill_lease = \"3s\"\nrpc_timeout = \"5s\"\nrpc_attempts = 1";
-    let doomed_cfg = write_config(&config_toml(&db.url, &hanging.url, &emitter, extra, ""));
+    // A process reads this one: TOML only.
+    let doomed_cfg = backfill(&w)
+        .rpc(&hanging.url)
+        .stream_toml("gapfill_lease = \"3s\"\nrpc_timeout = \"5s\"\nrpc_attempts = 1")
+        .file();
     let mut doomed = spawn_replica(doomed_cfg.path(), "doomed", &[]);
     wait_for(
         "the doomed replica to claim the range",
@@ -425,14 +414,7 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
     .await;
     doomed.kill().await.expect("SIGKILL");
 
-    let toml = config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        "on_unfetchable_range = \"skip_and_backfill\"",
-        "",
-    );
-    let survivor = app(&toml, "survivor").await;
+    let survivor = backfill(&w).replica("survivor").await;
     let filler = survivor.gap_filler().expect("worker");
     use logcursor::poller::gapfill::GapOutcome;
     assert_eq!(
@@ -456,7 +438,7 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
         GapOutcome::Idle,
         "filled once, nothing left"
     );
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 /// I2 against gap fill: a rewind below a range a gap-fill worker holds
@@ -465,12 +447,12 @@ async fn a_claimer_killed_mid_claim_loses_its_lease_and_the_range_is_filled_once
 /// it: its closing statement finds the claim gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewind_below_a_claimed_range_takes_the_gap_fill_claim_away() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 12, |_| 1).await;
-    let toml = config_toml(&db.url, &anvil.url, &emitter, "", "");
-    let app = build_app(&config(&toml), "r").await;
-    tick_until_idle(&app).await;
-    let pg = db.client().await;
+    let w = World::new().await;
+    w.emit_burns(12, |_| 1).await;
+    let cfg = w.config().build();
+    let app = build_app(&cfg, "r").await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
     let id: i64 = pg
         .query_one(
             "INSERT INTO failed_ranges (stream, from_block, to_block, last_error, claimed_by, claimed_until)
@@ -480,7 +462,7 @@ async fn a_rewind_below_a_claimed_range_takes_the_gap_fill_claim_away() {
         .await
         .expect("claimed range")
         .get(0);
-    logcursor::admin::rewind(&config(&toml), "operator", &Default::default(), "burns", 6)
+    logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", 6)
         .await
         .expect("rewind");
     let still_holds = logcursor::store::failed_ranges::complete(&pg, id, "gap-worker")

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use logcursor::app::{App, BuildOptions};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -18,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{log_range, Action, Proxy};
+use crate::support::proxy::{log_range, Action, Proxy};
 use crate::support::*;
 
 /// Collects every exported span and metric.
@@ -70,9 +69,9 @@ fn attrs(span: &Span) -> BTreeMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 10, |_| 3).await;
-    let head = chain.block_number().await;
+    let w = World::new().await;
+    w.emit_burns(10, |_| 3).await;
+    let head = w.chain.block_number().await;
 
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -85,9 +84,9 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
 
     // A password in the database URL and an API key in the RPC URL: neither
     // may reach a span.
-    let db_url = db.url.replacen("postgres@", "postgres:hunter2@", 1);
-    let rpc = format!("{}/?apikey=SECRETKEY", anvil.url);
-    let cfg = write_config(&config_toml(&db_url, &rpc, &emitter, "", ""));
+    let db_url = w.db.url.replacen("postgres@", "postgres:hunter2@", 1);
+    let rpc = format!("{}/?apikey=SECRETKEY", w.anvil.url);
+    let cfg = TestConfig::new(&db_url, &rpc, &w.emitter).file();
     let child = spawn_replica(
         cfg.path(),
         "traced-replica",
@@ -96,7 +95,7 @@ async fn a_tick_exports_one_trace_with_its_child_spans_and_no_secrets() {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
         ],
     );
-    let pg = db.client().await;
+    let pg = w.pg().await;
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
@@ -245,34 +244,28 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_readyz_and_status_tell_the_truth_about_lag_and_who_processed_what() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 60, |_| 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(60, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     // The node will not serve blocks from 20 on: the stream falls behind.
     proxy.set(|r| match log_range(r) {
         Some((_, t)) if t >= 20 => Action::Reply(500, "unavailable".into()),
         _ => Action::Forward,
     });
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "max_block_range = 5\nrpc_attempts = 1",
-        "",
-    )
-    .replace("[telemetry]", "[telemetry]\nmax_lag_blocks = 10");
-    let app = App::build(
-        &config(&toml),
-        "obs-replica",
-        BuildOptions { migrate: true },
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("build");
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.max_block_range = 5;
+            s.rpc_attempts = 1;
+        })
+        .telemetry_toml("max_lag_blocks = 10")
+        .replica("obs-replica")
+        .await;
     let addr = app.http_addr().expect("http");
     let token = CancellationToken::new();
     let run = tokio::spawn(app.run(token.clone()));
-    let pg = db.client().await;
+    let pg = w.pg().await;
 
     wait_for("the stream stuck behind", Duration::from_secs(30), || async {
         (cursor_of(&pg, "burns").await == Some(19)).then_some(())
@@ -288,7 +281,7 @@ async fn metrics_readyz_and_status_tell_the_truth_about_lag_and_who_processed_wh
     assert!(body.contains("blocks behind (max_lag_blocks = 10)"), "{body}");
 
     proxy.pass();
-    let head = chain.block_number().await;
+    let head = w.chain.block_number().await;
     wait_for("caught up", Duration::from_secs(30), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
@@ -337,13 +330,13 @@ async fn metrics_readyz_and_status_tell_the_truth_about_lag_and_who_processed_wh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() {
-    let (anvil, db, chain, emitter) = world().await;
-    let pg = db.migrate_with_history().await;
-    let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 3", ""));
+    let w = World::new().await;
+    let pg = w.migrate().await;
+    let cfg = w.config().stream_toml("max_block_range = 3").file();
 
     let emitting = CancellationToken::new();
     let emitter_task = {
-        let (chain, emitter, stop) = (chain.clone(), emitter.clone(), emitting.clone());
+        let (chain, emitter, stop) = (w.chain.clone(), w.emitter.clone(), emitting.clone());
         tokio::spawn(async move {
             let mut total = 0;
             while !stop.is_cancelled() {
@@ -372,7 +365,7 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
     }
     emitting.cancel();
     let emitted = emitter_task.await.expect("emitter");
-    let head = chain.block_number().await;
+    let head = w.chain.block_number().await;
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
@@ -380,7 +373,7 @@ async fn a_rolling_restart_while_ingesting_loses_nothing_and_cuts_no_tick_off() 
     stop_all(replicas).await;
     let mut stored = stored_logs(&pg).await;
     stored.sort();
-    let on_chain: Vec<LogKey> = chain.burned_logs(&emitter, head).await.into_iter().collect();
+    let on_chain: Vec<LogKey> = w.chain.burned_logs(&w.emitter, head).await.into_iter().collect();
     assert_eq!(on_chain.len() as u64, emitted);
     assert_eq!(stored, on_chain, "every event exactly once through the rolling restart");
     let history = cursor_history(&pg, "burns").await;

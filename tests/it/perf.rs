@@ -8,24 +8,32 @@ use std::time::Duration;
 use logcursor::poller::TickOutcome;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{log_range, Action, Proxy};
+use crate::support::proxy::{log_range, Action, Proxy};
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
-    let (anvil, db, chain, emitter) = world().await;
+    let w = World::new().await;
     let (per_tx, txs) = (2_800u64, 24u64);
     for i in 0..txs {
-        chain.burn_many(&emitter, per_tx, i * per_tx).await;
+        w.chain.burn_many(&w.emitter, per_tx, i * per_tx).await;
     }
     let total = per_tx * txs;
     assert!(
         total > 65_535,
         "more rows than one statement could bind one parameter each for"
     );
-    let extra = "max_block_range = 200\nmax_logs_per_tick = 100000\nrpc_timeout = \"15s\"\nrpc_attempts = 1";
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, extra, "")), "big").await;
-    let head = chain.block_number().await;
+    let app = w
+        .config()
+        .stream(|s| {
+            s.max_block_range = 200;
+            s.max_logs_per_tick = 100_000;
+            s.rpc_timeout = Duration::from_secs(15);
+            s.rpc_attempts = 1;
+        })
+        .replica("big")
+        .await;
+    let head = w.chain.block_number().await;
     let first = app.pollers()[0]
         .tick(&CancellationToken::new())
         .await
@@ -34,7 +42,7 @@ async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
         matches!(first, TickOutcome::Advanced { to, inserted, duplicates: 0, .. } if to == head as u64 && inserted == total),
         "{first:?}"
     );
-    let pg = db.client().await;
+    let pg = w.pg().await;
     assert_eq!(count_events(&pg).await, total as i64);
     let distinct: i64 = pg
         .query_one("SELECT count(DISTINCT (params->>'amount')) FROM events", &[])
@@ -46,43 +54,49 @@ async fn a_tick_larger_than_the_bind_parameter_limit_stores_every_event_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sub_ranges_cover_every_tick_exactly_once() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 90, |i| i % 4 + 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
-    let extra = "max_block_range = 40\nfetch_concurrency = 4";
-    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, extra, "")), "r").await;
-    tick_until_idle(&app).await;
+    let w = World::new().await;
+    w.emit_burns(90, |i| i % 4 + 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.max_block_range = 40;
+            s.fetch_concurrency = 4;
+        })
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
     let mut ranges: Vec<(u64, u64)> = proxy.seen().iter().filter_map(log_range).collect();
     assert!(
         ranges.len() >= 4 * 2,
         "ticks were split into concurrent sub-ranges: {ranges:?}"
     );
     ranges.sort();
-    let head = chain.block_number().await as u64;
+    let head = w.chain.block_number().await as u64;
     let mut next = 0;
     for (from, to) in &ranges {
         assert_eq!(*from, next, "no block skipped or fetched twice: {ranges:?}");
         next = to + 1;
     }
     assert_eq!(next, head + 1, "the sub-ranges cover every block up to the head");
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_is_locked() {
-    let (anvil, db) = (Anvil::start().await, TestDb::new().await);
-    let chain = Chain::new(&anvil.url).await;
-    let (first, second) = (chain.deploy_emitter().await, chain.deploy_emitter().await);
-    let toml = format!(
-        "{}\n[[streams]]\nname = \"second\"\nchain_id = 31337\nrpc_urls = [\"{}\"]\naddresses = [\"{second}\"]\n\
-         events = [\"{BURNED}\"]\nconfirmations = 0\nmax_block_range = 10\npoll_interval = \"50ms\"\nrpc_timeout = \"2s\"\n",
-        config_toml(&db.url, &anvil.url, &first, "max_block_range = 10", ""),
-        anvil.url
-    );
-    let cfg = config(&toml);
+    let w = World::new().await;
+    let (chain, first) = (&w.chain, &w.emitter);
+    let second = chain.deploy_emitter().await;
+    // max_block_range as TOML, before the second stream copies the first.
+    let cfg = w
+        .config()
+        .stream_toml("max_block_range = 10")
+        .add_stream_toml(&format!("name = \"second\"\naddresses = [\"{second}\"]"))
+        .build();
     let (a, b) = (build_app(&cfg, "replica-a").await, build_app(&cfg, "replica-b").await);
     // Another holder keeps the first stream's row locked for as long as it likes.
-    let mut holder = db.client().await;
+    let mut holder = w.pg().await;
     let hold = holder.transaction().await.expect("begin");
     hold.execute("SELECT 1 FROM block_cursors WHERE id = 'burns' FOR UPDATE", &[])
         .await
@@ -90,10 +104,10 @@ async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_i
 
     let token = CancellationToken::new();
     let runs = [a, b].map(|app| tokio::spawn(app.run(token.clone())));
-    chain.emit_burns(&first, 20, |_| 1).await;
+    chain.emit_burns(first, 20, |_| 1).await;
     chain.emit_burns(&second, 20, |_| 2).await;
     let head = chain.block_number().await;
-    let pg = db.client().await;
+    let pg = w.pg().await;
     wait_for("the free stream at the head", Duration::from_secs(30), || async {
         (cursor_of(&pg, "second").await == Some(head)).then_some(())
     })
@@ -124,16 +138,16 @@ async fn with_two_streams_and_two_replicas_one_stream_advances_while_the_other_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fresh_one_is_used() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 40, |i| i % 3 + 1).await;
-    let pg = db.migrate_with_history().await;
-    let cfg = config(&config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        "max_block_range = 5\npipeline = true",
-        "",
-    ));
+    let w = World::new().await;
+    w.emit_burns(40, |i| i % 3 + 1).await;
+    let pg = w.migrate().await;
+    let cfg = w
+        .config()
+        .stream(|s| {
+            s.max_block_range = 5;
+            s.pipeline = true;
+        })
+        .build();
     let (a, b) = (build_app(&cfg, "a").await, build_app(&cfg, "b").await);
     let step = |app: &logcursor::app::App| {
         let p = std::sync::Arc::clone(&app.pollers()[0]);
@@ -151,26 +165,21 @@ async fn a_prefetch_made_stale_by_another_replicas_commit_is_discarded_and_a_fre
     assert_eq!(range(step(&a).await), (15, 19)); // a's prefetch of 15..=19 still holds
     assert_eq!(am.prefetch_used.get(), 1, "a used its fresh prefetch");
     assert_eq!(bm.prefetch_used.get(), 0);
-    tick_until_idle(&b).await;
-    tick_until_idle(&a).await;
-    let head = chain.block_number().await;
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    b.tick_until_idle().await;
+    a.tick_until_idle().await;
+    let head = w.chain.block_number().await;
+    w.assert_stored_up_to(&pg, head).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_event_once() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 300, |i| i % 4 + 1).await;
-    let head = chain.block_number().await;
-    let pg = db.migrate_with_history().await;
-    let cfg = write_config(&config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        "max_block_range = 2\npipeline = true",
-        "",
-    ));
+    let w = World::new().await;
+    w.emit_burns(300, |i| i % 4 + 1).await;
+    let head = w.chain.block_number().await;
+    let pg = w.migrate().await;
+    // The replicas are processes, which read a file: TOML only.
+    let cfg = w.config().stream_toml("max_block_range = 2\npipeline = true").file();
     let mut replicas = vec![
         spawn_replica(cfg.path(), "p0", &[]),
         spawn_replica(cfg.path(), "p1", &[]),
@@ -194,7 +203,7 @@ async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_even
     })
     .await;
     stop_all(replicas).await;
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    w.assert_stored_up_to(&pg, head).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
 }
 
@@ -205,11 +214,11 @@ async fn two_pipelining_replicas_killed_and_restarted_at_random_store_every_even
 async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 120, |i| i % 3 + 1).await;
-    let head = chain.block_number().await as u64;
-    let pg = db.migrate_with_history().await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(120, |i| i % 3 + 1).await;
+    let head = w.chain.block_number().await as u64;
+    let pg = w.migrate().await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     // Once, refuse the request that reaches into the upper half of the chain.
     let bad = head / 2;
     let refused = Arc::new(AtomicBool::new(false));
@@ -220,8 +229,16 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
         }
         _ => Action::Forward,
     });
-    let extra = "max_block_range = 2000\nfetch_concurrency = 2\nrpc_attempts = 1";
-    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, extra, "")), "r").await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.max_block_range = 2000;
+            s.fetch_concurrency = 2;
+            s.rpc_attempts = 1;
+        })
+        .replica("r")
+        .await;
     let first = app.pollers()[0]
         .tick(&CancellationToken::new())
         .await
@@ -247,8 +264,8 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
         stored_max.is_some_and(|m| m as u64 <= to),
         "nothing after the gap is stored: {stored_max:?} > {to}"
     );
-    tick_until_idle(&app).await;
-    assert_stored_up_to(&pg, &chain, &emitter, head as i64).await;
+    app.tick_until_idle().await;
+    w.assert_stored_up_to(&pg, head as i64).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head as i64);
 }
 
@@ -258,14 +275,23 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
 /// away, so a row stored while subscribed was stored because of a head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes() {
-    let (anvil, db, chain, emitter) = world().await;
-    let upstream = anvil.url.trim_start_matches("http://").parse().expect("anvil address");
-    let ws = crate::proxy::TcpProxy::start(upstream).await;
-    let extra = format!(
-        "poll_interval = \"200ms\"\nws_poll_interval = \"1h\"\nws_urls = [\"ws://127.0.0.1:{}\"]",
-        ws.port
-    );
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
+    let w = World::new().await;
+    let upstream = w
+        .anvil
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("anvil address");
+    let ws = crate::support::proxy::TcpProxy::start(upstream).await;
+    let app = w
+        .config()
+        .stream_toml(&format!("ws_urls = [\"ws://127.0.0.1:{}\"]", ws.port))
+        .stream(|s| {
+            s.poll_interval = Duration::from_millis(200);
+            s.ws_poll_interval = Duration::from_secs(3600);
+        })
+        .replica("r")
+        .await;
     let poller = std::sync::Arc::clone(&app.pollers()[0]);
     // The endpoint's head follower holds the subscription.
     let push = std::sync::Arc::clone(&poller.stream.followers[0].push);
@@ -282,7 +308,7 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
     };
     let token = CancellationToken::new();
     let run = tokio::spawn(app.run(token.clone()));
-    let pg = db.client().await;
+    let pg = w.pg().await;
 
     // Waits until the subscription is `live` (or not): the follower then
     // polls every hour (with push) or every 200 ms (without), and the
@@ -297,10 +323,10 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
         }
     };
     let emit_and_wait = |what: &'static str| {
-        let (chain, emitter, pg) = (&chain, &emitter, &pg);
+        let (w, pg) = (&w, &pg);
         async move {
-            chain.emit_burns(emitter, 3, |i| i + 1).await;
-            let head = chain.block_number().await;
+            w.emit_burns(3, |i| i + 1).await;
+            let head = w.chain.block_number().await;
             wait_for(what, Duration::from_secs(30), || async {
                 (cursor_of(pg, "burns").await == Some(head)).then_some(())
             })
@@ -328,7 +354,7 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
 
     token.cancel();
     run.await.expect("join").expect("run");
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 /// I6 while parts are written: the session is idle in transaction while the
@@ -339,22 +365,24 @@ async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_part_slower_than_the_idle_bound_is_given_up_before_the_server_ends_the_session() {
     use logcursor::poller::parts::PROBE_BLOCKS;
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     // Every request for logs after the density probe hangs.
     proxy.set(|r| match log_range(r) {
         Some((f, _)) if f >= PROBE_BLOCKS => Action::Hang,
         _ => Action::Forward,
     });
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "rpc_timeout = \"1s\"\nrpc_attempts = 3",
-        "idle_in_transaction_timeout = \"3050ms\"",
-    );
-    let app = build_app(&config(&toml), "r").await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_timeout = Duration::from_secs(1);
+            s.rpc_attempts = 3;
+        })
+        .database(|d| d.limits.idle_in_transaction_timeout = Duration::from_millis(3050))
+        .replica("r")
+        .await;
     let first = app.pollers()[0]
         .tick(&CancellationToken::new())
         .await
@@ -363,9 +391,9 @@ async fn a_part_slower_than_the_idle_bound_is_given_up_before_the_server_ends_th
         matches!(first, TickOutcome::Advanced { from: 0, to, .. } if to == PROBE_BLOCKS - 1),
         "{first:?}"
     );
-    let pg = db.client().await;
+    let pg = w.pg().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(PROBE_BLOCKS as i64 - 1));
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
 }

@@ -11,11 +11,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_logcursor");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_partial_range() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 400, |i| i % 3 + 1).await;
-    let head = chain.block_number().await;
-    let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "max_block_range = 1", ""));
-    let pg = db.client().await;
+    let w = World::new().await;
+    w.emit_burns(400, |i| i % 3 + 1).await;
+    let head = w.chain.block_number().await;
+    let cfg = w.config().stream_toml("max_block_range = 1").file();
+    let pg = w.pg().await;
 
     let child = logcursor_cmd(&["run"], cfg.path(), "sigterm-replica")
         .spawn()
@@ -35,7 +35,7 @@ async fn sigterm_mid_ingest_exits_0_leaves_no_session_in_transaction_and_no_part
         cursor < head,
         "the signal arrived mid-ingest (cursor {cursor}, head {head})"
     );
-    assert_stored_up_to(&pg, &chain, &emitter, cursor).await; // no partial range
+    w.assert_stored_up_to(&pg, cursor).await; // no partial range
     let lingering = wait_for("the replica's sessions to close", Duration::from_secs(10), || async {
         let n: i64 = pg
             .query_one(
@@ -60,13 +60,13 @@ async fn sigterm_during_start_up_is_a_graceful_stop() {
         l.local_addr().expect("addr").port()
     };
     // The database never answers: start-up keeps retrying it for a minute.
-    let cfg = write_config(&config_toml(
+    let cfg = TestConfig::new(
         &format!("postgres://u@127.0.0.1:{closed_port}/db"),
         "http://127.0.0.1:1",
         "0x5fbdb2315678afecb367f032d93f642f64180aa3",
-        "",
-        "connect_retry_for = \"60s\"\nconnect_timeout = \"200ms\"",
-    ));
+    )
+    .database_toml("connect_retry_for = \"60s\"\nconnect_timeout = \"200ms\"")
+    .file();
     let mut child = logcursor_cmd(&["run"], cfg.path(), "early").spawn().expect("start");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
@@ -136,11 +136,11 @@ confirmations = "two"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_once() {
-    let (anvil, db, chain, emitter) = world().await;
-    let emitted = chain.emit_burns(&emitter, 30, |_| 2).await;
-    let head = chain.block_number().await;
-    let cfg = write_config(&config_toml(&db.url, &anvil.url, &emitter, "", ""));
-    let pg = db.client().await;
+    let w = World::new().await;
+    let emitted = w.emit_burns(30, |_| 2).await;
+    let head = w.chain.block_number().await;
+    let cfg = w.config().file();
+    let pg = w.pg().await;
 
     let children: Vec<Child> = ["r1", "r2", "r3"]
         .iter()
@@ -180,14 +180,13 @@ async fn three_replicas_starting_at_once_on_an_empty_database_apply_migrations_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_idle_timeout() {
-    use crate::proxy::{method_of, Action, Proxy};
-    use logcursor::app::{App, BuildOptions};
+    use crate::support::proxy::{method_of, Action, Proxy};
     use tokio_util::sync::CancellationToken;
 
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 30, |i| i % 3 + 1).await;
-    let pg = db.migrate_with_history().await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(30, |i| i % 3 + 1).await;
+    let pg = w.migrate().await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     // The frozen replica's node hangs on eth_getLogs: it is inside a tick,
     // holding the cursor lock, when it is stopped.
     proxy.set(|r| {
@@ -197,16 +196,17 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
             Action::Forward
         }
     });
-    let limits = "lock_timeout = \"500ms\"\nstatement_timeout = \"5s\"\nidle_in_transaction_timeout = \"3s\"";
-    let rpc = "rpc_timeout = \"1s\"\nrpc_attempts = 2";
+    // Both replicas run with these (the frozen one reads them from a file).
+    let cfg = || {
+        w.config()
+            .stream_toml("rpc_timeout = \"1s\"\nrpc_attempts = 2")
+            .database_toml("lock_timeout = \"500ms\"\nstatement_timeout = \"5s\"\nidle_in_transaction_timeout = \"3s\"")
+    };
     // The other replica is built (connected, migrated, chain checked)
     // first, so that it ticks as soon as the first one freezes.
-    let other_cfg = config(&config_toml(&db.url, &anvil.url, &emitter, rpc, limits));
     let token = CancellationToken::new();
-    let other = App::build(&other_cfg, "other", BuildOptions { migrate: true }, &token)
-        .await
-        .expect("build");
-    let frozen_cfg = write_config(&config_toml(&db.url, &proxy.url, &emitter, rpc, limits));
+    let other = cfg().replica("other").await;
+    let frozen_cfg = cfg().rpc(&proxy.url).file();
     let frozen = logcursor_cmd(&["run"], frozen_cfg.path(), "frozen")
         .spawn()
         .expect("start");
@@ -219,7 +219,7 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     })
     .await;
     signal(&frozen, "STOP");
-    let stopped_at = std::time::Instant::now();
+    let stopped_at = tokio::time::Instant::now();
     let run = tokio::spawn(other.run(token.clone()));
     wait_for(
         "the other replica to advance the cursor",
@@ -236,8 +236,8 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     // Wake the frozen replica: its transaction is gone; it must carry on harmlessly.
     proxy.pass();
     signal(&frozen, "CONT");
-    chain.emit_burns(&emitter, 10, |_| 2).await;
-    let head = chain.block_number().await;
+    w.emit_burns(10, |_| 2).await;
+    let head = w.chain.block_number().await;
     wait_for("both replicas caught up", Duration::from_secs(30), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
@@ -250,8 +250,8 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
         summary[0].lock_timeouts > 0,
         "the other replica met the held lock and backed off: {summary:?}"
     );
-    chain.emit_burns(&emitter, 3, |_| 1).await;
-    let head = chain.block_number().await;
+    w.emit_burns(3, |_| 1).await;
+    let head = w.chain.block_number().await;
     wait_for("the woken replica to commit again", Duration::from_secs(30), || async {
         let mine: i64 = pg
             .query_one("SELECT count(*) FROM cursor_history WHERE moved_by = 'frozen'", &[])
@@ -264,6 +264,6 @@ async fn a_replica_frozen_while_holding_the_lock_stalls_others_only_until_the_id
     signal(&frozen, "TERM");
     let out = finish(frozen, Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    w.assert_stored_up_to(&pg, head).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
 }

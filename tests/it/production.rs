@@ -7,6 +7,7 @@ use std::process::Command as StdCommand;
 use std::time::Duration;
 
 use logcursor::app::{App, AppError, BuildOptions};
+use logcursor::config::Config;
 use logcursor::store::StoreError;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio_util::sync::CancellationToken;
@@ -165,14 +166,8 @@ impl Drop for PgServer {
     }
 }
 
-async fn build_with(cfg_toml: &str, replica: &str, migrate: bool) -> Result<App, AppError> {
-    App::build(
-        &config(cfg_toml),
-        replica,
-        BuildOptions { migrate },
-        &CancellationToken::new(),
-    )
-    .await
+async fn build_with(cfg: &Config, replica: &str, migrate: bool) -> Result<App, AppError> {
+    App::build(cfg, replica, BuildOptions { migrate }, &CancellationToken::new()).await
 }
 
 fn error_of(r: Result<App, AppError>) -> String {
@@ -193,24 +188,22 @@ async fn tls_verify_full_ingests_and_a_wrong_ca_a_wrong_host_or_no_tls_fail_clea
     let admin = connect(&server.url("postgres", "?sslmode=disable")).await;
     admin.batch_execute("CREATE DATABASE lc").await.expect("create db");
 
-    let anvil = Anvil::start().await;
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
-    chain.emit_burns(&emitter, 5, |_| 2).await;
-    let with = |query: String| {
-        config_toml(
-            &server.url("lc", &query),
-            &anvil.url,
-            &emitter,
-            "",
-            "connect_retry_for = \"1s\"",
-        )
+    let w = World::new().await;
+    w.emit_burns(5, |_| 2).await;
+    // The world's chain and contract, with the database at `url`.
+    let on = |url: String| {
+        TestConfig::new(&url, &w.anvil.url, &w.emitter)
+            .database_toml("connect_retry_for = \"1s\"")
+            .build()
     };
 
-    let full = with(format!("?sslmode=verify-full&sslrootcert={}", good_pem.display()));
+    let full = on(server.url(
+        "lc",
+        &format!("?sslmode=verify-full&sslrootcert={}", good_pem.display()),
+    ));
     let app = build_with(&full, "tls", true).await.unwrap_or_else(|e| panic!("{e}"));
-    tick_until_idle(&app).await;
-    let db = logcursor::store::pool::Database::new(&config(&full).database.settings, "tls-check").expect("pool");
+    app.tick_until_idle().await;
+    let db = logcursor::store::pool::Database::new(&full.database.settings, "tls-check").expect("pool");
     let client = db.get().await.expect("connection");
     let encrypted: bool = client
         .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
@@ -224,7 +217,7 @@ async fn tls_verify_full_ingests_and_a_wrong_ca_a_wrong_host_or_no_tls_fail_clea
     let host = format!("127.0.0.1:{}", server.port);
     let msg = error_of(
         build_with(
-            &with(format!("?sslmode=verify-full&sslrootcert={}", bad_pem.display())),
+            &on(server.url("lc", &format!("?sslmode=verify-full&sslrootcert={}", bad_pem.display()))),
             "r",
             true,
         )
@@ -238,35 +231,20 @@ async fn tls_verify_full_ingests_and_a_wrong_ca_a_wrong_host_or_no_tls_fail_clea
         .batch_execute("CREATE DATABASE lc")
         .await
         .expect("db");
-    let wrong_host = config_toml(
-        &misnamed.url(
-            "lc",
-            &format!("?sslmode=verify-full&sslrootcert={}", good_pem.display()),
-        ),
-        &anvil.url,
-        &emitter,
-        "",
-        "connect_retry_for = \"1s\"",
-    );
-    let msg = error_of(build_with(&wrong_host, "r", true).await);
+    let misnamed_with =
+        |sslmode: &str| on(misnamed.url("lc", &format!("?sslmode={sslmode}&sslrootcert={}", good_pem.display())));
+    let msg = error_of(build_with(&misnamed_with("verify-full"), "r", true).await);
     assert!(
         msg.contains(&format!("127.0.0.1:{}", misnamed.port)) && msg.contains("not valid for name"),
         "wrong host name: {msg}"
     );
     // verify-ca checks the chain only: the same server is accepted.
-    let ca_only = wrong_host.replace("verify-full", "verify-ca");
-    build_with(&ca_only, "r", true)
+    build_with(&misnamed_with("verify-ca"), "r", true)
         .await
         .unwrap_or_else(|e| panic!("verify-ca: {e}"));
 
-    let plain = TestDb::new().await; // the suite's cluster runs without TLS
-    let required = config_toml(
-        &format!("{}?sslmode=require", plain.url),
-        &anvil.url,
-        &emitter,
-        "",
-        "connect_retry_for = \"1s\"",
-    );
+    let plain = &w.db; // the suite's cluster runs without TLS
+    let required = on(format!("{}?sslmode=require", plain.url));
     let msg = error_of(build_with(&required, "r", true).await);
     assert!(
         msg.contains("127.0.0.1") && msg.contains("TLS"),
@@ -280,8 +258,8 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
         eprintln!("SKIPPED: pgbouncer is not installed (scripts/test installs the Debian package pgbouncer)");
         return;
     };
-    let db = TestDb::new().await;
-    let target = url::Url::parse(&db.url).expect("url");
+    let w = World::new().await;
+    let target = url::Url::parse(&w.db.url).expect("url");
     let dir = owned_dir();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -312,18 +290,19 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
     }
     let _stop = Stop(dir.path().join("pgbouncer.pid"));
 
-    let anvil = Anvil::start().await;
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
-    chain.emit_burns(&emitter, 60, |i| i % 3 + 1).await;
-    let head = chain.block_number().await;
+    w.emit_burns(60, |i| i % 3 + 1).await;
+    let head = w.chain.block_number().await;
     let bounced = format!("postgres://postgres@127.0.0.1:{port}{}", target.path());
-    let cfg = write_config(&config_toml(&bounced, &anvil.url, &emitter, "max_block_range = 4", ""));
+    let cfg = w
+        .config()
+        .database_url(&bounced)
+        .stream_toml("max_block_range = 4")
+        .file();
     let replicas: Vec<tokio::process::Child> = ["b1", "b2", "b3"]
         .iter()
         .map(|r| spawn_replica(cfg.path(), r, &[]))
         .collect();
-    let pg = db.client().await;
+    let pg = w.pg().await;
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
@@ -333,14 +312,14 @@ async fn through_pgbouncer_in_transaction_mode_three_replicas_store_every_event_
             assert!(!stderr.contains(bad), "{bad} in the logs:\n{stderr}");
         }
     }
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    w.assert_stored_up_to(&pg, head).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
-    let db = TestDb::new().await;
-    let admin = db.client().await;
-    let roles = ExampleRoles::create(&db, "public").await;
+    let w = World::new().await;
+    let admin = w.pg().await;
+    let roles = ExampleRoles::create(&w.db, "public").await;
     let (owner, app_role) = (roles.owner.clone(), roles.app.clone());
     let as_role = |role: &str| roles.url_as(role);
 
@@ -348,16 +327,13 @@ async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
     migrate_as(&as_role(&owner), "owner").await;
     owner_client.batch_execute(&roles.grants).await.expect("grants");
 
-    let anvil = Anvil::start().await;
-    let chain = Chain::new(&anvil.url).await;
-    let emitter = chain.deploy_emitter().await;
-    chain.emit_burns(&emitter, 10, |_| 2).await;
-    let runtime = config_toml(&as_role(&app_role), &anvil.url, &emitter, "", "");
+    w.emit_burns(10, |_| 2).await;
+    let runtime = w.config().database_url(&as_role(&app_role)).build();
     let app = build_with(&runtime, "least-privilege", false)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&admin, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&admin).await;
     let app_client = connect(&as_role(&app_role)).await;
     let ddl = app_client
         .batch_execute("CREATE TABLE sneaky (i int)")
@@ -380,16 +356,22 @@ async fn a_runtime_role_without_ddl_ingests_and_a_missing_grant_is_named() {
     assert!(err.to_string().contains("INSERT on events"), "{err}");
 
     let empty = TestDb::new().await;
-    let unmigrated = config_toml(&empty.url, &anvil.url, &emitter, "", "");
+    let unmigrated = w.config().database_url(&empty.url).build();
     let msg = error_of(build_with(&unmigrated, "r", false).await);
     assert!(msg.contains("logcursor migrate"), "{msg}");
 }
 
+/// `cfg`'s text without `[database] url` (a config that names the URL
+/// only by `url_file`).
+fn without_database_url(cfg: TestConfig) -> String {
+    cfg.database_unset(&["url"]).toml()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_read_from_files_work_and_never_reach_a_log_line() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 8, |_| 2).await;
-    let head = chain.block_number().await;
+    let w = World::new().await;
+    w.emit_burns(8, |_| 2).await;
+    let head = w.chain.block_number().await;
     let secrets = tempfile::tempdir().expect("dir");
     let (url_file, password_file, rpc_file) = (
         secrets.path().join("db-url"),
@@ -398,28 +380,24 @@ async fn secrets_read_from_files_work_and_never_reach_a_log_line() {
     );
     std::fs::write(
         &url_file,
-        format!("  {}\n", db.url.replacen("postgres@", "postgres:urlsecret@", 1)),
+        format!("  {}\n", w.db.url.replacen("postgres@", "postgres:urlsecret@", 1)),
     )
     .expect("write");
     std::fs::write(&password_file, "filesecret\n").expect("write");
-    std::fs::write(&rpc_file, format!("{}/?apikey=RPCSECRET\n", anvil.url)).expect("write");
-    let toml = config_toml(&db.url, &anvil.url, &emitter, "", "")
-        .replace(
-            &format!("url = \"{}\"", db.url),
-            &format!(
+    std::fs::write(&rpc_file, format!("{}/?apikey=RPCSECRET\n", w.anvil.url)).expect("write");
+    let toml = without_database_url(
+        w.config()
+            .database_toml(&format!(
                 "url_file = \"{}\"\npassword_file = \"{}\"",
                 url_file.display(),
                 password_file.display()
-            ),
-        )
-        .replace(
-            &format!("rpc_urls = [\"{}\"]", anvil.url),
-            &format!("rpc_urls = [{{ url_file = \"{}\" }}]", rpc_file.display()),
-        );
-    assert!(toml.contains("url_file") && !toml.contains(&db.url), "{toml}");
+            ))
+            .stream_toml(&format!("rpc_urls = [{{ url_file = \"{}\" }}]", rpc_file.display())),
+    );
+    assert!(toml.contains("url_file") && !toml.contains(&w.db.url), "{toml}");
     let cfg = write_config(&toml);
     let child = spawn_replica(cfg.path(), "secretive", &[("RUST_LOG", "debug".to_string())]);
-    let pg = db.client().await;
+    let pg = w.pg().await;
     wait_for("the cursor at the head", Duration::from_secs(60), || async {
         (cursor_of(&pg, "burns").await == Some(head)).then_some(())
     })
@@ -428,7 +406,7 @@ async fn secrets_read_from_files_work_and_never_reach_a_log_line() {
     let out = finish(child, Duration::from_secs(30)).await;
     let logs = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{logs}");
-    assert_stored_up_to(&pg, &chain, &emitter, head).await;
+    w.assert_stored_up_to(&pg, head).await;
     for secret in ["urlsecret", "filesecret", "RPCSECRET"] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
     }

@@ -138,15 +138,17 @@ impl Replicas {
 /// commits, the held stream catches up too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_streams_advance_while_another_session_holds_one_row() {
-    let (_anvil, db, chain, _) = world().await;
-    let emitters = deploy(&chain, 20).await;
+    let w = World::new().await;
+    let (db, chain) = (&w.db, &w.chain);
+    let emitters = deploy(chain, 20).await;
     let rpc = chain.url.clone();
-    let cfg = config(&streams_toml(
+    let cfg = TestConfig::from_toml(&streams_toml(
         &db.url,
         2,
         &format!("rpc_urls = [\"{rpc}\"]\nws_urls = \"off\"\npoll_interval = \"50ms\""),
         &emitters,
-    ));
+    ))
+    .build();
     // Seed the rows (as `migrate` + start would), then hold s07's.
     drop(build_app(&cfg, "scale-seed").await);
     let pg = db.client().await;
@@ -158,7 +160,7 @@ async fn twenty_streams_advance_while_another_session_holds_one_row() {
     let held_at = cursor_of(&pg, "s07").await.expect("s07 seeded");
 
     let replicas = Replicas::start(&cfg, "hold-r", 3).await;
-    let head = burn_each(&chain, &emitters, 2).await;
+    let head = burn_each(chain, &emitters, 2).await;
     let max_sessions = std::sync::atomic::AtomicI64::new(0);
     wait_for("every stream but s07 at the head", Duration::from_secs(60), || async {
         let parked = waiting_on_locks(&pg, "hold-r").await;
@@ -202,14 +204,15 @@ async fn twenty_streams_advance_while_another_session_holds_one_row() {
 /// the other tests write meanwhile; `scripts/bench` reads it alone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stretch_takes_no_lock_and_burns_no_transaction_id() {
-    let (_anvil, db, chain, _) = world().await;
-    let emitters = deploy(&chain, 20).await;
-    let head = burn_each(&chain, &emitters, 1).await;
+    let w = World::new().await;
+    let (db, chain) = (&w.db, &w.chain);
+    let emitters = deploy(chain, 20).await;
+    let head = burn_each(chain, &emitters, 1).await;
     let defaults = format!(
         "rpc_urls = [\"{}\"]\npoll_interval = \"100ms\"\nws_poll_interval = \"100ms\"",
         chain.url
     );
-    let cfg = config(&streams_toml(&db.url, 4, &defaults, &emitters));
+    let cfg = TestConfig::from_toml(&streams_toml(&db.url, 4, &defaults, &emitters)).build();
     let replicas = Replicas::start(&cfg, "idle-r", 3).await;
     let pg = db.client().await;
     wait_for("every stream at the head", Duration::from_secs(60), || async {
@@ -258,22 +261,28 @@ async fn an_idle_stretch_takes_no_lock_and_burns_no_transaction_id() {
 /// every stream through them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_websocket_per_endpoint_per_replica_not_per_stream() {
-    let (anvil, db, chain, _) = world().await;
-    let emitters = deploy(&chain, 20).await;
-    let upstream = anvil.url.trim_start_matches("http://").parse().expect("anvil address");
-    let ws = crate::proxy::TcpProxy::start(upstream).await;
+    let w = World::new().await;
+    let (db, chain) = (&w.db, &w.chain);
+    let emitters = deploy(chain, 20).await;
+    let upstream = w
+        .anvil
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("anvil address");
+    let ws = crate::support::proxy::TcpProxy::start(upstream).await;
     let defaults = format!(
         "rpc_urls = [\"{}\"]\nws_urls = [\"ws://127.0.0.1:{}\"]\npoll_interval = \"200ms\"\nws_poll_interval = \"1h\"",
         chain.url, ws.port
     );
-    let cfg = config(&streams_toml(&db.url, 4, &defaults, &emitters));
+    let cfg = TestConfig::from_toml(&streams_toml(&db.url, 4, &defaults, &emitters)).build();
     let replicas = Replicas::start(&cfg, "ws-r", 3).await;
     let pg = db.client().await;
     wait_for("three sockets open", Duration::from_secs(30), || async {
         (ws.open() >= 3).then_some(())
     })
     .await;
-    let head = burn_each(&chain, &emitters, 1).await;
+    let head = burn_each(chain, &emitters, 1).await;
     wait_for("every stream at the head", Duration::from_secs(60), || async {
         cursors(&pg).await.iter().all(|(_, c)| *c == head).then_some(())
     })

@@ -21,8 +21,8 @@ use serde_json::Value;
 
 use super::world::Sender;
 use super::Tally;
-use crate::proxy::{log_range, method_of, Action, Proxy};
 use crate::support::hex_i64;
+use crate::support::proxy::{log_range, method_of, Action, Proxy};
 
 /// Reorgs at most this often: each one costs every replica a tick or a rewind.
 const REORG_EVERY: Duration = Duration::from_secs(4);

@@ -2,13 +2,13 @@
 //! skipped, a frozen replica holds the others up for at most the default
 //! idle bound, and a slow but healthy provider is not cut off.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use logcursor::app::{App, BuildOptions};
 use logcursor::poller::{TickError, TickOutcome};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{delayed, log_range, method_of, rpc_error, Action, Proxy};
+use crate::support::proxy::{delayed, log_range, method_of, rpc_error, Action, Proxy};
 use crate::support::*;
 
 /// Checked by removing the `refuses_the_range` test from
@@ -16,13 +16,22 @@ use crate::support::*;
 /// JSON-RPC errors then skip the range after `range_attempts`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_and_backfill_never_skips_a_range_for_rate_limits_5xx_or_timeouts() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
-    let extra = "rpc_attempts = 1\nrpc_timeout = \"300ms\"\nmax_block_range = 4\n\
-                 on_unfetchable_range = \"skip_and_backfill\"\nrange_attempts = 2";
-    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, extra, "")), "r").await;
-    let pg = db.client().await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream_toml("on_unfetchable_range = \"skip_and_backfill\"")
+        .stream(|s| {
+            s.rpc_attempts = 1;
+            s.rpc_timeout = Duration::from_millis(300);
+            s.max_block_range = 4;
+            s.range_attempts = 2;
+        })
+        .replica("r")
+        .await;
+    let pg = w.pg().await;
     type Fault = fn(&serde_json::Value) -> Action;
     let faults: Vec<(&str, Fault)> = vec![
         ("HTTP 429", |_| Action::Reply(429, "Too Many Requests".into())),
@@ -73,22 +82,12 @@ async fn skip_and_backfill_never_skips_a_range_for_rate_limits_5xx_or_timeouts()
     );
 }
 
-/// The `[database]` table of `config_toml` without the keys that have
-/// defaults: lock, statement and idle timeouts as shipped.
-fn with_default_timeouts(toml: &str) -> String {
-    toml.lines()
-        .filter(|l| {
-            ![
-                "lock_timeout",
-                "statement_timeout",
-                "idle_in_transaction_timeout",
-                "rpc_timeout",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// `cfg` without the timeout keys that have defaults: lock, statement and
+/// idle timeouts (of `[database]`) and `rpc_timeout` (of the streams) as
+/// shipped.
+fn with_default_timeouts(cfg: TestConfig) -> TestConfig {
+    cfg.database_unset(&["lock_timeout", "statement_timeout", "idle_in_transaction_timeout"])
+        .stream_unset(&["rpc_timeout"])
 }
 
 /// A replica frozen (SIGSTOP) inside a tick, with every timeout at its
@@ -97,10 +96,10 @@ fn with_default_timeouts(toml: &str) -> String {
 /// 60 s (src/config/mod.rs): the other replica then waits past the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_replica_with_default_settings_delays_the_others_by_at_most_15_seconds() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 2).await;
-    let pg = db.migrate_with_history().await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 2).await;
+    let pg = w.migrate().await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|r| {
         if method_of(r) == "eth_getLogs" {
             Action::Hang
@@ -108,20 +107,14 @@ async fn a_frozen_replica_with_default_settings_delays_the_others_by_at_most_15_
             Action::Forward
         }
     });
-    let other_cfg = config(&with_default_timeouts(&config_toml(
-        &db.url, &anvil.url, &emitter, "", "",
-    )));
+    let other_cfg = with_default_timeouts(w.config()).build();
     assert_eq!(
         other_cfg.database.limits.idle_in_transaction_timeout,
         Duration::from_secs(15)
     );
     let token = CancellationToken::new();
-    let other = App::build(&other_cfg, "other", BuildOptions { migrate: true }, &token)
-        .await
-        .expect("build");
-    let frozen_cfg = write_config(&with_default_timeouts(&config_toml(
-        &db.url, &proxy.url, &emitter, "", "",
-    )));
+    let other = build_app(&other_cfg, "other").await;
+    let frozen_cfg = with_default_timeouts(w.config().rpc(&proxy.url)).file();
     let frozen = logcursor_cmd(&["run"], frozen_cfg.path(), "frozen")
         .spawn()
         .expect("start");
@@ -154,7 +147,7 @@ async fn a_frozen_replica_with_default_settings_delays_the_others_by_at_most_15_
     token.cancel();
     run.await.expect("join").expect("run");
     let at = cursor_of(&pg, "burns").await.expect("cursor");
-    assert_stored_up_to(&pg, &chain, &emitter, at).await;
+    w.assert_stored_up_to(&pg, at).await;
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, at);
 }
 
@@ -164,18 +157,21 @@ async fn a_frozen_replica_with_default_settings_delays_the_others_by_at_most_15_
 /// (src/poller/tick.rs): the server then ends the session and the tick fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_tick_on_a_provider_slower_than_the_idle_bound_is_not_cut_off() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 6, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(6, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|_| delayed(Duration::from_millis(1_200)));
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "rpc_timeout = \"5s\"\nrpc_budget = \"60s\"\nfetch_concurrency = 1",
-        "idle_in_transaction_timeout = \"1s\"",
-    );
-    let app = build_app(&config(&toml), "r").await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_timeout = Duration::from_secs(5);
+            s.rpc_budget = Duration::from_secs(60);
+            s.fetch_concurrency = 1;
+        })
+        .database(|d| d.limits.idle_in_transaction_timeout = Duration::from_secs(1))
+        .replica("r")
+        .await;
     let tick = app.pollers()[0].tick(&CancellationToken::new()).await;
     match &tick {
         Ok(TickOutcome::Advanced { lock_hold, .. }) => {
@@ -187,25 +183,26 @@ async fn a_healthy_tick_on_a_provider_slower_than_the_idle_bound_is_not_cut_off(
         other => panic!("{other:?}"),
     }
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }
 
 /// The budget is the bound for a provider too slow for even the first
 /// part: the tick gives up (and says so) rather than hold the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_whose_first_part_outlasts_rpc_budget_rolls_back_and_says_why() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 6, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "rpc_timeout = \"1s\"\nrpc_budget = \"2s\"",
-        "",
-    );
-    let app = build_app(&config(&toml), "r").await;
+    let w = World::new().await;
+    w.emit_burns(6, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_timeout = Duration::from_secs(1);
+            s.rpc_budget = Duration::from_secs(2);
+        })
+        .replica("r")
+        .await;
     // The pin, the first part's logs and its headers: 2.4 s of a 2 s budget.
     proxy.set(|_| delayed(Duration::from_millis(800)));
     let started = Instant::now();
@@ -216,11 +213,11 @@ async fn a_tick_whose_first_part_outlasts_rpc_budget_rolls_back_and_says_why() {
         "{:?}",
         started.elapsed()
     );
-    let pg = db.client().await;
+    let pg = w.pg().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(-1));
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 /// The budget runs out while later parts are still on their way: the range
@@ -232,21 +229,23 @@ async fn a_tick_whose_first_part_outlasts_rpc_budget_rolls_back_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn later_parts_that_outlast_the_rpc_budget_end_the_range_and_the_parts_before_them_commit() {
     use logcursor::poller::parts::PROBE_BLOCKS;
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|r| match log_range(r) {
         Some((f, _)) if f >= PROBE_BLOCKS => delayed(Duration::from_secs(30)),
         _ => Action::Forward,
     });
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "rpc_timeout = \"2s\"\nrpc_attempts = 3\nrpc_budget = \"3s\"",
-        "",
-    );
-    let app = build_app(&config(&toml), "r").await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_timeout = Duration::from_secs(2);
+            s.rpc_attempts = 3;
+            s.rpc_budget = Duration::from_secs(3);
+        })
+        .replica("r")
+        .await;
     let started = Instant::now();
     let first = app.pollers()[0].tick(&CancellationToken::new()).await;
     assert!(
@@ -258,11 +257,11 @@ async fn later_parts_that_outlast_the_rpc_budget_end_the_range_and_the_parts_bef
         "within the budget: {:?}",
         started.elapsed()
     );
-    let pg = db.client().await;
+    let pg = w.pg().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(PROBE_BLOCKS as i64 - 1));
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 /// An endpoint that makes a tick exceed its budget is passed over: the
@@ -271,14 +270,19 @@ async fn later_parts_that_outlast_the_rpc_budget_end_the_range_and_the_parts_bef
 /// (src/poller/tick.rs): the next tick goes to the slow endpoint again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_makes_a_tick_exceed_its_budget_cools_down_and_the_next_one_takes_over() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 6, |_| 2).await;
-    let (slow, next) = (Proxy::start(&anvil.url).await, Proxy::start(&anvil.url).await);
-    let extra = format!(
-        "rpc_urls = [\"{}\", \"{}\"]\nrpc_timeout = \"1s\"\nrpc_budget = \"2s\"\nrpc_cooldown = \"1h\"",
-        slow.url, next.url
-    );
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
+    let w = World::new().await;
+    w.emit_burns(6, |_| 2).await;
+    let (slow, next) = (Proxy::start(&w.anvil.url).await, Proxy::start(&w.anvil.url).await);
+    let app = w
+        .config()
+        .stream_toml(&format!("rpc_urls = [\"{}\", \"{}\"]", slow.url, next.url))
+        .stream(|s| {
+            s.rpc_timeout = Duration::from_secs(1);
+            s.rpc_budget = Duration::from_secs(2);
+            s.rpc_cooldown = Duration::from_secs(3600);
+        })
+        .replica("r")
+        .await;
     slow.set(|_| delayed(Duration::from_millis(800)));
     let first = app.pollers()[0].tick(&CancellationToken::new()).await;
     assert!(matches!(first, Err(TickError::RpcBudget { .. })), "{first:?}");
@@ -289,8 +293,8 @@ async fn an_endpoint_that_makes_a_tick_exceed_its_budget_cools_down_and_the_next
         next.seen().iter().any(|r| method_of(r) == "eth_getLogs"),
         "the next endpoint served the tick"
     );
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }
 
 /// A rewind on a provider slower than the idle bound: the headers that
@@ -300,25 +304,25 @@ async fn an_endpoint_that_makes_a_tick_exceed_its_budget_cools_down_and_the_next
 /// ended it; checked by asking them outside `Session::wait` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewind_on_a_provider_slower_than_the_idle_bound_commits() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 10, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "on_deep_reorg = \"rewind\"\nrpc_timeout = \"5s\"",
-        "idle_in_transaction_timeout = \"1s\"",
-    );
-    let app = build_app(&config(&toml), "r").await;
-    tick_until_idle(&app).await;
-    chain.reorg(&emitter, 3, &[(4, 500)]).await;
+    let w = World::new().await;
+    w.emit_burns(10, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream_toml("on_deep_reorg = \"rewind\"")
+        .stream(|s| s.rpc_timeout = Duration::from_secs(5))
+        .database(|d| d.limits.idle_in_transaction_timeout = Duration::from_secs(1))
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
+    w.chain.reorg(&w.emitter, 3, &[(4, 500)]).await;
     proxy.set(|_| delayed(Duration::from_millis(1_200)));
     let tick = app.pollers()[0].tick(&CancellationToken::new()).await;
     assert!(matches!(tick, Ok(TickOutcome::Rewound { .. })), "{tick:?}");
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }
 
 /// I6 outside ticks: a replica that stalls inside the migration
@@ -331,7 +335,7 @@ async fn a_rewind_on_a_provider_slower_than_the_idle_bound_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_stalled_mid_transaction_is_ended_by_the_server_after_the_idle_bound() {
     let db = TestDb::new().await;
-    let tap = crate::proxy::PgTap::start(&db.url).await;
+    let tap = crate::support::proxy::PgTap::start(&db.url).await;
     tap.delay_once_on("pg_advisory_xact_lock", Duration::from_secs(20));
     let stalled = tokio::spawn({
         let url = tap.url(&db.url);

@@ -5,7 +5,7 @@
 use logcursor::poller::TickOutcome;
 use serde_json::Value;
 
-use crate::proxy::PgTap;
+use crate::support::proxy::PgTap;
 use crate::support::*;
 
 const RICH: &str = "event Rich(address indexed to, int256 indexed delta, uint256 id, int64 small, bytes32 tag, bool flag, string note, bytes blob, uint256[] list, (uint256,address) pair)";
@@ -16,29 +16,32 @@ const RICH: &str = "event Rich(address indexed to, int256 indexed delta, uint256
 /// stored with U+FFFD, and the test fails on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strings_with_nul_or_invalid_utf8_are_stored_as_their_exact_bytes_and_the_cursor_reaches_the_head() {
-    let (anvil, db, chain, emitter) = world().await;
+    let w = World::new().await;
     let notes: [&[u8]; 4] = [
         b"pay\0me",
         &[0x66, 0x6f, 0xff, 0xfe, 0x00],
         "naïve ✓ \u{1F600}".as_bytes(),
         b"",
     ];
-    chain.emit_burns(&emitter, 2, |_| 1).await;
+    w.emit_burns(2, |_| 1).await;
     let mut txs = Vec::new();
     for note in notes {
-        txs.push(chain.send(Some(&emitter), rich_calldata(note)).await);
+        txs.push(w.chain.send(Some(&w.emitter), rich_calldata(note)).await);
     }
-    chain.emit_burns(&emitter, 2, |_| 1).await;
+    w.emit_burns(2, |_| 1).await;
     for tx in &txs {
-        let r = chain.receipt(tx).await;
+        let r = w.chain.receipt(tx).await;
         assert_eq!(r["status"], "0x1", "rich() reverted: {r}");
     }
-    let extra = format!("events = [\"{BURNED}\", \"{RICH}\"]");
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
-    tick_until_idle(&app).await;
+    let app = w
+        .config()
+        .stream_toml(&format!("events = [\"{BURNED}\", \"{RICH}\"]"))
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
 
-    let pg = db.client().await;
-    assert_eq!(cursor_of(&pg, "burns").await, Some(chain.block_number().await));
+    let pg = w.pg().await;
+    assert_eq!(cursor_of(&pg, "burns").await, Some(w.chain.block_number().await));
     let parked: i64 = pg
         .query_one("SELECT count(*) FROM dead_letters", &[])
         .await
@@ -74,9 +77,9 @@ async fn strings_with_nul_or_invalid_utf8_are_stored_as_their_exact_bytes_and_th
 /// rolls back forever and `tick_until_idle` fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_database_refuses_is_parked_with_the_servers_message_and_the_rest_commits() {
-    let (anvil, db, chain, emitter) = world().await;
-    migrate_as(&db.url, "test").await;
-    let pg = db.client().await;
+    let w = World::new().await;
+    migrate_as(&w.db.url, "test").await;
+    let pg = w.pg().await;
     pg.batch_execute(
         "ALTER TABLE events ADD CONSTRAINT no_thirteen CHECK (params->>'amount' IS DISTINCT FROM '13');
          CREATE FUNCTION refuse_27() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -88,11 +91,11 @@ async fn a_row_the_database_refuses_is_parked_with_the_servers_message_and_the_r
     )
     .await
     .expect("constraint and trigger");
-    chain.emit_burns(&emitter, 20, |_| 3).await; // amounts 0..59, three per block
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, "", "")), "r").await;
-    tick_until_idle(&app).await;
+    w.emit_burns(20, |_| 3).await; // amounts 0..59, three per block
+    let app = w.replica("r").await;
+    app.tick_until_idle().await;
 
-    let head = chain.block_number().await;
+    let head = w.chain.block_number().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(head), "the stream went past both");
     let letters: Vec<(String, i64, String, String, i32)> = pg
         .query(
@@ -115,8 +118,9 @@ async fn a_row_the_database_refuses_is_parked_with_the_servers_message_and_the_r
     assert!(letters.iter().all(|l| l.4 == 1));
 
     let refused: Vec<(String, i64)> = letters.iter().map(|l| (l.0.clone(), l.1)).collect();
-    let expected: Vec<LogKey> = chain
-        .burned_logs(&emitter, head)
+    let expected: Vec<LogKey> = w
+        .chain
+        .burned_logs(&w.emitter, head)
         .await
         .into_iter()
         .filter(|(tx, i, _)| !refused.contains(&(tx.clone(), *i)))
@@ -140,9 +144,9 @@ async fn a_row_the_database_refuses_is_parked_with_the_servers_message_and_the_r
 /// savepoints and no `Partial` tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_transaction_takes_more_than_64_savepoints_and_the_next_tick_goes_on() {
-    let (anvil, db, chain, emitter) = world().await;
-    migrate_as(&db.url, "test").await;
-    let pg = db.client().await;
+    let w = World::new().await;
+    migrate_as(&w.db.url, "test").await;
+    let pg = w.pg().await;
     // Every odd amount fails: finding each failing row costs savepoints.
     pg.batch_execute(
         "CREATE FUNCTION refuse_odd() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -154,12 +158,11 @@ async fn no_transaction_takes_more_than_64_savepoints_and_the_next_tick_goes_on(
     )
     .await
     .expect("trigger");
-    chain.burn_many(&emitter, 300, 0).await;
-    chain.emit_burns(&emitter, 3, |_| 4).await;
-    let tap = PgTap::start(&db.url).await;
-    let toml = config_toml(&tap.url(&db.url), &anvil.url, &emitter, "", "");
-    let app = build_app(&config(&toml), "r").await;
-    let outcomes = tick_until_idle(&app).await;
+    w.chain.burn_many(&w.emitter, 300, 0).await;
+    w.emit_burns(3, |_| 4).await;
+    let tap = PgTap::start(&w.db.url).await;
+    let app = w.config().database_url(&tap.url(&w.db.url)).replica("r").await;
+    let outcomes = app.tick_until_idle().await;
 
     assert_eq!(
         tap.most_savepoints(),
@@ -174,9 +177,9 @@ async fn no_transaction_takes_more_than_64_savepoints_and_the_next_tick_goes_on(
         partial >= 2,
         "the 300-log block took several transactions: {outcomes:?}"
     );
-    let head = chain.block_number().await;
+    let head = w.chain.block_number().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(head));
-    let on_chain = chain.burned_logs(&emitter, head).await;
+    let on_chain = w.chain.burned_logs(&w.emitter, head).await;
     let (stored, parked): (i64, i64) = {
         let r = pg
             .query_one(

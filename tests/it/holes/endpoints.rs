@@ -8,7 +8,7 @@ use logcursor::poller::TickOutcome;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{log_range, method_of, rpc_error, Action, Proxy};
+use crate::support::proxy::{log_range, method_of, rpc_error, Action, Proxy};
 use crate::support::*;
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -37,26 +37,25 @@ async fn drive(app: &logcursor::app::App) -> usize {
 /// showed lag 0, in `/metrics` and to the gate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_stays_200_while_a_stream_lags_or_is_halted_unless_a_lag_gate_is_set() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 30, |_| 1).await;
-    chain.mine(150).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(30, |_| 1).await;
+    w.chain.mine(150).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|r| match log_range(r) {
         Some((_, t)) if t >= 20 => Action::Reply(500, "unavailable".into()),
         _ => Action::Forward,
     });
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "max_block_range = 5\nrpc_attempts = 1",
-        "",
-    );
-    let app = build_app(&config(&toml), "r").await;
+    let cfg = || {
+        w.config().rpc(&proxy.url).stream(|s| {
+            s.max_block_range = 5;
+            s.rpc_attempts = 1;
+        })
+    };
+    let app = cfg().replica("r").await;
     let addr = app.http_addr().expect("http");
     let token = CancellationToken::new();
     let run = tokio::spawn(app.run(token.clone()));
-    let pg = db.client().await;
+    let pg = w.pg().await;
     wait_for("the stream stuck behind", Duration::from_secs(30), || async {
         (cursor_of(&pg, "burns").await == Some(19)).then_some(())
     })
@@ -78,8 +77,7 @@ async fn readyz_stays_200_while_a_stream_lags_or_is_halted_unless_a_lag_gate_is_
     run.await.expect("join").expect("run");
 
     // With the optional gate, lag does take it out of rotation.
-    let gated = toml.replace("[telemetry]", "[telemetry]\nmax_lag_blocks = 100");
-    let app = build_app(&config(&gated), "gated").await;
+    let app = cfg().telemetry_toml("max_lag_blocks = 100").replica("gated").await;
     let addr = app.http_addr().expect("http");
     let token = CancellationToken::new();
     let run = tokio::spawn(app.run(token.clone()));
@@ -109,17 +107,17 @@ async fn readyz_stays_200_while_a_stream_lags_or_is_halted_unless_a_lag_gate_is_
 /// (src/chain/logs.rs): the one-block request then fails as `BlockTooLarge`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addresses_are_chunked_per_request_and_a_413_halves_them_not_the_range() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 10, |i| i + 1).await;
+    let w = World::new().await;
+    w.emit_burns(10, |i| i + 1).await;
     let mut addresses: Vec<String> = (1..1_200u32).map(|i| format!("0x{i:040x}")).collect();
-    addresses.insert(600, emitter.to_lowercase());
+    addresses.insert(600, w.emitter.to_lowercase());
     let list = addresses
         .iter()
         .map(|a| format!("\"{a}\""))
         .collect::<Vec<_>>()
         .join(", ");
     let extra = format!("addresses = [{list}]");
-    let proxy = Proxy::start(&anvil.url).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     let sizes = |proxy: &Proxy| -> Vec<((u64, u64), usize)> {
         proxy
             .seen()
@@ -128,9 +126,9 @@ async fn addresses_are_chunked_per_request_and_a_413_halves_them_not_the_range()
             .collect()
     };
 
-    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, &extra, "")), "r").await;
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    let app = w.config().rpc(&proxy.url).stream_toml(&extra).replica("r").await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
     let asked = sizes(&proxy);
     assert!(asked.iter().all(|(_, n)| *n <= 1_000), "{asked:?}");
     let mut per_range: std::collections::BTreeMap<(u64, u64), usize> = Default::default();
@@ -151,9 +149,12 @@ async fn addresses_are_chunked_per_request_and_a_413_halves_them_not_the_range()
         }
         _ => Action::Forward,
     });
-    let app = build_app(&config(&config_toml(&db2.url, &proxy.url, &emitter, &extra, "")), "r").await;
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&db2.client().await, &chain, &emitter).await;
+    let app = TestConfig::new(&db2.url, &proxy.url, &w.emitter)
+        .stream_toml(&extra)
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&db2.client().await).await;
     let asked = sizes(&proxy);
     assert!(
         asked.iter().any(|(_, n)| *n > 300),
@@ -171,22 +172,30 @@ async fn addresses_are_chunked_per_request_and_a_413_halves_them_not_the_range()
 /// then fails on the dead endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_healthy_endpoint_is_enough_to_start_and_the_dead_ones_are_passed_over() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 10, |_| 2).await;
-    let hangs = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(10, |_| 2).await;
+    let hangs = Proxy::start(&w.anvil.url).await;
     hangs.set(|_| Action::Hang);
     let refused = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port() // closed when dropped: connections are refused
     };
-    let extra = format!(
-        "rpc_urls = [\"http://127.0.0.1:{refused}\", \"{}\", \"{}\"]\nrpc_timeout = \"500ms\"\nrpc_attempts = 1\nrpc_cooldown = \"1h\"",
-        hangs.url, anvil.url
-    );
-    let app = build_app(&config(&config_toml(&db.url, &anvil.url, &emitter, &extra, "")), "r").await;
+    let app = w
+        .config()
+        .stream_toml(&format!(
+            "rpc_urls = [\"http://127.0.0.1:{refused}\", \"{}\", \"{}\"]",
+            hangs.url, w.anvil.url
+        ))
+        .stream(|s| {
+            s.rpc_timeout = Duration::from_millis(500);
+            s.rpc_attempts = 1;
+            s.rpc_cooldown = Duration::from_secs(3600);
+        })
+        .replica("r")
+        .await;
     let failed = drive(&app).await;
     assert_eq!(failed, 2, "one failed tick per dead endpoint, then the healthy one");
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }
 
 /// A node that answers the `finalized` tag with an error (pre-merge, or
@@ -195,9 +204,9 @@ async fn one_healthy_endpoint_is_enough_to_start_and_the_dead_ones_are_passed_ov
 /// `Ok(None)` (src/chain/client.rs): every tick then fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_finalized_tag_is_asked_once_and_runs_on_confirmations() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 10, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(10, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|r| {
         if method_of(r) == "eth_getBlockByNumber" && r["params"][0] == "finalized" {
             rpc_error(r, -32000, "finalized block not found", None)
@@ -205,15 +214,20 @@ async fn a_node_without_the_finalized_tag_is_asked_once_and_runs_on_confirmation
             Action::Forward
         }
     });
-    let extra = "finality = \"finalized\"\nconfirmations = 3";
-    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, extra, "")), "r").await;
-    tick_until_idle(&app).await;
-    chain.emit_burns(&emitter, 4, |_| 1).await;
-    tick_until_idle(&app).await;
-    let pg = db.client().await;
-    let head = chain.block_number().await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream_toml("finality = \"finalized\"")
+        .stream(|s| s.confirmations = 3)
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
+    w.emit_burns(4, |_| 1).await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
+    let head = w.chain.block_number().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(head - 3), "latest - confirmations");
-    assert_stored_up_to(&pg, &chain, &emitter, head - 3).await;
+    w.assert_stored_up_to(&pg, head - 3).await;
     let asked = proxy
         .seen()
         .iter()
@@ -229,13 +243,12 @@ async fn a_node_without_the_finalized_tag_is_asked_once_and_runs_on_confirmation
 /// `with_db_retry` (src/app.rs): the build then fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_goes_away_during_start_up_is_tried_again() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 4, |_| 2).await;
-    let tap = crate::proxy::PgTap::start(&db.url).await;
+    let w = World::new().await;
+    w.emit_burns(4, |_| 2).await;
+    let tap = crate::support::proxy::PgTap::start(&w.db.url).await;
     tap.cut_once_on("pg_advisory_xact_lock");
-    let toml = config_toml(&tap.url(&db.url), &anvil.url, &emitter, "", "");
-    let app = build_app(&config(&toml), "r").await;
+    let app = w.config().database_url(&tap.url(&w.db.url)).replica("r").await;
     assert_eq!(tap.cuts(), 1, "the migration's connection went away once");
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }

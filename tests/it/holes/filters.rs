@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::logs_on_chain;
-use crate::proxy::{delayed, log_range, rpc_error, Action, Proxy};
+use crate::support::proxy::{delayed, log_range, rpc_error, Action, Proxy};
 use crate::support::*;
 
 const UNLISTED: &str = "event Unlisted(uint256 value)";
@@ -41,25 +41,23 @@ async fn history(chain: &Chain, contracts: &[&str], rounds: u64, base: u64) {
 /// takes the cursor back under its filter).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_added_event_and_address_are_backfilled_while_the_cursor_moves_and_old_replicas_back_off() {
-    let (anvil, db, chain, emitter) = world().await;
+    let w = World::new().await;
+    let (chain, emitter) = (&w.chain, w.emitter.as_str());
     let second = chain.deploy_emitter().await;
-    history(&chain, &[&emitter, &second], 6, 0).await;
-    let pg = db.migrate_with_history().await;
-    let old_toml = config_toml(&db.url, &anvil.url, &emitter, "", "");
-    let old = build_app(&config(&old_toml), "old").await;
-    tick_until_idle(&old).await;
+    history(chain, &[emitter, &second], 6, 0).await;
+    let pg = w.migrate().await;
+    let old = w.replica("old").await;
+    old.tick_until_idle().await;
     let adopted_at = cursor_of(&pg, "burns").await.expect("cursor");
 
-    let new_toml = config_toml(
-        &db.url,
-        &anvil.url,
-        &emitter,
-        &format!("addresses = [\"{emitter}\", \"{second}\"]\nevents = [\"{BURNED}\", \"{UNLISTED}\"]"),
-        "",
-    );
-    let new_cfg = config(&new_toml);
+    let new_cfg = w
+        .config()
+        .stream_toml(&format!(
+            "addresses = [\"{emitter}\", \"{second}\"]\nevents = [\"{BURNED}\", \"{UNLISTED}\"]"
+        ))
+        .build();
     let new = build_app(&new_cfg, "new").await;
-    history(&chain, &[&emitter, &second], 2, 1_000).await;
+    history(chain, &[emitter, &second], 2, 1_000).await;
     let first = new.pollers()[0].tick(&CancellationToken::new()).await.expect("tick");
     assert!(
         matches!(first, TickOutcome::Advanced { from, .. } if from as i64 == adopted_at + 1),
@@ -81,7 +79,7 @@ async fn an_added_event_and_address_are_backfilled_while_the_cursor_moves_and_ol
     assert_eq!(status[0].backfill_blocks_left, 2 * (adopted_at + 1));
 
     // The old replica, still running during the rollout, backs off.
-    history(&chain, &[&emitter], 1, 2_000).await;
+    history(chain, &[emitter], 1, 2_000).await;
     let moves = cursor_history(&pg, "burns").await.len();
     for _ in 0..3 {
         let r = old.pollers()[0].tick(&CancellationToken::new()).await;
@@ -110,15 +108,15 @@ async fn an_added_event_and_address_are_backfilled_while_the_cursor_moves_and_ol
     }
     assert_eq!(left.last(), Some(&0), "status counted down: {left:?}");
     assert!(left.windows(2).all(|w| w[1] < w[0]), "{left:?}");
-    tick_until_idle(&new).await;
+    new.tick_until_idle().await;
 
     let cursor = cursor_of(&pg, "burns").await.expect("cursor");
     assert_eq!(cursor, chain.block_number().await);
     let mut stored = stored_logs(&pg).await;
     stored.sort();
     let expected: Vec<LogKey> = logs_on_chain(
-        &chain,
-        &[&emitter, &second],
+        chain,
+        &[emitter, &second],
         &[&topic0("Burned(address,uint256)"), &topic0("Unlisted(uint256)")],
         cursor,
     )
@@ -132,7 +130,7 @@ async fn an_added_event_and_address_are_backfilled_while_the_cursor_moves_and_ol
         .is_empty());
     // Caught up, the old replica is idle (no lock, nothing to move); with
     // a new block it backs off again.
-    history(&chain, &[&emitter], 1, 3_000).await;
+    history(chain, &[emitter], 1, 3_000).await;
     let old_again = old.pollers()[0].tick(&CancellationToken::new()).await;
     assert!(
         matches!(old_again, Err(TickError::FilterReplaced { .. })),
@@ -145,19 +143,20 @@ async fn an_added_event_and_address_are_backfilled_while_the_cursor_moves_and_ol
 /// range then stays where it was and the worker finds nothing due).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gapfill_list_shows_pending_ranges_and_retry_makes_them_due_again() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|r| match log_range(r) {
         Some((f, t)) if (f..=t).contains(&9) => rpc_error(r, -32000, "history for this range is not available", None),
         _ => Action::Forward,
     });
-    let extra =
+    // The CLI reads the same config from its file.
+    let config = w.config().rpc(&proxy.url).stream_toml(
         "rpc_attempts = 1\nmax_block_range = 4\non_unfetchable_range = \"skip_and_backfill\"\nrange_attempts = 1\n\
-                 gapfill_backoff = \"1h\"\ngapfill_max_attempts = 2";
-    let toml = config_toml(&db.url, &proxy.url, &emitter, extra, "");
-    let cfg = config(&toml);
-    let file = write_config(&toml);
+         gapfill_backoff = \"1h\"\ngapfill_max_attempts = 2",
+    );
+    let file = config.file();
+    let cfg = config.build();
     let cli = |args: &'static [&'static str]| {
         let path = file.path().to_path_buf();
         async move {
@@ -172,7 +171,7 @@ async fn gapfill_list_shows_pending_ranges_and_retry_makes_them_due_again() {
     let app = build_app(&cfg, "r").await;
     tick_until_skipped_and_idle(&app).await;
     let filler = app.gap_filler().expect("worker");
-    let pg = db.client().await;
+    let pg = w.pg().await;
 
     // A failure schedules the next try an hour away; `retry ID` makes it due now.
     assert!(matches!(
@@ -236,7 +235,7 @@ async fn gapfill_list_shows_pending_ranges_and_retry_makes_them_due_again() {
         admin::gapfill_retry(&cfg, "operator", &[], true).await.expect("retry"),
         0
     );
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 /// Ticks until idle, errors included (a refused range fails before it is skipped).
@@ -266,22 +265,26 @@ async fn tick_until_skipped_and_idle(app: &logcursor::app::App) -> Vec<Result<Ti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_fill_fetches_before_begin_commits_its_prefix_and_isolates_an_overflowing_block() {
     const TOO_LARGE: u64 = 10;
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 20, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(20, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     proxy.set(|r| match log_range(r) {
         Some((f, t)) if (f..=t).contains(&9) => rpc_error(r, -32000, "history for this range is not available", None),
         _ => Action::Forward,
     });
-    let extra = "rpc_attempts = 1\nrpc_timeout = \"5s\"\nmax_block_range = 8\n\
-                 on_unfetchable_range = \"skip_and_backfill\"\nrange_attempts = 1\ngapfill_backoff = \"1h\"";
-    let cfg = config(&config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        extra,
-        "idle_in_transaction_timeout = \"1s\"",
-    ));
+    let cfg = w
+        .config()
+        .rpc(&proxy.url)
+        .stream_toml("on_unfetchable_range = \"skip_and_backfill\"")
+        .stream(|s| {
+            s.rpc_attempts = 1;
+            s.rpc_timeout = Duration::from_secs(5);
+            s.max_block_range = 8;
+            s.range_attempts = 1;
+            s.gapfill.backoff = Duration::from_secs(3600);
+        })
+        .database(|d| d.limits.idle_in_transaction_timeout = Duration::from_secs(1))
+        .build();
     let app = build_app(&cfg, "r").await;
     tick_until_skipped_and_idle(&app).await;
     let pending = admin::gapfill_list(&cfg, "operator", None).await.expect("list");
@@ -338,5 +341,5 @@ async fn gap_fill_fetches_before_begin_commits_its_prefix_and_isolates_an_overfl
         filler.work_once().await.expect("pass"),
         GapOutcome::Filled { .. }
     ));
-    assert_stored_equals_chain(&db.client().await, &chain, &emitter).await;
+    w.assert_stored_equals_chain(&w.pg().await).await;
 }

@@ -10,7 +10,7 @@ use logcursor::poller::TickError;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::{log_range, method_of, Action, Proxy};
+use crate::support::proxy::{log_range, method_of, Action, Proxy};
 use crate::support::*;
 
 /// Blocks without logs are replaced by blocks with logs after eth_getLogs
@@ -24,16 +24,16 @@ use crate::support::*;
 /// stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_put_into_empty_blocks_by_a_reorg_while_a_tick_reads_them_are_never_lost() {
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 5, |_| 2).await;
-    let proxy = Proxy::start(&anvil.url).await;
-    let app = build_app(&config(&config_toml(&db.url, &proxy.url, &emitter, "", "")), "r").await;
-    tick_until_idle(&app).await;
-    let pg = db.client().await;
+    let w = World::new().await;
+    w.emit_burns(5, |_| 2).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w.config().rpc(&proxy.url).replica("r").await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
     let before = cursor_of(&pg, "burns").await.expect("cursor");
-    chain.mine(10).await;
+    w.chain.mine(10).await;
     let from = json!(format!("{:#x}", before + 1));
-    let (c, e) = (chain.clone(), emitter.clone());
+    let (c, e) = (w.chain.clone(), w.emitter.clone());
     let (mut logs_answered, mut fired) = (false, false);
     proxy.set(move |r| match method_of(r) {
         "eth_getLogs" => {
@@ -58,9 +58,9 @@ async fn logs_put_into_empty_blocks_by_a_reorg_while_a_tick_reads_them_are_never
     );
 
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_eq!(cursor_of(&pg, "burns").await, Some(chain.block_number().await));
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    assert_eq!(cursor_of(&pg, "burns").await, Some(w.chain.block_number().await));
+    w.assert_stored_equals_chain(&pg).await;
     let new: i64 = pg
         .query_one(
             "SELECT count(*) FROM events WHERE (params->>'amount')::int >= 1000",
@@ -83,9 +83,9 @@ async fn logs_put_into_empty_blocks_by_a_reorg_while_a_tick_reads_them_are_never
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_behind_the_head_never_truncates_a_range_silently() {
     const LAGS_AT: u64 = 15;
-    let (anvil, db, chain, emitter) = world().await;
-    chain.emit_burns(&emitter, 30, |_| 1).await;
-    let proxy = Proxy::start(&anvil.url).await;
+    let w = World::new().await;
+    w.emit_burns(30, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
     let lagging: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let l = Arc::clone(&lagging);
     proxy.set(move |r| {
@@ -114,15 +114,16 @@ async fn a_backend_behind_the_head_never_truncates_a_range_silently() {
         }
         Action::Forward
     });
-    let toml = config_toml(
-        &db.url,
-        &proxy.url,
-        &emitter,
-        "rpc_attempts = 1\nmax_block_range = 8",
-        "",
-    );
-    let app = build_app(&config(&toml), "r").await;
-    let pg = db.client().await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| {
+            s.rpc_attempts = 1;
+            s.max_block_range = 8;
+        })
+        .replica("r")
+        .await;
+    let pg = w.pg().await;
     let mut failed = 0;
     for _ in 0..12 {
         if app.pollers()[0].tick(&CancellationToken::new()).await.is_err() {
@@ -130,7 +131,7 @@ async fn a_backend_behind_the_head_never_truncates_a_range_silently() {
         }
         let at = cursor_of(&pg, "burns").await.expect("cursor");
         assert!(at <= LAGS_AT as i64, "the cursor passed what the backend has: {at}");
-        assert_stored_up_to(&pg, &chain, &emitter, at).await;
+        w.assert_stored_up_to(&pg, at).await;
     }
     assert!(failed > 0, "the lagging backend was noticed");
     assert_eq!(
@@ -144,8 +145,8 @@ async fn a_backend_behind_the_head_never_truncates_a_range_silently() {
     );
 
     proxy.pass();
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
 }
 
 /// Checked by reverting each guard in turn: `admin::canonical_log` without
@@ -154,9 +155,9 @@ async fn a_backend_behind_the_head_never_truncates_a_range_silently() {
 /// the `orphaned` check (the rewind to an orphaned block succeeds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_never_store_or_keep_an_orphan() {
-    let (anvil, db, chain, emitter) = world().await;
-    migrate_as(&db.url, "test").await;
-    let pg = db.client().await;
+    let w = World::new().await;
+    migrate_as(&w.db.url, "test").await;
+    let pg = w.pg().await;
     pg.batch_execute(
         "CREATE FUNCTION refuse_777() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -167,17 +168,16 @@ async fn operator_commands_never_store_or_keep_an_orphan() {
     )
     .await
     .expect("trigger");
-    chain.emit_burns(&emitter, 8, |_| 1).await;
-    let bad = chain.burn(&emitter, 1, 777).await;
-    let bad_block = hex_i64(&chain.receipt(&bad).await["blockNumber"]);
-    chain.emit_burns(&emitter, 4, |_| 1).await;
-    let toml = config_toml(&db.url, &anvil.url, &emitter, "", "");
-    let cfg = config(&toml);
+    w.emit_burns(8, |_| 1).await;
+    let bad = w.chain.burn(&w.emitter, 1, 777).await;
+    let bad_block = hex_i64(&w.chain.receipt(&bad).await["blockNumber"]);
+    w.emit_burns(4, |_| 1).await;
+    let cfg = w.config().build();
     let app = build_app(&cfg, "r").await;
-    tick_until_idle(&app).await;
+    app.tick_until_idle().await;
     let letters = || async {
-        let n: i64 = db
-            .client()
+        let n: i64 = w
+            .pg()
             .await
             .query_one("SELECT count(*) FROM dead_letters", &[])
             .await
@@ -192,9 +192,9 @@ async fn operator_commands_never_store_or_keep_an_orphan() {
     pg.batch_execute("DROP TRIGGER refuse_777 ON events")
         .await
         .expect("drop");
-    let head = chain.block_number().await;
-    chain
-        .reorg(&emitter, (head - bad_block + 2) as u64, &[(3, 5_000)])
+    let head = w.chain.block_number().await;
+    w.chain
+        .reorg(&w.emitter, (head - bad_block + 2) as u64, &[(3, 5_000)])
         .await;
     let stored_before = count_events(&pg).await;
 
@@ -226,7 +226,7 @@ async fn operator_commands_never_store_or_keep_an_orphan() {
         "the rewind removed the dead letter above its target"
     );
 
-    tick_until_idle(&app).await;
-    assert_stored_equals_chain(&pg, &chain, &emitter).await;
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
     assert_eq!(letters().await, 0);
 }

@@ -7,8 +7,8 @@
 //! - [`TestConfig::stream`] edits the typed [`StreamConfig`] after parsing
 //!   (`|s| s.confirmations = 2`): checked by the compiler, for in-process
 //!   replicas;
-//! - [`TestConfig::stream_toml`] (and `database_toml`, `telemetry_toml`,
-//!   `service_toml`) merges TOML into that table, keys and sub-tables
+//! - [`TestConfig::stream_toml`] (and `database_toml`, `telemetry_toml`)
+//!   merges TOML into that table, keys and sub-tables
 //!   relative to it (`"[[webhooks]]\nname = …"`): for what only the file can
 //!   say, for configs the parser must judge, and for `logcursor` processes,
 //!   which read a file ([`TestConfig::file`]).
@@ -102,9 +102,21 @@ rpc_timeout = "2s"
         self.table_toml("telemetry", fragment)
     }
 
-    /// Merges `fragment` into `[service]`.
-    pub fn service_toml(self, fragment: &str) -> TestConfig {
-        self.table_toml("service", fragment)
+    /// Leaves `keys` out of `[database]`, so the service's defaults apply.
+    pub fn database_unset(mut self, keys: &[&str]) -> TestConfig {
+        if let Some(t) = self.doc.get_mut("database").and_then(toml::Value::as_table_mut) {
+            keys.iter().for_each(|k| drop(t.remove(*k)));
+        }
+        self
+    }
+
+    /// Leaves `keys` out of every stream's table, so the defaults apply.
+    pub fn stream_unset(mut self, keys: &[&str]) -> TestConfig {
+        for stream in self.streams() {
+            let t = stream.as_table_mut().expect("a stream table");
+            keys.iter().for_each(|k| drop(t.remove(*k)));
+        }
+        self
     }
 
     /// Another stream: the first stream's table with `fragment` merged in
@@ -209,10 +221,16 @@ fn fragments_replace_keys_and_add_tables_relative_to_the_stream() {
     )
     .stream_toml("max_block_range = 7\n[[webhooks]]\nname = \"w\"\nurl = \"http://127.0.0.1:2/hook\"")
     .telemetry_toml("max_lag_blocks = 10")
+    .database_unset(&["lock_timeout"])
     .stream(|s| s.confirmations = 3)
     .build();
     let s = &cfg.streams[0];
     assert_eq!((s.max_block_range, s.confirmations), (7, 3));
     assert_eq!(s.webhooks.len(), 1);
     assert_eq!(cfg.telemetry.max_lag_blocks, Some(10));
+    assert_eq!(
+        cfg.database.limits.lock_timeout,
+        std::time::Duration::from_secs(5),
+        "an unset key takes the default (5s), not the test's 2s"
+    );
 }

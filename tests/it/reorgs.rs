@@ -1,0 +1,179 @@
+//! Reorganisations against real anvil: one shallower than `confirmations`
+//! never reaches a stored row (I2); one below the cursor halts the stream
+//! or rewinds it, audited, per `on_deep_reorg`; finality tags bound the
+//! safe head.
+
+use std::collections::BTreeSet;
+
+use logcursor::app::App;
+use logcursor::poller::{TickError, TickOutcome};
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_shallower_than_confirmations_never_stores_an_orphaned_row() {
+    let w = World::new().await;
+    w.emit_burns(20, |_| 2).await;
+    let app = w.config().stream(|s| s.confirmations = 3).replica("r").await;
+    app.drive_until_idle().await;
+    w.chain.reorg(&w.emitter, 3, &[(5, 1000)]).await; // replaces the 3 unconfirmed blocks
+    w.emit_burns(5, |_| 1).await;
+    w.chain.mine(3).await;
+    let (_, failed) = app.drive_until_idle().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let pg = w.pg().await;
+    w.assert_stored_equals_chain(&pg).await;
+    let rows = pg
+        .query(
+            "SELECT DISTINCT block_number, '0x' || encode(block_hash, 'hex') FROM events",
+            &[],
+        )
+        .await
+        .expect("rows");
+    for r in rows {
+        let (n, h): (i64, String) = (r.get(0), r.get(1));
+        assert_eq!(h, w.chain.block_hash(n).await, "block {n} of a stored row is canonical");
+    }
+}
+
+async fn ingest_then_reorg_below_the_cursor(policy: &str) -> (World, App, i64) {
+    let w = World::new().await;
+    w.emit_burns(20, |i| i % 2 + 1).await;
+    let app = w
+        .config()
+        .stream_toml(&format!("on_deep_reorg = \"{policy}\""))
+        .stream(|s| {
+            s.confirmations = 0;
+            s.max_block_range = 4;
+        })
+        .replica("r")
+        .await;
+    app.drive_until_idle().await;
+    let head = w.chain.block_number().await;
+    // Deeper than the safe head (confirmations = 0): the last 5 stored blocks change.
+    w.chain.reorg(&w.emitter, 5, &[(3, 5000), (4, 6000)]).await;
+    (w, app, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_reorg_under_halt_stops_the_stream_saying_why_until_an_operator_rewinds() {
+    let (w, app, head) = ingest_then_reorg_below_the_cursor("halt").await;
+    let err = app.tick_once().await.expect_err("halted");
+    let msg = err.to_string();
+    assert!(matches!(err, TickError::DeepReorg { .. }), "{msg}");
+    assert!(
+        msg.contains("burns") && msg.contains(&format!("block {head} was 0x")) && msg.contains("now has 0x"),
+        "{msg}"
+    );
+    let pg = w.pg().await;
+    let halted: Option<String> = pg
+        .query_one("SELECT halted_reason FROM block_cursors", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert!(
+        halted.is_some_and(|h| h.contains("logcursor rewind")),
+        "status shows the halt"
+    );
+    assert!(app.tick_once().await.is_err(), "stays halted");
+    assert_eq!(cursor_of(&pg, "burns").await, Some(head), "a halt moves nothing");
+
+    let to = head - 5;
+    let r = logcursor::admin::rewind(&w.config().build(), "operator", &Default::default(), "burns", to)
+        .await
+        .expect("rewind");
+    assert_eq!((r.from, r.to), (head, to));
+    app.drive_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
+    let audit: Vec<(i64, i64, String)> = pg
+        .query("SELECT from_block, to_block, by FROM cursor_rewinds", &[])
+        .await
+        .expect("audit")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(audit, vec![(head, to, "operator".to_string())]);
+    let halted: Option<String> = pg
+        .query_one("SELECT halted_reason FROM block_cursors", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(halted, None, "the rewind resumed the stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_reorg_under_rewind_leaves_exactly_the_canonical_logs_and_one_audit_row() {
+    let (w, app, head) = ingest_then_reorg_below_the_cursor("rewind").await;
+    let first = app.tick_once().await.expect("rewinds");
+    let TickOutcome::Rewound {
+        from,
+        to,
+        events_deleted,
+    } = first
+    else {
+        panic!("{first:?}")
+    };
+    assert_eq!(from, head);
+    assert!(
+        to < head - 4 && to >= head - 8,
+        "back to the newest stored block still canonical: {to}"
+    );
+    assert!(events_deleted > 0);
+    w.chain.mine(1).await;
+    app.drive_until_idle().await;
+    let pg = w.pg().await;
+    w.assert_stored_equals_chain(&pg).await;
+    let audits: i64 = pg
+        .query_one("SELECT count(*) FROM cursor_rewinds", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(audits, 1);
+    let amounts: BTreeSet<String> = pg
+        .query(
+            "SELECT params->>'amount' FROM events WHERE (params->>'amount')::numeric >= 5000",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        amounts.len(),
+        7,
+        "the replacement blocks' events are stored: {amounts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finality_tags_bound_the_safe_head_and_the_lower_bound_wins() {
+    let anvil = Anvil::start().await;
+    let chain = Chain::new(&anvil.url).await;
+    let emitter = chain.deploy_emitter().await;
+    chain.emit_burns(&emitter, 30, |_| 1).await;
+    chain.mine(70).await;
+    let tag_number = |tag: &'static str| {
+        let chain = chain.clone();
+        async move { hex_i64(&chain.rpc("eth_getBlockByNumber", json!([tag, false])).await["number"]) }
+    };
+    for (finality, confirmations) in [("finalized", 0), ("safe", 0), ("safe", 60)] {
+        let db = TestDb::new().await;
+        let app = TestConfig::new(&db.url, &anvil.url, &emitter)
+            .stream_toml(&format!("finality = \"{finality}\""))
+            .stream(move |s| s.confirmations = u64::try_from(confirmations).expect("confirmations"))
+            .replica("r")
+            .await;
+        app.drive_until_idle().await;
+        let expected = tag_number(if finality == "finalized" { "finalized" } else { "safe" })
+            .await
+            .min(chain.block_number().await - confirmations);
+        let cursor = cursor_of(&db.client().await, "burns").await;
+        assert_eq!(
+            cursor,
+            Some(expected),
+            "finality = {finality}, confirmations = {confirmations}"
+        );
+    }
+}
