@@ -65,11 +65,7 @@ async fn under_halt_a_log_that_does_not_decode_stops_the_stream_naming_it_and_th
     );
     let stored = count_events(&pg).await;
     assert_eq!(stored, 0, "nothing of the failed range is stored");
-    let halted: Option<String> = pg
-        .query_one("SELECT halted_reason FROM block_cursors", &[])
-        .await
-        .expect("row")
-        .get(0);
+    let halted = halted_reason(&pg).await;
     assert!(
         halted.is_some_and(|h| h.contains(&first_bad)),
         "status shows why the stream stopped"

@@ -276,13 +276,7 @@ async fn a_later_part_that_fails_commits_the_parts_before_it_and_nothing_after()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_websocket_drops_ingestion_goes_on_by_polling_and_push_resumes() {
     let w = World::new().await;
-    let upstream = w
-        .anvil
-        .url
-        .trim_start_matches("http://")
-        .parse()
-        .expect("anvil address");
-    let ws = crate::support::proxy::TcpProxy::start(upstream).await;
+    let ws = w.tcp_proxy().await;
     let app = w
         .config()
         .stream_toml(&format!("ws_urls = [\"ws://127.0.0.1:{}\"]", ws.port))

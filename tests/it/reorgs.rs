@@ -67,11 +67,7 @@ async fn a_deep_reorg_under_halt_stops_the_stream_saying_why_until_an_operator_r
         "{msg}"
     );
     let pg = w.pg().await;
-    let halted: Option<String> = pg
-        .query_one("SELECT halted_reason FROM block_cursors", &[])
-        .await
-        .expect("row")
-        .get(0);
+    let halted = halted_reason(&pg).await;
     assert!(
         halted.is_some_and(|h| h.contains("logcursor rewind")),
         "status shows the halt"
@@ -94,11 +90,7 @@ async fn a_deep_reorg_under_halt_stops_the_stream_saying_why_until_an_operator_r
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(audit, vec![(head, to, "operator".to_string())]);
-    let halted: Option<String> = pg
-        .query_one("SELECT halted_reason FROM block_cursors", &[])
-        .await
-        .expect("row")
-        .get(0);
+    let halted = halted_reason(&pg).await;
     assert_eq!(halted, None, "the rewind resumed the stream");
 }
 

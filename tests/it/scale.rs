@@ -264,13 +264,7 @@ async fn one_websocket_per_endpoint_per_replica_not_per_stream() {
     let w = World::new().await;
     let (db, chain) = (&w.db, &w.chain);
     let emitters = deploy(chain, 20).await;
-    let upstream = w
-        .anvil
-        .url
-        .trim_start_matches("http://")
-        .parse()
-        .expect("anvil address");
-    let ws = crate::support::proxy::TcpProxy::start(upstream).await;
+    let ws = w.tcp_proxy().await;
     let defaults = format!(
         "rpc_urls = [\"{}\"]\nws_urls = [\"ws://127.0.0.1:{}\"]\npoll_interval = \"200ms\"\nws_poll_interval = \"1h\"",
         chain.url, ws.port

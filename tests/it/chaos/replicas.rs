@@ -4,10 +4,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::process::Child;
+use tokio::time::Instant;
 
 use super::Tally;
 use crate::support::{logcursor_cmd, signal};

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::Tally;
-use crate::support::{method_id, rich_calldata, word};
+use crate::support::{method_id, rich_calldata, rpc_call, word};
 
 /// Notes the emitter writes as `string`s: two that jsonb cannot hold as
 /// text, and some that it can.
@@ -52,21 +52,7 @@ impl Sender {
     }
 
     pub async fn rpc(&self, method: &str, params: Value) -> Result<Value, String> {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let resp: Value = self
-            .http
-            .post(&self.url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
-        match resp.get("error") {
-            Some(e) => Err(format!("{method}: {e}")),
-            None => Ok(resp["result"].clone()),
-        }
+        rpc_call(&self.http, &self.url, method, params).await
     }
 
     async fn pending_nonce(&self) -> u64 {

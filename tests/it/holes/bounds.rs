@@ -335,7 +335,7 @@ async fn a_rewind_on_a_provider_slower_than_the_idle_bound_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_stalled_mid_transaction_is_ended_by_the_server_after_the_idle_bound() {
     let db = TestDb::new().await;
-    let tap = crate::support::proxy::PgTap::start(&db.url).await;
+    let tap = crate::support::tap::PgTap::start(&db.url).await;
     tap.delay_once_on("pg_advisory_xact_lock", Duration::from_secs(20));
     let stalled = tokio::spawn({
         let url = tap.url(&db.url);

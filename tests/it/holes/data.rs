@@ -5,7 +5,7 @@
 use logcursor::poller::TickOutcome;
 use serde_json::Value;
 
-use crate::support::proxy::PgTap;
+use crate::support::tap::PgTap;
 use crate::support::*;
 
 const RICH: &str = "event Rich(address indexed to, int256 indexed delta, uint256 id, int64 small, bytes32 tag, bool flag, string note, bytes blob, uint256[] list, (uint256,address) pair)";

@@ -245,7 +245,7 @@ async fn a_node_without_the_finalized_tag_is_asked_once_and_runs_on_confirmation
 async fn a_database_that_goes_away_during_start_up_is_tried_again() {
     let w = World::new().await;
     w.emit_burns(4, |_| 2).await;
-    let tap = crate::support::proxy::PgTap::start(&w.db.url).await;
+    let tap = crate::support::tap::PgTap::start(&w.db.url).await;
     tap.cut_once_on("pg_advisory_xact_lock");
     let app = w.config().database_url(&tap.url(&w.db.url)).replica("r").await;
     assert_eq!(tap.cuts(), 1, "the migration's connection went away once");

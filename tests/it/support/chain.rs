@@ -68,6 +68,26 @@ pub struct Chain {
     nonce: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// One JSON-RPC call: its `result`, or what went wrong (transport, body or
+/// the node's `error`), prefixed by the method.
+pub async fn rpc_call(http: &reqwest::Client, url: &str, method: &str, params: Value) -> Result<Value, String> {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let failed = |e: reqwest::Error| format!("{method}: {e}");
+    let resp: Value = http
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(failed)?
+        .json()
+        .await
+        .map_err(failed)?;
+    match resp.get("error") {
+        Some(e) => Err(format!("{method} failed: {e}")),
+        None => Ok(resp["result"].clone()),
+    }
+}
+
 /// One log as the chain reports it: (tx hash, log index, block).
 pub type LogKey = (String, i64, i64);
 
@@ -103,21 +123,9 @@ impl Chain {
     }
 
     pub async fn rpc(&self, method: &str, params: Value) -> Value {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let resp: Value = self
-            .http
-            .post(&self.url)
-            .json(&body)
-            .send()
+        rpc_call(&self.http, &self.url, method, params)
             .await
-            .expect("rpc send")
-            .json()
-            .await
-            .expect("rpc json");
-        if let Some(err) = resp.get("error") {
-            panic!("{method} failed: {err}");
-        }
-        resp["result"].clone()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Calls the Emitter's `signature` with `args`; waits for the receipt.

@@ -197,3 +197,11 @@ pub async fn cursor_history(db: &tokio_postgres::Client, stream: &str) -> Vec<(i
     .map(|r| (r.get(0), r.get(1), r.get(2)))
     .collect()
 }
+
+/// Why the (only) stream is halted, if it is.
+pub async fn halted_reason(db: &tokio_postgres::Client) -> Option<String> {
+    db.query_one("SELECT halted_reason FROM block_cursors", &[])
+        .await
+        .expect("the cursor row")
+        .get(0)
+}

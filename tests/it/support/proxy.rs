@@ -262,5 +262,3 @@ async fn batch(
     let out: Vec<Value> = answers.into_iter().flatten().collect();
     Some((200, Value::Array(out).to_string()))
 }
-
-pub use super::tap::{PgTap, TcpProxy};

@@ -7,6 +7,7 @@ use super::chain::{Anvil, Chain};
 use super::checks;
 use super::config::TestConfig;
 use super::db::TestDb;
+use super::tap::TcpProxy;
 
 /// One test's chain and database. Fields are public: a test that needs the
 /// parts themselves (a proxy in front of `anvil.url`, a second database)
@@ -40,6 +41,18 @@ impl World {
     /// The one-stream config on this world's chain, contract and database.
     pub fn config(&self) -> TestConfig {
         TestConfig::new(&self.db.url, &self.anvil.url, &self.emitter)
+    }
+
+    /// A TCP proxy in front of anvil, for its WebSocket endpoint to go
+    /// away and come back.
+    pub async fn tcp_proxy(&self) -> TcpProxy {
+        let upstream = self
+            .anvil
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("anvil address");
+        TcpProxy::start(upstream).await
     }
 
     /// A replica in process with the default [`World::config`].
