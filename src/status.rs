@@ -62,14 +62,27 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
             .map(|(_, b)| *b)
             .unwrap_or_default();
         let chain = ChainClient::new(&endpoints, &s.rpc, s.chain_id, crate::poller::client_options(s));
-        let head = chain.pick().block_number().await.map_err(|e| e.to_string());
-        let safe_head = head.as_ref().ok().map(|h| h.saturating_sub(s.confirmations));
+        let rpc = chain.pick();
+        let heads = async {
+            let head = rpc.block_number().await?;
+            let tagged = match s.finality.tag() {
+                Some(tag) => rpc.tagged_block(tag).await?,
+                None => None,
+            };
+            Ok::<_, crate::chain::ChainError>((head, s.safe_head(head, tagged)))
+        }
+        .await
+        .map_err(|e| e.to_string());
+        let (head, safe_head) = match &heads {
+            Ok((h, sh)) => (Some(*h), Some(*sh)),
+            Err(_) => (None, None),
+        };
         let cursor = row.as_ref().map(|r| r.cursor.processed.to_db());
         out.push(StreamStatus {
             stream: s.name.to_string(),
             chain_id: s.chain_id,
             cursor,
-            head: head.as_ref().ok().copied(),
+            head,
             safe_head,
             lag_blocks: safe_head.map(|sh| {
                 let done = cursor.unwrap_or(s.start_block.to_db() - 1);
@@ -82,7 +95,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
                 .as_ref()
                 .and_then(|r| r.updated_at.elapsed().ok())
                 .map(|d| d.as_secs()),
-            rpc_error: head.err(),
+            rpc_error: heads.err(),
             halted: row.as_ref().and_then(|r| r.halted_reason.clone()),
             stuck: row.as_ref().and_then(|r| {
                 let since = r.failing_since?.elapsed().ok()?;
@@ -149,12 +162,68 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
-    for r in rows.iter().filter(|r| r.rpc_error.is_some()) {
-        out.push_str(&format!(
-            "{}: head unknown: {}\n",
-            r.stream,
-            r.rpc_error.as_deref().unwrap_or("")
-        ));
+    // What needs an operator, under the table: one line each.
+    for r in rows {
+        let notes = [
+            ("HALTED", &r.halted),
+            ("STUCK", &r.stuck),
+            ("head unknown", &r.rpc_error),
+        ];
+        for (what, why) in notes {
+            if let Some(why) = why {
+                out.push_str(&format!("{}: {what}: {why}\n", r.stream));
+            }
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_halted_stuck_and_headless_streams_under_it() {
+        let ok = StreamStatus {
+            stream: "ok".into(),
+            chain_id: 1,
+            cursor: Some(10),
+            head: Some(12),
+            safe_head: Some(10),
+            lag_blocks: Some(0),
+            events_stored: 3,
+            dead_letters: 0,
+            updated_by: Some("r1".into()),
+            updated_secs_ago: Some(2),
+            rpc_error: None,
+            halted: None,
+            stuck: None,
+            failed_ranges_pending: 0,
+            failed_ranges_dead: 0,
+            backfill_blocks_left: 0,
+        };
+        let halted = StreamStatus {
+            stream: "burns".into(),
+            halted: Some("deep reorg at 7: run logcursor rewind".into()),
+            ..ok.clone()
+        };
+        let stuck = StreamStatus {
+            stream: "mints".into(),
+            stuck: Some("failing for 300s: timeout".into()),
+            rpc_error: Some("connection refused".into()),
+            ..ok.clone()
+        };
+        let table = render_table(&[ok, halted, stuck]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4 + 3, "{table}");
+        assert!(lines[0].starts_with("STREAM"), "{table}");
+        assert_eq!(
+            &lines[4..],
+            [
+                "burns: HALTED: deep reorg at 7: run logcursor rewind",
+                "mints: STUCK: failing for 300s: timeout",
+                "mints: head unknown: connection refused",
+            ]
+        );
+    }
 }

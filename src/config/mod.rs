@@ -168,6 +168,14 @@ impl StreamConfig {
         }
     }
 
+    /// The safe head at chain head `head`: `confirmations` below it, and no
+    /// higher than the `finality` tag's block when the node answered it
+    /// (`tagged`). The tick and `logcursor status` both judge by this.
+    pub fn safe_head(&self, head: u64, tagged: Option<u64>) -> u64 {
+        let by_depth = head.saturating_sub(self.confirmations);
+        tagged.map_or(by_depth, |t| by_depth.min(t))
+    }
+
     /// What the cursor's meaning depends on (I9).
     pub fn fingerprint(&self) -> Hash32 {
         self.filter().fingerprint(self.chain_id)

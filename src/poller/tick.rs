@@ -448,17 +448,15 @@ impl Poller {
             ))
             .await?;
         let head = latest.number;
-        let mut safe_head = head.saturating_sub(cfg.confirmations);
-        if let Some(tag) = cfg.finality.tag() {
-            // `None`: the node does not answer the tag; confirmations alone.
-            if let Some(tagged) = rpc.tagged_block(tag).await? {
-                safe_head = safe_head.min(tagged);
-            }
-        }
+        // `None`: the node does not answer the tag; confirmations alone.
+        let tagged = match cfg.finality.tag() {
+            Some(tag) => rpc.tagged_block(tag).await?,
+            None => None,
+        };
         Ok(Heads {
             head,
             head_hash: latest.hash,
-            safe_head,
+            safe_head: cfg.safe_head(head, tagged),
             suspect_reorg: None,
         })
     }

@@ -169,3 +169,26 @@ async fn finality_tags_bound_the_safe_head_and_the_lower_bound_wins() {
         );
     }
 }
+
+/// `status` judges the safe head as the tick does: a `finalized` stream
+/// caught up with its tag shows no lag, though the head is far above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_safe_head_the_finality_tag_bounds_and_no_lag_once_caught_up() {
+    let w = World::new().await;
+    w.emit_burns(10, |_| 1).await;
+    w.chain.mine(70).await;
+    let cfg = w.config().stream_toml("finality = \"finalized\"").build();
+    build_app(&cfg, "r").await.drive_until_idle().await;
+    let finalized = hex_i64(&w.chain.rpc("eth_getBlockByNumber", json!(["finalized", false])).await["number"]);
+    let head = w.chain.block_number().await;
+    assert!(
+        finalized < head,
+        "anvil finalizes below its head ({finalized} < {head})"
+    );
+
+    let status = logcursor::status::collect(&cfg, "status").await.expect("status");
+    assert_eq!(status[0].head, Some(u64::try_from(head).expect("head")));
+    assert_eq!(status[0].safe_head, Some(u64::try_from(finalized).expect("finalized")));
+    assert_eq!(status[0].cursor, Some(finalized), "the tick stopped at the tag");
+    assert_eq!(status[0].lag_blocks, Some(0), "caught up: no lag");
+}
