@@ -25,7 +25,7 @@ use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::failed_ranges::{self, Range};
 use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, reorg, StoreError};
-use crate::types::{LogFilter, RawLog};
+use crate::types::{Hash32, LogFilter, RawLog};
 use crate::write::{Batch, Handlers, Row, Savepoints};
 
 /// What a rewind did.
@@ -62,7 +62,8 @@ fn stream_of(cfg: &Config, sc: &StreamConfig, handlers: &HandlerMap) -> Stream {
 }
 
 /// Moves `stream`'s cursor back to `to` in one transaction under the row
-/// lock: deletes the stream's events above `to` (reverting their effects),
+/// lock (the chain asked before it, with no transaction open): deletes the
+/// stream's events above `to` (reverting their effects),
 /// stores the canonical hash of block `to`, clears a halt, and audits it in
 /// `cursor_rewinds`. Refuses to move the cursor forward (which would skip
 /// blocks), and refuses a `to` whose stored hash (or that of a stored block
@@ -85,68 +86,114 @@ pub async fn rewind(
     }
     let s = stream_of(cfg, sc, handlers);
     let db = connect(cfg, replica_id).await?;
-    let mut client = db.get().await?;
-    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
-    let current = cursor::lock(&*tx, stream, cursor::LockMode::Wait).await?;
-    let from = current.processed.to_db();
-    if to >= from {
-        return Err(bad(format!(
+    let refuse_forward = |from: i64| {
+        bad(format!(
             "the cursor is at {from}; rewind only moves it back (to a block below {from})"
-        )));
-    }
-    let new_hash = match u64::try_from(to) {
-        Ok(block) => {
-            let rpc = s.chain.pick();
-            let stored = reorg::stored_hashes_at_or_below(&*tx, stream, to, sc.max_reorg_depth).await?;
-            let mut numbers: Vec<u64> = stored.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
-            numbers.push(block);
-            numbers.sort_unstable();
-            numbers.dedup();
-            let canonical = rpc
-                .canonical_headers(&numbers)
-                .await
-                .map_err(|source| AppError::Chain {
-                    stream: stream.to_string(),
-                    source: Box::new(source),
-                })?;
-            let orphaned = stored
-                .iter()
-                .filter(|(n, h)| canonical.iter().any(|c| c.number as i64 == *n && c.hash != *h))
-                .map(|(n, _)| *n)
-                .min();
-            if let Some(lowest) = orphaned {
-                return Err(bad(format!(
-                    "block {lowest} (at or below --to {to}) was stored with a hash the chain no longer has; rewinding to {to} would keep orphaned events. The newest safe target is {}",
-                    lowest - 1
-                )));
-            }
-            canonical.iter().find(|h| h.number == block).map(|h| h.hash)
-        }
-        Err(_) => None,
+        ))
     };
-    let reason = format!("operator rewind from {from} to {to}");
-    let deleted = s.writer.remove_above(&tx, to).await.map_err(|e| bad(e.to_string()))?;
-    reorg::rewind(
-        &*tx,
-        stream,
-        from,
-        to,
-        current.hash,
-        new_hash,
-        &reason,
-        replica_id,
-        deleted,
-    )
-    .await?;
-    tx.commit().await.map_err(StoreError::db("commit rewind"))?;
+    // The chain is asked with no transaction open (a slow provider cannot
+    // hold the cursor lock, nor outlast the session's idle bound): the
+    // stored hashes at or below `to` are read, their canonical headers
+    // fetched, and the same hashes are read again under the lock. Should
+    // they differ (gap fill or another rewind committed meanwhile), the
+    // check is made again.
+    for _ in 0..REWIND_CHECKS {
+        let (from, stored) = {
+            let mut client = db.get().await?;
+            let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+            let from = cursor::get(&*tx, stream).await?.map(|r| r.cursor.processed.to_db());
+            let stored = reorg::stored_hashes_at_or_below(&*tx, stream, to, sc.max_reorg_depth).await?;
+            tx.commit().await.map_err(StoreError::db("read stored hashes"))?;
+            (from, stored)
+        };
+        if let Some(from) = from.filter(|f| to >= *f) {
+            return Err(refuse_forward(from));
+        }
+        let new_hash = match u64::try_from(to) {
+            Ok(block) => Some(canonical_below(&s, stream, block, &stored).await?),
+            Err(_) => None,
+        };
+        let mut client = db.get().await?;
+        let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+        let current = cursor::lock(&*tx, stream, cursor::LockMode::Wait).await?;
+        let from = current.processed.to_db();
+        if to >= from {
+            return Err(refuse_forward(from));
+        }
+        if reorg::stored_hashes_at_or_below(&*tx, stream, to, sc.max_reorg_depth).await? != stored {
+            continue; // rolled back on drop: checked again
+        }
+        let reason = format!("operator rewind from {from} to {to}");
+        let deleted = s.writer.remove_above(&tx, to).await.map_err(|e| bad(e.to_string()))?;
+        reorg::rewind(
+            &*tx,
+            stream,
+            from,
+            to,
+            current.hash,
+            new_hash.flatten(),
+            &reason,
+            replica_id,
+            deleted,
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::db("commit rewind"))?;
+        db.close();
+        tracing::info!(stream, from, to, events_deleted = deleted, "rewound cursor");
+        return Ok(Rewound {
+            stream: stream.to_string(),
+            from,
+            to,
+            events_deleted: deleted,
+        });
+    }
     db.close();
-    tracing::info!(stream, from, to, events_deleted = deleted, "rewound cursor");
-    Ok(Rewound {
-        stream: stream.to_string(),
-        from,
-        to,
-        events_deleted: deleted,
-    })
+    Err(bad(format!(
+        "the stored blocks at or below {to} changed during each of {REWIND_CHECKS} checks (gap fill or another rewind at work); try again"
+    )))
+}
+
+/// How many times a rewind checks the chain before it gives up on a stream
+/// whose stored blocks keep changing under it.
+const REWIND_CHECKS: usize = 3;
+
+/// The canonical hash of `block`, after checking that none of the `stored`
+/// hashes (at or below it) was reorganised away; asked of the chain with no
+/// transaction open.
+async fn canonical_below(
+    s: &Stream,
+    stream: &str,
+    block: u64,
+    stored: &[(i64, Hash32)],
+) -> Result<Option<Hash32>, AppError> {
+    let mut numbers: Vec<u64> = stored.iter().filter_map(|(n, _)| u64::try_from(*n).ok()).collect();
+    numbers.push(block);
+    numbers.sort_unstable();
+    numbers.dedup();
+    let canonical = s
+        .chain
+        .pick()
+        .canonical_headers(&numbers)
+        .await
+        .map_err(|source| AppError::Chain {
+            stream: stream.to_string(),
+            source: Box::new(source),
+        })?;
+    let orphaned = stored
+        .iter()
+        .filter(|(n, h)| canonical.iter().any(|c| c.number as i64 == *n && c.hash != *h))
+        .map(|(n, _)| *n)
+        .min();
+    if let Some(lowest) = orphaned {
+        return Err(AppError::Stream {
+            stream: stream.to_string(),
+            reason: format!(
+                "block {lowest} (at or below --to {block}) was stored with a hash the chain no longer has; rewinding to {block} would keep orphaned events. The newest safe target is {}",
+                lowest - 1
+            ),
+        });
+    }
+    Ok(canonical.iter().find(|h| h.number == block).map(|h| h.hash))
 }
 
 /// What `dlq replay` did.

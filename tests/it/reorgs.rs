@@ -4,11 +4,15 @@
 //! safe head.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use logcursor::app::App;
 use logcursor::poller::{TickError, TickOutcome};
 use serde_json::json;
 
+use crate::support::proxy::{method_of, Action, Proxy};
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,4 +195,69 @@ async fn status_shows_the_safe_head_the_finality_tag_bounds_and_no_lag_once_caug
     assert_eq!(status[0].safe_head, Some(u64::try_from(finalized).expect("finalized")));
     assert_eq!(status[0].cursor, Some(finalized), "the tick stopped at the tag");
     assert_eq!(status[0].lag_blocks, Some(0), "caught up: no lag");
+}
+
+/// An operator's rewind asks the chain for the headers it checks before it
+/// takes the cursor lock: however slow the provider, replicas go on, and
+/// the rewind's session is never idle in a transaction meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_rewind_asks_the_chain_with_no_transaction_open_and_replicas_go_on_meanwhile() {
+    let w = World::new().await;
+    w.emit_burns(12, |_| 1).await;
+    let pg = w.migrate().await;
+    let app = w.replica("r").await;
+    app.tick_until_idle().await;
+    let to = cursor_of(&pg, "burns").await.expect("cursor") - 4;
+
+    // The rewind's header requests wait until released.
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let (held, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(tokio::sync::Semaphore::new(0)),
+    );
+    proxy.set({
+        let (held, release) = (held.clone(), release.clone());
+        move |r| {
+            if method_of(r) != "eth_getBlockByNumber" {
+                return Action::Forward;
+            }
+            held.store(true, Ordering::SeqCst);
+            let release = release.clone();
+            Action::After(Box::pin(async move {
+                let _ = release.acquire().await;
+            }))
+        }
+    });
+    let cfg = w.config().rpc(&proxy.url).build();
+    let rewind =
+        tokio::spawn(async move { logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", to).await });
+    wait_for("the rewind's headers requested", Duration::from_secs(30), || async {
+        held.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+
+    let in_transaction: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'operator' AND xact_start IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert_eq!(in_transaction, 0, "no transaction is open while the chain is asked");
+    w.emit_burns(2, |_| 1).await;
+    app.tick_until_idle().await; // takes the cursor lock: nobody holds it
+    let from = cursor_of(&pg, "burns").await.expect("cursor");
+
+    release.add_permits(1_000);
+    let r = rewind.await.expect("join").expect("rewind");
+    assert_eq!(
+        (r.from, r.to),
+        (from, to),
+        "rewound from where the replica left the cursor"
+    );
+    assert_eq!(cursor_of(&pg, "burns").await, Some(to));
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
 }
