@@ -75,10 +75,36 @@ impl fmt::Display for ChainErrorKind {
 
 /// JSON-RPC codes that providers use for rate limiting and overload.
 pub const RATE_LIMIT_CODES: [i64; 3] = [-32005, -32016, 429];
+/// Phrases of rate limiting, for providers that say it under a generic
+/// code (-32000, -32007, …), some of which they also use for "too many
+/// results": a message is read for these first.
+pub const RATE_LIMIT_PHRASES: [&str; 5] = [
+    "rate limit",
+    "too many requests",
+    "rate exceeded",
+    "exceeded the quota",
+    "capacity",
+];
+/// Whether a provider's message says "rate limited" in one of its ways.
+pub fn says_rate_limit(message: &str) -> bool {
+    let lower = message.to_lowercase();
+    RATE_LIMIT_PHRASES.iter().any(|p| lower.contains(p))
+}
+
 /// "Internal error": a node's transient failure, not an answer about the request.
 const INTERNAL_ERROR: i64 = -32603;
 
 impl ChainErrorKind {
+    /// A rate limit or an overload: by its code, or by its words under
+    /// another code. A fault of the moment, never an answer about the range.
+    pub fn is_rate_limit(&self) -> bool {
+        match self {
+            Self::Rpc { code, message, .. } => RATE_LIMIT_CODES.contains(code) || says_rate_limit(message),
+            Self::Http { status, .. } => *status == 429,
+            _ => false,
+        }
+    }
+
     /// The short name used as a metric label.
     pub fn label(&self) -> &'static str {
         match self {
@@ -103,7 +129,7 @@ impl ChainError {
             | ChainErrorKind::Malformed(_)
             | ChainErrorKind::Lagging { .. } => true,
             ChainErrorKind::Http { status, .. } => *status == 429 || *status >= 500,
-            ChainErrorKind::Rpc { code, .. } => RATE_LIMIT_CODES.contains(code) || *code == INTERNAL_ERROR,
+            ChainErrorKind::Rpc { code, .. } => self.kind.is_rate_limit() || *code == INTERNAL_ERROR,
             ChainErrorKind::WrongChain { .. } | ChainErrorKind::BlockTooLarge { .. } => false,
         }
     }
@@ -113,7 +139,7 @@ impl ChainError {
         match &self.kind {
             ChainErrorKind::Timeout | ChainErrorKind::Connect(_) | ChainErrorKind::Lagging { .. } => true,
             ChainErrorKind::Http { status, .. } => *status == 429 || *status >= 500,
-            ChainErrorKind::Rpc { code, .. } => RATE_LIMIT_CODES.contains(code) || *code == INTERNAL_ERROR,
+            ChainErrorKind::Rpc { code, .. } => self.kind.is_rate_limit() || *code == INTERNAL_ERROR,
             ChainErrorKind::Malformed(_) => true,
             ChainErrorKind::WrongChain { .. } | ChainErrorKind::BlockTooLarge { .. } => false,
         }
@@ -127,7 +153,7 @@ impl ChainError {
     pub fn refuses_the_range(&self) -> bool {
         match &self.kind {
             ChainErrorKind::BlockTooLarge { .. } => true,
-            ChainErrorKind::Rpc { code, .. } => !RATE_LIMIT_CODES.contains(code) && *code != INTERNAL_ERROR,
+            ChainErrorKind::Rpc { code, .. } => !self.kind.is_rate_limit() && *code != INTERNAL_ERROR,
             _ => false,
         }
     }
@@ -176,6 +202,26 @@ mod tests {
             ChainErrorKind::Lagging { head: 1, needed: 2 },
         ] {
             assert!(!err(transient.clone()).refuses_the_range(), "{transient:?}");
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_said_under_a_generic_code_is_retried_elsewhere_never_skipped() {
+        for (code, message) in [
+            (-32000, "Rate limit exceeded, retry later"),
+            (
+                -32007,
+                "100/second request limit reached - reduce calls per second or upgrade your account: too many requests",
+            ),
+            (-32000, "Your app has exceeded the quota of compute units"),
+        ] {
+            let e = err(ChainErrorKind::Rpc {
+                code,
+                message: message.into(),
+                data: None,
+            });
+            assert!(!e.refuses_the_range(), "{message}");
+            assert!(e.is_retryable() && e.is_endpoint_fault(), "{message}");
         }
     }
 }

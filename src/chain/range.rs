@@ -47,15 +47,6 @@ static SPAN: LazyLock<Regex> = LazyLock::new(|| {
     .expect("static regex")
 });
 
-/// Phrases of rate limiting: checked first, because some providers use the
-/// same JSON-RPC code for "slow down" and for "too many results".
-const RATE_LIMITED: [&str; 5] = [
-    "rate limit",
-    "too many requests",
-    "rate exceeded",
-    "exceeded the quota",
-    "capacity",
-];
 const SIZE_PHRASES: [&str; 13] = [
     "more than",
     "too many",
@@ -83,10 +74,12 @@ pub fn too_large(kind: &ChainErrorKind, from: u64, to: u64) -> Option<TooLarge> 
         ChainErrorKind::Rpc { message, data, .. } => (message.as_str(), data.as_ref()),
         _ => return None,
     };
-    let lower = message.to_lowercase();
-    if RATE_LIMITED.iter().any(|p| lower.contains(p)) {
+    // Rate limiting first: some providers use one code for "slow down"
+    // and for "too many results" (only the words tell them apart).
+    if super::error::says_rate_limit(message) {
         return None;
     }
+    let lower = message.to_lowercase();
     let suggested_span = suggestion(message, data, from).filter(|s| (1..span).contains(s));
     (suggested_span.is_some() || SIZE_PHRASES.iter().any(|p| lower.contains(p))).then_some(TooLarge { suggested_span })
 }
