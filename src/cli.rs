@@ -307,9 +307,15 @@ async fn consumers(action: &ConsumersAction, cfg: &Config, replica_id: &str) -> 
     match action {
         ConsumersAction::List => {
             let rows = admin::consumers_list(cfg, replica_id).await?;
-            println!("{:<24} {:<16} {:<24} {:>8}", "CONSUMER", "STREAM", "POSITION", "LAG");
+            println!(
+                "{:<24} {:<16} {:<24} {:>8} {:>8}",
+                "CONSUMER", "STREAM", "POSITION", "LAG", "REVERTS"
+            );
             for c in &rows {
-                println!("{:<24} {:<16} {:<24} {:>8}", c.name, c.stream, c.position, c.lag);
+                println!(
+                    "{:<24} {:<16} {:<24} {:>8} {:>8}",
+                    c.name, c.stream, c.position, c.lag, c.reverts
+                );
             }
         }
         ConsumersAction::Reset { name, to } => {

@@ -128,8 +128,9 @@
 //!   bound — [`poller::tick`] (a heartbeat while the tick waits on the chain;
 //!   only a frozen replica goes idle, and the server ends it).
 //! - **I7** a webhook delivery happens at least once, with the same
-//!   idempotency key on every attempt, and is dead only after its
-//!   configured attempts — [`delivery`].
+//!   idempotency key on every attempt, until it is delivered or dead (a
+//!   status that will never succeed, or its configured attempts spent) —
+//!   [`delivery`].
 //! - **I8** no input from the chain can stop a stream: strings `jsonb`
 //!   cannot hold are kept as their bytes ([`chain::abi`]), and a row
 //!   PostgreSQL refuses is isolated and parked ([`write`]).

@@ -25,7 +25,7 @@ pub struct StreamStatus {
     pub updated_by: Option<String>,
     /// Seconds since the cursor last moved.
     pub updated_secs_ago: Option<u64>,
-    /// Why the head is unknown, when it is.
+    /// Why the head or the safe head is unknown, when one is.
     pub rpc_error: Option<String>,
     /// Why the stream is halted, when it is (e.g. a deep reorg under `halt`).
     pub halted: Option<String>,
@@ -63,19 +63,17 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
             .unwrap_or_default();
         let chain = ChainClient::new(&endpoints, &s.rpc, s.chain_id, crate::poller::client_options(s));
         let rpc = chain.pick();
-        let heads = async {
-            let head = rpc.block_number().await?;
-            let tagged = match s.finality.tag() {
-                Some(tag) => rpc.tagged_block(tag).await?,
-                None => None,
-            };
-            Ok::<_, crate::chain::ChainError>((head, s.safe_head(head, tagged)))
-        }
-        .await
-        .map_err(|e| e.to_string());
-        let (head, safe_head) = match &heads {
-            Ok((h, sh)) => (Some(*h), Some(*sh)),
-            Err(_) => (None, None),
+        // The head, then the finality tag's block: a tag the node fails to
+        // answer leaves the head known and the safe head unknown.
+        let (head, safe_head, rpc_error) = match rpc.block_number().await {
+            Err(e) => (None, None, Some(format!("head unknown: {e}"))),
+            Ok(head) => match s.finality.tag() {
+                None => (Some(head), Some(s.safe_head(head, None)), None),
+                Some(tag) => match rpc.tagged_block(tag).await {
+                    Ok(tagged) => (Some(head), Some(s.safe_head(head, tagged)), None),
+                    Err(e) => (Some(head), None, Some(format!("safe head unknown ({tag} block): {e}"))),
+                },
+            },
         };
         let cursor = row.as_ref().map(|r| r.cursor.processed.to_db());
         out.push(StreamStatus {
@@ -95,7 +93,7 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
                 .as_ref()
                 .and_then(|r| r.updated_at.elapsed().ok())
                 .map(|d| d.as_secs()),
-            rpc_error: heads.err(),
+            rpc_error,
             halted: row.as_ref().and_then(|r| r.halted_reason.clone()),
             stuck: row.as_ref().and_then(|r| {
                 let since = r.failing_since?.elapsed().ok()?;
@@ -164,11 +162,7 @@ pub fn render_table(rows: &[StreamStatus]) -> String {
     }
     // What needs an operator, under the table: one line each.
     for r in rows {
-        let notes = [
-            ("HALTED", &r.halted),
-            ("STUCK", &r.stuck),
-            ("head unknown", &r.rpc_error),
-        ];
+        let notes = [("HALTED", &r.halted), ("STUCK", &r.stuck), ("RPC", &r.rpc_error)];
         for (what, why) in notes {
             if let Some(why) = why {
                 out.push_str(&format!("{}: {what}: {why}\n", r.stream));
@@ -210,7 +204,7 @@ mod tests {
         let stuck = StreamStatus {
             stream: "mints".into(),
             stuck: Some("failing for 300s: timeout".into()),
-            rpc_error: Some("connection refused".into()),
+            rpc_error: Some("head unknown: connection refused".into()),
             ..ok.clone()
         };
         let table = render_table(&[ok, halted, stuck]);
@@ -222,7 +216,7 @@ mod tests {
             [
                 "burns: HALTED: deep reorg at 7: run logcursor rewind",
                 "mints: STUCK: failing for 300s: timeout",
-                "mints: head unknown: connection refused",
+                "mints: RPC: head unknown: connection refused",
             ]
         );
     }

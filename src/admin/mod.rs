@@ -48,14 +48,15 @@ fn stream_cfg<'a>(cfg: &'a Config, stream: &str) -> Result<&'a StreamConfig, App
 }
 
 /// The stream as a tick would build it (its writer, its handlers).
-fn stream_of(cfg: &Config, sc: &StreamConfig, handlers: &HandlerMap) -> Stream {
+fn stream_of(sc: &StreamConfig, handlers: &HandlerMap) -> Stream {
     Stream::new(
         sc.clone(),
         &Endpoints::new(),
         None,
         Handlers {
             rust: handlers.get(sc.name.as_str()).cloned().unwrap_or_default(),
-            deadline: Some(cfg.database.limits.statement_timeout),
+            // The CLI's transactions run with TxLimits::SHORT.
+            deadline: Some(TxLimits::SHORT.statement_timeout),
             ..Handlers::default()
         },
     )
@@ -84,7 +85,7 @@ pub async fn rewind(
     if to < floor {
         return Err(bad(format!("--to {to} is before start_block - 1 ({floor})")));
     }
-    let s = stream_of(cfg, sc, handlers);
+    let s = stream_of(sc, handlers);
     let db = connect(cfg, replica_id).await?;
     let refuse_forward = |from: i64| {
         bad(format!(
@@ -271,7 +272,7 @@ async fn replay_one(
     let Some(sc) = cfg.streams.iter().find(|s| s.name == dl.stream.as_str()) else {
         return Ok(Err(format!("stream {:?} is no longer configured", dl.stream)));
     };
-    let stream = stream_of(cfg, sc, handlers);
+    let stream = stream_of(sc, handlers);
     let (log, timestamp) = match canonical_log(&stream, &dl.log).await {
         Ok(found) => found,
         Err(why) => return Ok(Err(why)),
@@ -414,7 +415,7 @@ pub async fn gapfill_retry(cfg: &Config, replica_id: &str, ids: &[i64], dead: bo
 /// backfills what it adds. Returns the backfill filters written.
 pub async fn adopt_filter(cfg: &Config, replica_id: &str, stream: &str) -> Result<Vec<LogFilter>, AppError> {
     let sc = stream_cfg(cfg, stream)?;
-    let s = Arc::new(stream_of(cfg, sc, &HandlerMap::new()));
+    let s = Arc::new(stream_of(sc, &HandlerMap::new()));
     let db = connect(cfg, replica_id).await?;
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;

@@ -153,12 +153,24 @@ impl GapFiller {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
                 let g = &stream.cfg.gapfill;
+                // Only what the range itself meets counts toward dead: a
+                // database fault (a restart, a revoked grant, a dropped
+                // table a handler uses, a handler past its deadline) is no
+                // reason to give the range up, and is retried as it is.
+                let counts = !matches!(e, TickError::Store(_) | TickError::Write(_) | TickError::Cancelled);
                 let delay = Backoff::new(g.backoff, g.backoff_max).nominal(claim.attempts.unsigned_abs() + 1);
                 let error = e.to_string();
                 let mut client = self.db.get().await?;
                 let tx = self.db.begin(&mut client, self.limits).await?;
-                let dead =
-                    failed_ranges::retry_later(&*tx, claim.id, &self.replica_id, &error, delay, g.max_attempts).await?;
+                let dead = failed_ranges::retry_later(
+                    &*tx,
+                    claim.id,
+                    &self.replica_id,
+                    &error,
+                    delay,
+                    counts.then_some(g.max_attempts),
+                )
+                .await?;
                 tx.commit().await.map_err(StoreError::db("commit gap-fill retry"))?;
                 let dead = dead.unwrap_or(false);
                 if dead {

@@ -173,12 +173,12 @@ impl Poller {
     /// The heads a tick works against, from the follower's `head`.
     fn heads_of(&self, head: &Head, last: Option<&Header>) -> Heads {
         let cfg = &self.stream.cfg;
-        let mut safe_head = head.header.number.saturating_sub(cfg.confirmations);
-        match cfg.finality {
-            Finality::Latest => {}
-            Finality::Safe => safe_head = head.safe.map_or(safe_head, |s| safe_head.min(s)),
-            Finality::Finalized => safe_head = head.finalized.map_or(safe_head, |f| safe_head.min(f)),
-        }
+        let tagged = match cfg.finality {
+            Finality::Latest => None,
+            Finality::Safe => head.safe,
+            Finality::Finalized => head.finalized,
+        };
+        let safe_head = cfg.safe_head(head.header.number, tagged);
         // A head that simply extends the last one cannot have reorganised
         // anything below it; anything else (a jump, the same height with
         // another hash) might have.

@@ -20,6 +20,27 @@
 //! older blocks later, with higher ids but possibly behind a reader.
 //! A long-running transaction anywhere in the cluster holds the horizon
 //! back (consumers wait for it; they never skip).
+//!
+//! A rewind (a reorg below the cursor, or an operator's) removes events a
+//! consumer may have applied. [`keep_reverts`] keeps each such event for
+//! each consumer whose position had passed it, in the rewind's
+//! transaction; the consumer claims them back with
+//! `logcursor_claim_reverts(consumer, n)` (sql/0009) and undoes their
+//! effects in its own transaction, so an effect is undone exactly once, as
+//! it was applied:
+//!
+//! ```sql
+//! BEGIN;
+//! SELECT * FROM logcursor_claim_reverts('billing', 100);  -- removed events to undo, or none
+//! -- undo the effect of each row here
+//! SELECT * FROM logcursor_claim('billing', 'burns', 100);  -- then the next batch
+//! -- apply the effect of each row here
+//! COMMIT;
+//! ```
+//!
+//! A claim in flight while a rewind runs is waited for: the rewind locks
+//! the stream's consumers (`FOR SHARE`) before it reads their positions, so
+//! the events of a claim that commits meanwhile are kept too.
 
 use tokio_postgres::types::Type;
 
@@ -34,6 +55,8 @@ pub struct Consumer {
     pub position: String,
     /// Rows stored after the position (counted up to the cap asked for).
     pub lag: i64,
+    /// Removed events kept for it to undo (`logcursor_claim_reverts`).
+    pub reverts: i64,
     pub updated_at: std::time::SystemTime,
 }
 
@@ -49,7 +72,8 @@ pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
                     (SELECT count(*) FROM (SELECT 1 FROM events e
                                             WHERE e.stream = k.stream
                                               AND (e.inserted_xid, e.id) > (k.after_xid, k.after_id)
-                                            LIMIT $1) l)
+                                            LIMIT $1) l),
+                    (SELECT count(*) FROM consumer_reverts r WHERE r.consumer = k.name)
                FROM consumers k ORDER BY k.name",
             &[(&cap, Type::INT8)],
         )
@@ -63,8 +87,34 @@ pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
             position: r.get(2),
             updated_at: r.get(3),
             lag: r.get(4),
+            reverts: r.get(5),
         })
         .collect())
+}
+
+/// Keeps, for every consumer of `stream`, the events above block `to` that
+/// it has claimed (at or below its position), in the rewind's transaction
+/// and before they are deleted; returns how many (event, consumer) pairs.
+pub async fn keep_reverts<C: GenericClient>(c: &C, stream: &str, to: i64) -> Result<u64> {
+    // First wait for the claims in flight: the positions read below are
+    // those after they commit (each statement sees the latest commits).
+    c.execute_typed(
+        "SELECT 1 FROM consumers WHERE stream = $1 FOR SHARE",
+        &[(&stream, Type::TEXT)],
+    )
+    .await
+    .map_err(StoreError::db("lock consumers"))?;
+    c.execute_typed(
+        "INSERT INTO consumer_reverts (consumer, event)
+         SELECT k.name, to_jsonb(e)
+           FROM consumers k JOIN events e ON e.stream = k.stream
+          WHERE k.stream = $1 AND e.block_number > $2
+            AND (e.inserted_xid, e.id) <= (k.after_xid, k.after_id)
+          ORDER BY k.name, e.block_number, e.log_index",
+        &[(&stream, Type::TEXT), (&to, Type::INT8)],
+    )
+    .await
+    .map_err(StoreError::db("keep consumer reverts"))
 }
 
 /// Where `reset` may move a consumer.

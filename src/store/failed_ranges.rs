@@ -230,24 +230,28 @@ pub async fn isolate_block<C: GenericClient>(c: &C, id: i64, by: &str, block: i6
 }
 
 /// Records a failed attempt by the claimant `by`: releases the claim and
-/// schedules the next try `delay` from now (database time); after
-/// `max_attempts` the row is marked dead. `None` when `by` no longer holds
-/// the row (nothing is changed); else whether it is dead.
+/// schedules the next try `delay` from now (database time). With
+/// `Some(max_attempts)` the attempt counts, and after `max_attempts` the
+/// row is marked dead; `None`: a failure that is not the range's (the
+/// database's), which neither counts nor kills it. `None` when `by` no
+/// longer holds the row (nothing is changed); else whether it is dead.
 pub async fn retry_later<C: GenericClient>(
     c: &C,
     id: i64,
     by: &str,
     error: &str,
     delay: Duration,
-    max_attempts: u32,
+    max_attempts: Option<u32>,
 ) -> Result<Option<bool>> {
-    let max = i32::try_from(max_attempts).unwrap_or(i32::MAX);
+    // -1: this attempt does not count.
+    let max = max_attempts.map_or(-1, |m| i32::try_from(m).unwrap_or(i32::MAX));
     let row = c
         .query_typed_opt(
             "UPDATE failed_ranges
-                SET attempts = attempts + 1, last_error = $3, claimed_by = NULL, claimed_until = NULL,
+                SET attempts = attempts + CASE WHEN $5 < 0 THEN 0 ELSE 1 END,
+                    last_error = $3, claimed_by = NULL, claimed_until = NULL,
                     next_attempt_at = now() + $4 * interval '1 millisecond',
-                    dead = attempts + 1 >= $5
+                    dead = $5 >= 0 AND attempts + 1 >= $5
               WHERE id = $1 AND claimed_by = $2
           RETURNING dead",
             &[

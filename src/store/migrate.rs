@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "delivery",
         sql: include_str!("../../sql/0008_delivery.sql"),
     },
+    Migration {
+        version: 9,
+        name: "consumer_reverts",
+        sql: include_str!("../../sql/0009_consumer_reverts.sql"),
+    },
 ];
 
 /// Advisory lock class that serializes migrations of one schema ("lcmg" in ASCII).

@@ -157,12 +157,16 @@ impl From<tokio_postgres::Error> for HandlerError {
 #[derive(Clone, Default)]
 pub struct Handlers {
     pub rust: Vec<Arc<dyn Handler>>,
-    /// The longest one call of a Rust handler may take (the stream's
-    /// `statement_timeout`, the bound its SQL `handler_function` has as one
-    /// statement). Past it the call is abandoned and the transaction rolls
-    /// back as for [`HandlerError::retry`]: a handler awaiting something
-    /// that never comes cannot hold the cursor lock and a tick permit
-    /// forever. `None`: unbounded.
+    /// The longest one call of a Rust handler may take: the
+    /// `statement_timeout` of the transaction it runs in (`database.
+    /// statement_timeout` for ticks and gap fill, 30 s for the CLI's), the
+    /// bound the SQL `handler_function` has as one statement. Past it the
+    /// call is abandoned and its savepoint rolled back; the seam tries
+    /// halves of the batch, and a single event that still takes too long
+    /// rolls the transaction back as for [`HandlerError::retry`]: a handler
+    /// awaiting something that never comes cannot hold the cursor lock and a
+    /// tick permit forever, and a slow one still gets through, in smaller
+    /// batches. `None`: unbounded.
     pub deadline: Option<Duration>,
     /// A SQL function `f(batch events[])` called once per batch of new rows.
     pub sql: Option<String>,
@@ -176,19 +180,13 @@ impl Handlers {
         !self.rust.is_empty() || self.sql.is_some()
     }
 
-    /// One handler call, within [`Handlers::deadline`].
-    pub(crate) async fn bounded(
-        &self,
-        call: impl std::future::Future<Output = Result<(), HandlerError>>,
-    ) -> Result<(), HandlerError> {
-        let Some(deadline) = self.deadline else {
-            return call.await;
-        };
-        tokio::time::timeout(deadline, call).await.unwrap_or_else(|_| {
-            Err(HandlerError::retry(format!(
-                "the handler did not finish within {deadline:?} (statement_timeout)"
-            )))
-        })
+    /// One handler call, within [`Handlers::deadline`]: `Err(deadline)`
+    /// when it passed (the call is dropped).
+    pub(crate) async fn bounded<T>(&self, call: impl std::future::Future<Output = T>) -> Result<T, Duration> {
+        match self.deadline {
+            None => Ok(call.await),
+            Some(deadline) => tokio::time::timeout(deadline, call).await.map_err(|_| deadline),
+        }
     }
 }
 

@@ -96,6 +96,10 @@ enum Attempt {
         at: Option<usize>,
         duplicate: bool,
     },
+    /// A handler's call passed its deadline (rolled back to the savepoint).
+    Slow {
+        message: String,
+    },
     /// No savepoint left.
     NoBudget,
 }
@@ -134,6 +138,19 @@ impl Writer {
                 Attempt::Stored { inserted, duplicates } => {
                     out.inserted += inserted;
                     out.duplicates += duplicates;
+                }
+                Attempt::Slow { message } => {
+                    // Smaller batches, nothing parked: time is no event's fault.
+                    if seg.len() == 1 {
+                        return Err(WriteError::HandlerRetry {
+                            stream: self.stream.to_string(),
+                            reason: message,
+                        });
+                    }
+                    tracing::info!(stream = %self.stream, events = seg.len(), error = %message, "a handler was too slow for this batch; trying halves");
+                    let mid = seg.start + seg.len() / 2;
+                    queue.push_front(mid..seg.end);
+                    queue.push_front(seg.start..mid);
                 }
                 Attempt::NoBudget => {
                     out.stopped = Some(Stop {
@@ -264,6 +281,10 @@ impl Writer {
                     duplicate,
                 })
             }
+            Err(Failure::Slow { message }) => {
+                self.roll_back(tx).await?;
+                Ok(Attempt::Slow { message })
+            }
             Err(Failure::Fatal(e)) => Err(e),
         }
     }
@@ -329,6 +350,12 @@ impl Writer {
                     .bounded(h.handle(tx, &stored))
                     .instrument(info_span!("handler.rust", events = stored.len()))
                     .await
+                    .map_err(|deadline| Failure::Slow {
+                        message: format!(
+                            "a handler did not finish {} events within {deadline:?} (statement_timeout)",
+                            stored.len()
+                        ),
+                    })?
                     .map_err(|e| {
                         if e.transient {
                             return Failure::Fatal(WriteError::HandlerRetry {
@@ -374,6 +401,11 @@ enum Failure {
         message: String,
         at: Option<usize>,
         duplicate: bool,
+    },
+    /// A Rust handler's call passed its deadline: no row is at fault, the
+    /// batch is too slow as a whole.
+    Slow {
+        message: String,
     },
     Fatal(WriteError),
 }

@@ -2,9 +2,11 @@
 //! effects of the events a rewind removes, then deletes them, in the
 //! rewind's transaction (I10): the stream's SQL `revert_function`, every
 //! Rust handler's `revert`, and row triggers `AFTER DELETE` (which fire on
-//! the delete itself); and, for a stream with webhooks, a `revert`
-//! delivery of the removed events that were delivered (those never sent
-//! are dropped from their pending deliveries).
+//! the delete itself); for a stream with webhooks, a `revert` delivery of
+//! the removed events that were delivered (those never sent are dropped
+//! from their pending deliveries); and, for every SQL consumer, the removed
+//! events it had claimed, to claim back and undo
+//! ([`consumers::keep_reverts`]).
 //!
 //! A rewind may remove any number of events (an operator's `rewind --to`
 //! far back): they are reverted in pages of [`REVERT_PAGE`], in block and
@@ -14,7 +16,7 @@
 use tokio_postgres::types::Type;
 
 use super::{handler, WriteError, Writer};
-use crate::store::{events, failed_ranges, outbox};
+use crate::store::{consumers, events, failed_ranges, outbox};
 
 /// Events reverted per call of a revert function or handler.
 pub const REVERT_PAGE: i64 = 2_000;
@@ -29,6 +31,7 @@ impl Writer {
         // branch (its commit waits for this row and finds the claim gone),
         // or it committed before, and the delete below sees its rows.
         failed_ranges::forget_above(tx, &self.stream, to).await?;
+        consumers::keep_reverts(tx, &self.stream, to).await?;
         if self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() || !self.webhooks.is_empty() {
             self.revert_above(tx, to).await?;
         }
@@ -59,12 +62,17 @@ impl Writer {
                 })?;
             }
             for h in &self.handlers.rust {
-                self.handlers
-                    .bounded(h.revert(tx, &page))
-                    .await
-                    .map_err(|e| WriteError::Revert {
+                let reverted = self.handlers.bounded(h.revert(tx, &page)).await.map_err(|deadline| {
+                    format!(
+                        "a handler did not revert {} events within {deadline:?} (statement_timeout)",
+                        page.len()
+                    )
+                });
+                reverted
+                    .and_then(|r| r.map_err(|e| e.message))
+                    .map_err(|reason| WriteError::Revert {
                         stream: self.stream.to_string(),
-                        reason: e.message,
+                        reason,
                     })?;
             }
             if (page.len() as i64) < REVERT_PAGE {

@@ -6,13 +6,17 @@
 //!   or a dropped function) would fail on every event: it is not a reason
 //!   to park them all;
 //! - a Rust handler that awaits something that never comes is abandoned at
-//!   the stream's `statement_timeout`, as its SQL `handler_function` would
-//!   be, so it cannot hold the cursor lock and a tick permit forever.
+//!   the transaction's `statement_timeout`, as its SQL `handler_function`
+//!   would be, so it cannot hold the cursor lock and a tick permit forever;
+//!   a handler merely slow for a large batch gets halves of it instead;
+//! - gap fill retries a range that meets such a fault without counting the
+//!   attempt, so the range is never given up for it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use logcursor::app::{App, BuildOptions, HandlerMap};
+use logcursor::poller::gapfill::GapOutcome;
 use logcursor::poller::TickError;
 use logcursor::{Event, Handler, HandlerError, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -67,29 +71,33 @@ async fn a_trigger_whose_table_is_gone_parks_nothing_and_credits_every_burn_once
     );
 }
 
-/// A handler waiting on a service that never answers.
+/// A handler that writes its effect, then waits on a service that never
+/// answers.
 struct Hangs;
 
 #[logcursor::async_trait]
 impl Handler for Hangs {
-    async fn handle(&self, _tx: &Transaction<'_>, _events: &[Event]) -> Result<(), HandlerError> {
+    async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
+        for e in events {
+            tx.execute("INSERT INTO touched VALUES ($1)", &[&e.id]).await?;
+        }
         std::future::pending().await
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rust_handler_that_never_returns_is_abandoned_at_statement_timeout_and_parks_nothing() {
-    let w = World::new().await;
-    w.emit_burns(3, |_| 2).await;
-    let pg = w.migrate().await;
+/// An in-process replica with `handler` on `burns`, a 500 ms
+/// `statement_timeout` (and a `lock_timeout` below it, as the parser asks).
+async fn with_handler(w: &World, handler: Arc<dyn Handler>) -> App {
     let cfg = w
         .config()
-        .database(|d| d.limits.statement_timeout = Duration::from_millis(500))
+        .database(|d| {
+            d.limits.lock_timeout = Duration::from_millis(200);
+            d.limits.statement_timeout = Duration::from_millis(500);
+        })
         .build();
     let mut handlers = HandlerMap::new();
-    let h: Arc<dyn Handler> = Arc::new(Hangs);
-    handlers.insert("burns".into(), vec![h]);
-    let app = App::build_with(
+    handlers.insert("burns".into(), vec![handler]);
+    App::build_with(
         &cfg,
         "r",
         BuildOptions { migrate: true },
@@ -97,17 +105,137 @@ async fn a_rust_handler_that_never_returns_is_abandoned_at_statement_timeout_and
         &CancellationToken::new(),
     )
     .await
-    .expect("build");
+    .expect("build")
+}
 
-    // Twice: the first abandoned call gave its permit and lock back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_handler_that_never_returns_is_abandoned_at_statement_timeout_and_parks_nothing() {
+    let w = World::new().await;
+    w.emit_burns(3, |_| 2).await;
+    let pg = w.migrate().await;
+    pg.batch_execute("CREATE TABLE touched (event_id bigint)")
+        .await
+        .expect("effects table");
+    let app = with_handler(&w, Arc::new(Hangs)).await;
+
+    // Twice: the first abandoned tick gave its permit and lock back.
     for attempt in 0..2 {
         let failed = failing_tick(&app, Duration::from_secs(30)).await;
         assert!(
-            failed.to_string().contains("did not finish within 500ms"),
-            "attempt {attempt}: {failed}"
+            failed.to_string().contains("did not finish 1 events within 500ms"),
+            "attempt {attempt}: halves were tried down to one event: {failed}"
         );
     }
     assert_eq!(dead_letters(&pg).await, 0, "nothing parked");
     assert_eq!(cursor_of(&pg, "burns").await, Some(-1), "nothing committed");
     assert_eq!(count_events(&pg).await, 0, "no event stored without its effect");
+    let touched: i64 = pg
+        .query_one("SELECT count(*) FROM touched", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(touched, 0, "what the abandoned calls wrote was rolled back");
+}
+
+/// A handler whose work takes 80 ms an event: slow, but never stuck.
+struct Slow;
+
+#[logcursor::async_trait]
+impl Handler for Slow {
+    async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
+        for e in events {
+            tx.execute(
+                "INSERT INTO effects SELECT $1, $2 FROM pg_sleep(0.08)",
+                &[&e.tx_hash.to_string(), &i64::from(e.log_index)],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Eight events in one block take a slow handler longer than the deadline
+/// in one call: the seam hands it halves instead, each within it, and every
+/// effect is applied once (the abandoned call's writes rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_too_slow_for_the_deadline_is_handled_in_halves_each_event_once() {
+    let w = World::new().await;
+    let hash = w.chain.burn(&w.emitter, 8, 0).await;
+    w.chain.receipt(&hash).await;
+    let pg = w.migrate().await;
+    pg.batch_execute("CREATE TABLE effects (tx_hash text, log_index bigint, PRIMARY KEY (tx_hash, log_index))")
+        .await
+        .expect("effects table");
+    let app = with_handler(&w, Arc::new(Slow)).await;
+
+    app.tick_until_idle().await;
+    w.assert_stored_equals_chain(&pg).await;
+    assert_eq!(dead_letters(&pg).await, 0, "nothing parked");
+    let effects: i64 = pg
+        .query_one("SELECT count(*) FROM effects", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(effects, 8, "each of the 8 events' effect once");
+}
+
+/// Gap fill meets the same broken deployment: its attempts do not count,
+/// so the range is never given up, and is filled once the table is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_fill_never_gives_a_range_up_for_a_broken_deployment() {
+    let w = World::new().await;
+    let pg = Credit::Trigger.install(&w.db).await;
+    let accounts = [w.chain.sender()];
+    open(&pg, &accounts[0]).await;
+    w.emit_burns(10, |i| i + 1).await;
+    let app = w
+        .config()
+        .stream(|s| {
+            s.gapfill.max_attempts = 2;
+            s.gapfill.backoff = Duration::from_millis(1);
+            s.gapfill.backoff_max = Duration::from_millis(1);
+        })
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
+    // Blocks 4..=7 become a pending range (their credits undone with them).
+    pg.batch_execute(
+        "DELETE FROM events WHERE block_number BETWEEN 4 AND 7;
+         INSERT INTO failed_ranges (stream, from_block, to_block, last_error) VALUES ('burns', 4, 7, 'test gap');
+         ALTER TABLE balances RENAME TO balances_away",
+    )
+    .await
+    .expect("a gap, and the table gone");
+
+    let filler = app.gap_filler().expect("gap filler");
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    wait_for("three failed attempts", Duration::from_secs(30), || async {
+        match filler.work_once().await.expect("gap fill") {
+            GapOutcome::Failed { dead, error, .. } => {
+                assert!(!dead, "never dead for the deployment's fault: {error}");
+                assert!(error.contains("42P01"), "{error}");
+                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            GapOutcome::Idle => {}
+            other => panic!("{other:?}"),
+        }
+        (failed.load(std::sync::atomic::Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+
+    pg.batch_execute("ALTER TABLE balances_away RENAME TO balances")
+        .await
+        .expect("bring the table back");
+    wait_for("the range filled", Duration::from_secs(30), || async {
+        matches!(filler.work_once().await.expect("gap fill"), GapOutcome::Filled { .. }).then_some(())
+    })
+    .await;
+    let head = w.chain.block_number().await;
+    w.assert_stored_equals_chain(&pg).await;
+    assert_eq!(dead_letters(&pg).await, 0);
+    assert_eq!(
+        balances(&pg).await,
+        expected(&burns_on_chain(&w.chain, &w.emitter, head).await, &accounts),
+        "every burn credited once"
+    );
 }

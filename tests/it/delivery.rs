@@ -180,3 +180,153 @@ async fn two_consumers_apply_each_event_exactly_once_while_gap_fill_stores_an_ol
     app.tick_until_idle().await;
     assert_eq!(lag().await, Some(more as f64), "the rows stored since");
 }
+
+/// One consumer transaction, as the README shows it: claim the removed
+/// events to undo and undo each (exactly one applied row goes), then claim
+/// up to `n` new ones and apply each (a primary key refuses a second
+/// application). Returns (undone, applied).
+async fn consume(c: &mut tokio_postgres::Client, n: i32) -> (usize, usize) {
+    let tx = c.transaction().await.expect("begin");
+    let (undone, applied) = consume_in(&tx, n).await;
+    tx.commit().await.expect("commit");
+    (undone, applied)
+}
+
+async fn consume_in(tx: &tokio_postgres::Transaction<'_>, n: i32) -> (usize, usize) {
+    let undo = tx
+        .query(
+            "SELECT tx_hash, log_index FROM logcursor_claim_reverts('ledger', 1000)",
+            &[],
+        )
+        .await
+        .expect("claim reverts");
+    for r in &undo {
+        let (hash, index): (Vec<u8>, i32) = (r.get(0), r.get(1));
+        let gone = tx
+            .execute(
+                "DELETE FROM applied WHERE tx_hash = $1 AND log_index = $2",
+                &[&hash, &index],
+            )
+            .await
+            .expect("undo");
+        assert_eq!(gone, 1, "an effect is undone once, and only one that was applied");
+    }
+    let new = tx
+        .query(
+            "SELECT tx_hash, log_index FROM logcursor_claim('ledger', 'burns', $1)",
+            &[&n],
+        )
+        .await
+        .expect("claim");
+    for r in &new {
+        let (hash, index): (Vec<u8>, i32) = (r.get(0), r.get(1));
+        tx.execute("INSERT INTO applied VALUES ($1, $2)", &[&hash, &index])
+            .await
+            .expect("apply once");
+    }
+    (undo.len(), new.len())
+}
+
+/// Consumer transactions of up to `n` rows until `want` (undone, applied)
+/// is reached in all; never more. Claims wait for the cluster's oldest
+/// running transaction, which other tests' transactions hold back at times.
+async fn consume_until(c: &mut tokio_postgres::Client, n: i32, want: (usize, usize)) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut got = (0, 0);
+    while got != want {
+        assert!(tokio::time::Instant::now() < deadline, "got {got:?} of {want:?}");
+        let (u, a) = consume(c, n).await;
+        got = (got.0 + u, got.1 + a);
+        assert!(got.0 <= want.0 && got.1 <= want.1, "got {got:?}, more than {want:?}");
+        if (u, a) == (0, 0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A rewind removes events a SQL consumer applied, some in a claim still in
+/// flight: each removed event it claimed comes back once through
+/// `logcursor_claim_reverts`, those it never claimed do not, and after the
+/// new rows are claimed its effects equal the stored events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_gives_a_consumer_back_exactly_the_removed_events_it_claimed_even_from_a_claim_in_flight() {
+    let w = World::new().await;
+    w.emit_burns(20, |_| 1).await; // one event a block
+    let app = w.replica("r").await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
+    pg.batch_execute("CREATE TABLE applied (tx_hash bytea, log_index int, PRIMARY KEY (tx_hash, log_index))")
+        .await
+        .expect("effects table");
+    let blocks: Vec<i64> = pg
+        .query("SELECT block_number FROM events ORDER BY inserted_xid, id", &[])
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(blocks.len(), 20);
+
+    let mut consumer = connect(&w.db.url).await;
+    consume_until(&mut consumer, 12, (0, 12)).await;
+    // A claim of the next four, in flight while the rewind starts.
+    let mut in_flight = connect(&w.db.url).await;
+    let claim = in_flight.transaction().await.expect("begin");
+    assert_eq!(consume_in(&claim, 4).await, (0, 4), "rows below the horizon already");
+
+    let to = blocks[9]; // removes the 11th event on: 2 applied, 4 in flight, 4 never claimed
+    let cfg = w.config().build();
+    let rewind =
+        tokio::spawn(async move { logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", to).await });
+    wait_for(
+        "the rewind to wait for the claim in flight",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = pg
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = 'operator' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    claim.commit().await.expect("commit the claim in flight");
+    let r = rewind.await.expect("join").expect("rewind");
+    assert_eq!(r.events_deleted, 10);
+
+    let kept: i64 = pg
+        .query_one("SELECT count(*) FROM consumer_reverts", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 6, "the 2 applied and the 4 in flight, not the 4 never claimed");
+    app.tick_until_idle().await; // the same blocks again, as new rows
+                                 // Six undone, then the ten re-stored applied; `consume_until` fails on more.
+    consume_until(&mut consumer, 100, (6, 10)).await;
+    assert_eq!(consume(&mut consumer, 100).await, (0, 0), "nothing twice");
+
+    let applied: BTreeSet<(Vec<u8>, i32)> = pg
+        .query("SELECT tx_hash, log_index FROM applied", &[])
+        .await
+        .expect("applied")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let stored: BTreeSet<(Vec<u8>, i32)> = pg
+        .query("SELECT tx_hash, log_index FROM events", &[])
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(applied, stored, "the consumer's effects are exactly the stored events");
+    let listed = logcursor::admin::delivery::consumers_list(&w.config().build(), "list")
+        .await
+        .expect("consumers list");
+    assert_eq!((listed[0].lag, listed[0].reverts), (0, 0));
+}

@@ -13,8 +13,10 @@
 //!   say, for configs the parser must judge, and for `logcursor` processes,
 //!   which read a file ([`TestConfig::file`]).
 //!
-//! Every config goes through the binary's own parser ([`Config::parse`]), so
-//! a test never runs on a config the service would refuse.
+//! Every config goes through the binary's own parser ([`Config::parse`]).
+//! Typed edits come after it and skip its checks (a `statement_timeout`
+//! below `lock_timeout`, say): a test that makes one keeps the config one
+//! the service would accept.
 
 use logcursor::app::App;
 use logcursor::config::{Config, DatabaseConfig, EnvOverrides, StreamConfig};
