@@ -35,7 +35,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON dead_letters         TO logcursor_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON failed_ranges        TO logcursor_app;
 GRANT SELECT, INSERT, UPDATE         ON stream_filters       TO logcursor_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox               TO logcursor_app;
-GRANT SELECT, UPDATE                 ON consumers            TO logcursor_app;  -- UPDATE: a rewind locks them (FOR SHARE)
-GRANT INSERT                         ON consumer_reverts     TO logcursor_app;
+GRANT SELECT                         ON consumers            TO logcursor_app;
+GRANT SELECT, INSERT, DELETE         ON removed_events       TO logcursor_app;
 GRANT USAGE ON SEQUENCE events_id_seq, cursor_rewinds_id_seq, dead_letters_id_seq, failed_ranges_id_seq,
-                        outbox_id_seq, consumer_reverts_id_seq TO logcursor_app;
+                        outbox_id_seq, removed_events_id_seq TO logcursor_app;

@@ -26,7 +26,7 @@ use crate::store::failed_ranges::{self, Range};
 use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, reorg, StoreError};
 use crate::types::{Hash32, LogFilter, RawLog};
-use crate::write::{Batch, Handlers, Row, Savepoints};
+use crate::write::{Batch, Handlers, Row, Savepoints, WriteError};
 
 /// What a rewind did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,15 +48,17 @@ fn stream_cfg<'a>(cfg: &'a Config, stream: &str) -> Result<&'a StreamConfig, App
 }
 
 /// The stream as a tick would build it (its writer, its handlers).
-fn stream_of(sc: &StreamConfig, handlers: &HandlerMap) -> Stream {
+fn stream_of(cfg: &Config, sc: &StreamConfig, handlers: &HandlerMap) -> Stream {
+    let deadline = cfg.database.limits.handler_deadline();
     Stream::new(
         sc.clone(),
         &Endpoints::new(),
         None,
         Handlers {
             rust: handlers.get(sc.name.as_str()).cloned().unwrap_or_default(),
-            // The CLI's transactions run with TxLimits::SHORT.
-            deadline: Some(TxLimits::SHORT.statement_timeout),
+            // The CLI's transactions run with TxLimits::SHORT: the
+            // configured deadline, within theirs.
+            deadline: Some(deadline.min(TxLimits::SHORT.handler_deadline())),
             ..Handlers::default()
         },
     )
@@ -85,7 +87,7 @@ pub async fn rewind(
     if to < floor {
         return Err(bad(format!("--to {to} is before start_block - 1 ({floor})")));
     }
-    let s = stream_of(sc, handlers);
+    let s = stream_of(cfg, sc, handlers);
     let db = connect(cfg, replica_id).await?;
     let refuse_forward = |from: i64| {
         bad(format!(
@@ -97,8 +99,11 @@ pub async fn rewind(
     // stored hashes at or below `to` are read, their canonical headers
     // fetched, and the same hashes are read again under the lock. Should
     // they differ (gap fill or another rewind committed meanwhile), the
-    // check is made again.
-    for _ in 0..REWIND_CHECKS {
+    // check is made again. A Rust handler too slow to revert a page makes
+    // the writer halve its pages: the rewind is tried again with them.
+    let (mut checks, mut slow) = (0, 0);
+    while checks < REWIND_CHECKS {
+        checks += 1;
         let (from, stored) = {
             let mut client = db.get().await?;
             let tx = db.begin(&mut client, TxLimits::SHORT).await?;
@@ -125,7 +130,16 @@ pub async fn rewind(
             continue; // rolled back on drop: checked again
         }
         let reason = format!("operator rewind from {from} to {to}");
-        let deleted = s.writer.remove_above(&tx, to).await.map_err(|e| bad(e.to_string()))?;
+        let deleted = match s.writer.remove_above(&tx, to).await {
+            Ok(n) => n,
+            Err(WriteError::RevertTooSlow { events, reason, .. }) if events > 1 && slow < MAX_SLOW_REVERTS => {
+                slow += 1;
+                checks -= 1; // not a check of the chain: the same rewind, smaller pages
+                tracing::info!(stream, %reason, "trying the rewind again");
+                continue;
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
         reorg::rewind(
             &*tx,
             stream,
@@ -157,6 +171,9 @@ pub async fn rewind(
 /// How many times a rewind checks the chain before it gives up on a stream
 /// whose stored blocks keep changing under it.
 const REWIND_CHECKS: usize = 3;
+
+/// Halvings of the revert page a rewind tries (2,000 events down to one).
+const MAX_SLOW_REVERTS: usize = 11;
 
 /// The canonical hash of `block`, after checking that none of the `stored`
 /// hashes (at or below it) was reorganised away; asked of the chain with no
@@ -272,7 +289,7 @@ async fn replay_one(
     let Some(sc) = cfg.streams.iter().find(|s| s.name == dl.stream.as_str()) else {
         return Ok(Err(format!("stream {:?} is no longer configured", dl.stream)));
     };
-    let stream = stream_of(sc, handlers);
+    let stream = stream_of(cfg, sc, handlers);
     let (log, timestamp) = match canonical_log(&stream, &dl.log).await {
         Ok(found) => found,
         Err(why) => return Ok(Err(why)),
@@ -415,7 +432,7 @@ pub async fn gapfill_retry(cfg: &Config, replica_id: &str, ids: &[i64], dead: bo
 /// backfills what it adds. Returns the backfill filters written.
 pub async fn adopt_filter(cfg: &Config, replica_id: &str, stream: &str) -> Result<Vec<LogFilter>, AppError> {
     let sc = stream_cfg(cfg, stream)?;
-    let s = Arc::new(stream_of(sc, &HandlerMap::new()));
+    let s = Arc::new(stream_of(cfg, sc, &HandlerMap::new()));
     let db = connect(cfg, replica_id).await?;
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;

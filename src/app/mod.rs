@@ -201,7 +201,7 @@ impl App {
                 Some(Arc::clone(&rpc)),
                 Handlers {
                     rust,
-                    deadline: Some(cfg.database.limits.statement_timeout),
+                    deadline: Some(cfg.database.limits.handler_deadline()),
                     ..Handlers::default()
                 },
             );

@@ -43,7 +43,7 @@ use crate::store::failed_ranges::{self, Range};
 use crate::store::pool::{Database, TxLimits};
 use crate::store::StoreError;
 use crate::types::{BlockNumber, Hash32, Header};
-use crate::write::Savepoints;
+use crate::write::{Savepoints, WriteError};
 
 /// What one pass did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,11 +154,21 @@ impl GapFiller {
             Err(e) => {
                 let g = &stream.cfg.gapfill;
                 // Only what the range itself meets counts toward dead: a
-                // database fault (a restart, a revoked grant, a dropped
-                // table a handler uses, a handler past its deadline) is no
-                // reason to give the range up, and is retried as it is.
-                let counts = !matches!(e, TickError::Store(_) | TickError::Write(_) | TickError::Cancelled);
-                let delay = Backoff::new(g.backoff, g.backoff_max).nominal(claim.attempts.unsigned_abs() + 1);
+                // database fault (a restart, a timeout, a revoked grant, a
+                // dropped table a handler uses) or a handler's own retry is
+                // no reason to give the range up. Those are retried, at the
+                // longest backoff (each try fetches the range again).
+                let counts = !matches!(
+                    e,
+                    TickError::Store(_)
+                        | TickError::Cancelled
+                        | TickError::Write(WriteError::Store(_) | WriteError::HandlerRetry { .. })
+                );
+                let delay = if counts {
+                    Backoff::new(g.backoff, g.backoff_max).nominal(claim.attempts.unsigned_abs() + 1)
+                } else {
+                    g.backoff_max
+                };
                 let error = e.to_string();
                 let mut client = self.db.get().await?;
                 let tx = self.db.begin(&mut client, self.limits).await?;

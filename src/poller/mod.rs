@@ -97,6 +97,7 @@ impl Stream {
             on_handler_error: cfg.on_handler_error,
             handlers,
             webhooks: cfg.webhooks.iter().map(|w| (w.name.clone(), w.batch_size)).collect(),
+            revert_page: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(crate::write::REVERT_PAGE)),
         };
         Stream {
             cfg,

@@ -282,6 +282,11 @@ impl Poller {
         }
         let mut client = self.db.get().await?;
         let result = self.locked(&mut client, &rpc, heads, reorged, cancel, mode).await;
+        if reorged && result.is_err() {
+            // The reorg found at this head is still there: the next tick
+            // must look again, though the head has not changed.
+            *self.head_seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         if let Some(e) = result.as_ref().err().and_then(TickError::store_error) {
             // The connection saw the server go away or turn read-only
             // (in the tick or in the write seam): never again.

@@ -22,12 +22,27 @@
 //! back (consumers wait for it; they never skip).
 //!
 //! A rewind (a reorg below the cursor, or an operator's) removes events a
-//! consumer may have applied. [`keep_reverts`] keeps each such event for
-//! each consumer whose position had passed it, in the rewind's
-//! transaction; the consumer claims them back with
-//! `logcursor_claim_reverts(consumer, n)` (sql/0009) and undoes their
-//! effects in its own transaction, so an effect is undone exactly once, as
-//! it was applied:
+//! consumer may have applied. [`keep_removed`] keeps every removed event in
+//! `removed_events`, in the rewind's transaction, waiting for no one (a
+//! consumer can never hold a stream up). Each consumer resolves its
+//! stream's removals in commit-safe order `(removed_xid, id)`, below the
+//! horizon like its claims, under its own row lock (sql/0009):
+//!
+//! - a removed event at or below the consumer's position was applied (every
+//!   row up to the position was claimed, in order): it must be undone, and
+//!   `logcursor_claim_reverts(consumer, n)` returns it, once, in the
+//!   consumer's transaction;
+//! - one above it was never applied, and never will be (it is gone): it is
+//!   passed over;
+//! - `logcursor_claim` resolves first, and will not move the position while
+//!   a removal that needs undoing is unresolved (it raises, 55000), nor
+//!   while one has committed but is not yet below the horizon (it returns
+//!   nothing): so a position never passes a removed event before the
+//!   consumer knows whether to undo it. A claim in flight when the rewind
+//!   commits, even a new consumer's first, is resolved the same way once it
+//!   commits.
+//!
+//! So an effect is undone exactly once, as it was applied:
 //!
 //! ```sql
 //! BEGIN;
@@ -38,9 +53,9 @@
 //! COMMIT;
 //! ```
 //!
-//! A claim in flight while a rewind runs is waited for: the rewind locks
-//! the stream's consumers (`FOR SHARE`) before it reads their positions, so
-//! the events of a claim that commits meanwhile are kept too.
+//! Removals every consumer of the stream has resolved are deleted by the
+//! next rewind of the stream (a consumer created meanwhile holds them back
+//! through the horizon until it can resolve them).
 
 use tokio_postgres::types::Type;
 
@@ -55,7 +70,8 @@ pub struct Consumer {
     pub position: String,
     /// Rows stored after the position (counted up to the cap asked for).
     pub lag: i64,
-    /// Removed events kept for it to undo (`logcursor_claim_reverts`).
+    /// Removed events it applied and has still to undo
+    /// (`logcursor_claim_reverts`).
     pub reverts: i64,
     pub updated_at: std::time::SystemTime,
 }
@@ -73,7 +89,10 @@ pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
                                             WHERE e.stream = k.stream
                                               AND (e.inserted_xid, e.id) > (k.after_xid, k.after_id)
                                             LIMIT $1) l),
-                    (SELECT count(*) FROM consumer_reverts r WHERE r.consumer = k.name)
+                    (SELECT count(*) FROM removed_events r
+                      WHERE r.stream = k.stream
+                        AND (r.removed_xid, r.id) > (k.removed_after_xid, k.removed_after_id)
+                        AND (r.event_xid, r.event_id) <= (k.after_xid, k.after_id))
                FROM consumers k ORDER BY k.name",
             &[(&cap, Type::INT8)],
         )
@@ -92,29 +111,31 @@ pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
         .collect())
 }
 
-/// Keeps, for every consumer of `stream`, the events above block `to` that
-/// it has claimed (at or below its position), in the rewind's transaction
-/// and before they are deleted; returns how many (event, consumer) pairs.
-pub async fn keep_reverts<C: GenericClient>(c: &C, stream: &str, to: i64) -> Result<u64> {
-    // First wait for the claims in flight: the positions read below are
-    // those after they commit (each statement sees the latest commits).
+/// Keeps every event of `stream` above block `to` in `removed_events`, in
+/// the rewind's transaction and before they are deleted; first deletes the
+/// stream's removals that every consumer has resolved. Returns how many
+/// were kept.
+pub async fn keep_removed<C: GenericClient>(c: &C, stream: &str, to: i64) -> Result<u64> {
     c.execute_typed(
-        "SELECT 1 FROM consumers WHERE stream = $1 FOR SHARE",
+        "DELETE FROM removed_events r
+          WHERE r.stream = $1 AND r.removed_xid < pg_snapshot_xmin(pg_current_snapshot())
+            AND NOT EXISTS (SELECT 1 FROM consumers k
+                             WHERE k.stream = r.stream
+                               AND (k.removed_after_xid, k.removed_after_id) < (r.removed_xid, r.id))",
         &[(&stream, Type::TEXT)],
     )
     .await
-    .map_err(StoreError::db("lock consumers"))?;
+    .map_err(StoreError::db("prune removed events"))?;
     c.execute_typed(
-        "INSERT INTO consumer_reverts (consumer, event)
-         SELECT k.name, to_jsonb(e)
-           FROM consumers k JOIN events e ON e.stream = k.stream
-          WHERE k.stream = $1 AND e.block_number > $2
-            AND (e.inserted_xid, e.id) <= (k.after_xid, k.after_id)
-          ORDER BY k.name, e.block_number, e.log_index",
+        "INSERT INTO removed_events (stream, event, event_xid, event_id)
+         SELECT e.stream, to_jsonb(e), e.inserted_xid, e.id
+           FROM events e
+          WHERE e.stream = $1 AND e.block_number > $2
+          ORDER BY e.inserted_xid, e.id",
         &[(&stream, Type::TEXT), (&to, Type::INT8)],
     )
     .await
-    .map_err(StoreError::db("keep consumer reverts"))
+    .map_err(StoreError::db("keep removed events"))
 }
 
 /// Where `reset` may move a consumer.
@@ -148,7 +169,9 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// Moves consumer `name` (which must exist) to `to`; returns its new position.
+/// Moves consumer `name` (which must exist) to `to`; returns its new
+/// position. The removals of its stream so far count as resolved: the
+/// operator's position says what was applied.
 pub async fn reset<C: GenericClient>(c: &C, name: &str, to: &Target) -> Result<Option<String>> {
     let (mode, xid, id) = match to {
         Target::Start => ("start", "0".to_string(), 0i64),
@@ -179,5 +202,17 @@ pub async fn reset<C: GenericClient>(c: &C, name: &str, to: &Target) -> Result<O
         )
         .await
         .map_err(StoreError::db("reset consumer"))?;
+    c.execute_typed(
+        "UPDATE consumers k SET (removed_after_xid, removed_after_id) = (
+            SELECT r.removed_xid, r.id FROM removed_events r
+             WHERE r.stream = k.stream AND r.removed_xid < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY r.removed_xid DESC, r.id DESC LIMIT 1)
+          WHERE k.name = $1
+            AND EXISTS (SELECT 1 FROM removed_events r
+                         WHERE r.stream = k.stream AND r.removed_xid < pg_snapshot_xmin(pg_current_snapshot()))",
+        &[(&name, Type::TEXT)],
+    )
+    .await
+    .map_err(StoreError::db("reset consumer's removals"))?;
     Ok(row.map(|r| r.get(0)))
 }

@@ -60,6 +60,14 @@ pub struct TxLimits {
 }
 
 impl TxLimits {
+    /// The longest one call of a Rust handler may take in a transaction
+    /// with these limits: its `statement_timeout` (what a SQL handler
+    /// function has, as one statement), and never past the idle bound,
+    /// after which the server ends a session whose handler waits elsewhere.
+    pub fn handler_deadline(&self) -> Duration {
+        self.statement_timeout.min(self.idle_in_transaction_timeout)
+    }
+
     /// Bounds for short administrative transactions (start-up checks,
     /// migrations, status, CLI). They never wait on the chain, so the idle
     /// bound is the default tick's (I6 holds for them too: a replica frozen

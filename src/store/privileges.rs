@@ -20,16 +20,14 @@ pub const NEEDED: &[(&str, &str, &[&str])] = &[
     ("table", "failed_ranges", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
     ("table", "stream_filters", &["SELECT", "INSERT", "UPDATE"]),
     ("table", "outbox", &["SELECT", "INSERT", "UPDATE", "DELETE"]),
-    // UPDATE: a rewind locks the stream's consumers (FOR SHARE) before it
-    // keeps their reverts; it never changes them.
-    ("table", "consumers", &["SELECT", "UPDATE"]),
-    ("table", "consumer_reverts", &["INSERT"]),
+    ("table", "consumers", &["SELECT"]),
+    ("table", "removed_events", &["SELECT", "INSERT", "DELETE"]),
     ("sequence", "events_id_seq", &["USAGE"]),
     ("sequence", "cursor_rewinds_id_seq", &["USAGE"]),
     ("sequence", "dead_letters_id_seq", &["USAGE"]),
     ("sequence", "failed_ranges_id_seq", &["USAGE"]),
     ("sequence", "outbox_id_seq", &["USAGE"]),
-    ("sequence", "consumer_reverts_id_seq", &["USAGE"]),
+    ("sequence", "removed_events_id_seq", &["USAGE"]),
     ("function", "logcursor_handle(text, bigint[])", &["EXECUTE"]),
 ];
 

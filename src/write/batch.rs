@@ -139,7 +139,19 @@ pub enum WriteError {
     /// retried; nothing is parked.
     #[error("stream {stream}: a handler asked to retry: {reason}")]
     HandlerRetry { stream: String, reason: String },
+    /// One event takes a Rust handler longer than its deadline: the
+    /// transaction rolls back; nothing is parked.
+    #[error("stream {stream}: {reason}")]
+    HandlerTooSlow { stream: String, reason: String },
     /// A handler failed while reverting a rewind (nothing was removed).
     #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
     Revert { stream: String, reason: String },
+    /// A Rust handler did not revert a page of `events` within its
+    /// deadline (nothing was removed); the next attempt uses half pages.
+    #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
+    RevertTooSlow {
+        stream: String,
+        events: usize,
+        reason: String,
+    },
 }

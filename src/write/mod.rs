@@ -33,8 +33,11 @@
 //! stored. `on_bad_event`/`on_handler_error = "halt"` stop instead. Any
 //! other error (connection, timeout, deadlock, serialization, and class 42:
 //! a grant, table or function missing) fails the transaction, and so does
-//! a Rust handler's [`HandlerError::retry`] or a call past its deadline (a
-//! `tokio_postgres::Error` converts to it by the same SQLSTATE classes):
+//! a Rust handler's [`HandlerError::retry`] (a `tokio_postgres::Error`
+//! converts to it by the same SQLSTATE classes). A Rust handler's call past
+//! its deadline ([`Handlers::deadline`]) is rolled back to the savepoint and
+//! halves of its batch are tried instead, parking nothing; only a single
+//! event past it fails the transaction:
 //! the tick is retried and nothing is parked for a fault that is not the
 //! event's.
 //!
@@ -63,6 +66,7 @@ use tracing::{info_span, Instrument};
 
 pub use batch::{Batch, OnFailure, Row, Savepoints, Stop, WriteError, Written, MAX_SAVEPOINTS};
 pub use handler::{Event, Handler, HandlerError, Handlers, Transaction};
+pub use revert::REVERT_PAGE;
 
 use crate::store::dead_letters::{self, Kind};
 use crate::store::events::{self, Inserted, StoredEvent, COPY_FROM_ROWS};
@@ -80,6 +84,9 @@ pub struct Writer {
     pub handlers: Handlers,
     /// The stream's webhooks: (name, events per delivery).
     pub webhooks: Vec<(String, usize)>,
+    /// Events per revert page: [`REVERT_PAGE`](revert::REVERT_PAGE), halved
+    /// each time a Rust handler's `revert` passes its deadline.
+    pub revert_page: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How one attempt at a segment of rows ended.
@@ -142,7 +149,7 @@ impl Writer {
                 Attempt::Slow { message } => {
                     // Smaller batches, nothing parked: time is no event's fault.
                     if seg.len() == 1 {
-                        return Err(WriteError::HandlerRetry {
+                        return Err(WriteError::HandlerTooSlow {
                             stream: self.stream.to_string(),
                             reason: message,
                         });
@@ -352,7 +359,7 @@ impl Writer {
                     .await
                     .map_err(|deadline| Failure::Slow {
                         message: format!(
-                            "a handler did not finish {} events within {deadline:?} (statement_timeout)",
+                            "a handler did not finish {} events within {deadline:?} (its deadline)",
                             stored.len()
                         ),
                     })?

@@ -4,14 +4,18 @@
 //! Rust handler's `revert`, and row triggers `AFTER DELETE` (which fire on
 //! the delete itself); for a stream with webhooks, a `revert` delivery of
 //! the removed events that were delivered (those never sent are dropped
-//! from their pending deliveries); and, for every SQL consumer, the removed
-//! events it had claimed, to claim back and undo
-//! ([`consumers::keep_reverts`]).
+//! from their pending deliveries); and, for SQL consumers, a copy of every
+//! removed event, which each resolves against its position
+//! ([`consumers::keep_removed`]).
 //!
 //! A rewind may remove any number of events (an operator's `rewind --to`
-//! far back): they are reverted in pages of [`REVERT_PAGE`], in block and
-//! log order, so that neither logcursor nor the server holds them all at
-//! once.
+//! far back): they are reverted in pages of at most [`REVERT_PAGE`], in
+//! block and log order, so that neither logcursor nor the server holds them
+//! all at once. A Rust handler that does not revert a page within its
+//! deadline fails the rewind (nothing is removed) and halves the pages of
+//! the next attempt, down to one event: a slow `revert` still gets through.
+
+use std::sync::atomic::Ordering;
 
 use tokio_postgres::types::Type;
 
@@ -31,7 +35,7 @@ impl Writer {
         // branch (its commit waits for this row and finds the claim gone),
         // or it committed before, and the delete below sees its rows.
         failed_ranges::forget_above(tx, &self.stream, to).await?;
-        consumers::keep_reverts(tx, &self.stream, to).await?;
+        consumers::keep_removed(tx, &self.stream, to).await?;
         if self.handlers.sql_revert.is_some() || !self.handlers.rust.is_empty() || !self.webhooks.is_empty() {
             self.revert_above(tx, to).await?;
         }
@@ -40,9 +44,10 @@ impl Writer {
 
     /// Reverts the effects of the stream's events above `to`, page by page.
     async fn revert_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<(), WriteError> {
+        let page_size = self.revert_page.load(Ordering::Relaxed).clamp(1, REVERT_PAGE);
         let mut after = None;
         loop {
-            let page = events::above(tx, &self.stream, to, after, REVERT_PAGE).await?;
+            let page = events::above(tx, &self.stream, to, after, page_size).await?;
             let Some(last) = page.last() else { return Ok(()) };
             after = Some((last.block_number, last.log_index));
             if !self.webhooks.is_empty() {
@@ -62,20 +67,30 @@ impl Writer {
                 })?;
             }
             for h in &self.handlers.rust {
-                let reverted = self.handlers.bounded(h.revert(tx, &page)).await.map_err(|deadline| {
-                    format!(
-                        "a handler did not revert {} events within {deadline:?} (statement_timeout)",
-                        page.len()
-                    )
-                });
-                reverted
-                    .and_then(|r| r.map_err(|e| e.message))
-                    .map_err(|reason| WriteError::Revert {
-                        stream: self.stream.to_string(),
-                        reason,
-                    })?;
+                match self.handlers.bounded(h.revert(tx, &page)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return Err(WriteError::Revert {
+                            stream: self.stream.to_string(),
+                            reason: e.message,
+                        })
+                    }
+                    Err(deadline) => {
+                        let half = (page.len() / 2).max(1);
+                        self.revert_page
+                            .store(i64::try_from(half).unwrap_or(1), Ordering::Relaxed);
+                        return Err(WriteError::RevertTooSlow {
+                            stream: self.stream.to_string(),
+                            events: page.len(),
+                            reason: format!(
+                                "a handler did not revert {} events within {deadline:?} (its deadline); the next attempt reverts pages of {half}",
+                                page.len()
+                            ),
+                        });
+                    }
+                }
             }
-            if (page.len() as i64) < REVERT_PAGE {
+            if (page.len() as i64) < page_size {
                 return Ok(());
             }
         }

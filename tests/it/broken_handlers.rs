@@ -12,6 +12,7 @@
 //! - gap fill retries a range that meets such a fault without counting the
 //!   attempt, so the range is never given up for it.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,9 +88,10 @@ impl Handler for Hangs {
 
 /// An in-process replica with `handler` on `burns`, a 500 ms
 /// `statement_timeout` (and a `lock_timeout` below it, as the parser asks).
-async fn with_handler(w: &World, handler: Arc<dyn Handler>) -> App {
+async fn with_handler(w: &World, handler: Arc<dyn Handler>, stream_toml: &str) -> App {
     let cfg = w
         .config()
+        .stream_toml(stream_toml)
         .database(|d| {
             d.limits.lock_timeout = Duration::from_millis(200);
             d.limits.statement_timeout = Duration::from_millis(500);
@@ -116,7 +118,7 @@ async fn a_rust_handler_that_never_returns_is_abandoned_at_statement_timeout_and
     pg.batch_execute("CREATE TABLE touched (event_id bigint)")
         .await
         .expect("effects table");
-    let app = with_handler(&w, Arc::new(Hangs)).await;
+    let app = with_handler(&w, Arc::new(Hangs), "").await;
 
     // Twice: the first abandoned tick gave its permit and lock back.
     for attempt in 0..2 {
@@ -137,7 +139,8 @@ async fn a_rust_handler_that_never_returns_is_abandoned_at_statement_timeout_and
     assert_eq!(touched, 0, "what the abandoned calls wrote was rolled back");
 }
 
-/// A handler whose work takes 80 ms an event: slow, but never stuck.
+/// A handler whose work takes 80 ms an event, both ways: slow, but never
+/// stuck.
 struct Slow;
 
 #[logcursor::async_trait]
@@ -152,6 +155,86 @@ impl Handler for Slow {
         }
         Ok(())
     }
+
+    async fn revert(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
+        for e in events {
+            let undone = tx
+                .execute(
+                    "DELETE FROM effects WHERE (tx_hash, log_index) = ($1, $2) AND (SELECT true FROM pg_sleep(0.08))",
+                    &[&e.tx_hash.to_string(), &i64::from(e.log_index)],
+                )
+                .await?;
+            if undone != 1 {
+                return Err(HandlerError::at(0, "reverting an effect never applied"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Migrates; creates the table [`Slow`] applies its effects to.
+async fn with_effects_table(w: &World) -> tokio_postgres::Client {
+    let pg = w.migrate().await;
+    pg.batch_execute("CREATE TABLE effects (tx_hash text, log_index bigint, PRIMARY KEY (tx_hash, log_index))")
+        .await
+        .expect("effects table");
+    pg
+}
+
+/// The effects table of [`Slow`], as (tx hash, log index).
+async fn effects(pg: &tokio_postgres::Client) -> BTreeSet<(String, i64)> {
+    pg.query("SELECT tx_hash, log_index FROM effects", &[])
+        .await
+        .expect("effects")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The stored events, as [`effects`] keys them.
+async fn stored_keys(pg: &tokio_postgres::Client) -> BTreeSet<(String, i64)> {
+    pg.query(
+        "SELECT '0x' || encode(tx_hash, 'hex'), log_index::bigint FROM events",
+        &[],
+    )
+    .await
+    .expect("events")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// A deep reorg removes eight events whose `revert` takes longer than the
+/// deadline in one page: the rewind fails, nothing removed, and the next
+/// attempt reverts pages of half the size and gets through; every effect
+/// of the removed events is undone once and the new branch's applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_too_slow_for_the_deadline_gets_through_in_smaller_pages() {
+    let w = World::new().await;
+    w.emit_burns(2, |_| 1).await; // blocks that stay: the rewind's common ancestor
+    let hash = w.chain.burn(&w.emitter, 8, 0).await;
+    w.chain.receipt(&hash).await;
+    let pg = with_effects_table(&w).await;
+    let app = with_handler(&w, Arc::new(Slow), "on_deep_reorg = \"rewind\"").await;
+    app.tick_until_idle().await;
+    assert_eq!(effects(&pg).await.len(), 10);
+
+    // The block of the eight burns is replaced by one with two others.
+    w.chain.reorg(&w.emitter, 1, &[(2, 100)]).await;
+    let (_, failed) = app.drive_until_idle().await;
+    assert!(
+        failed
+            .iter()
+            .any(|e| e.to_string().contains("the next attempt reverts pages of 4")),
+        "the first attempt was too slow: {failed:?}"
+    );
+    w.assert_stored_equals_chain(&pg).await;
+    assert_eq!(
+        effects(&pg).await,
+        stored_keys(&pg).await,
+        "undone once, the new branch applied"
+    );
+    assert_eq!(dead_letters(&pg).await, 0);
 }
 
 /// Eight events in one block take a slow handler longer than the deadline
@@ -162,11 +245,8 @@ async fn a_batch_too_slow_for_the_deadline_is_handled_in_halves_each_event_once(
     let w = World::new().await;
     let hash = w.chain.burn(&w.emitter, 8, 0).await;
     w.chain.receipt(&hash).await;
-    let pg = w.migrate().await;
-    pg.batch_execute("CREATE TABLE effects (tx_hash text, log_index bigint, PRIMARY KEY (tx_hash, log_index))")
-        .await
-        .expect("effects table");
-    let app = with_handler(&w, Arc::new(Slow)).await;
+    let pg = with_effects_table(&w).await;
+    let app = with_handler(&w, Arc::new(Slow), "").await;
 
     app.tick_until_idle().await;
     w.assert_stored_equals_chain(&pg).await;

@@ -245,11 +245,13 @@ async fn consume_until(c: &mut tokio_postgres::Client, n: i32, want: (usize, usi
 }
 
 /// A rewind removes events a SQL consumer applied, some in a claim still in
-/// flight: each removed event it claimed comes back once through
-/// `logcursor_claim_reverts`, those it never claimed do not, and after the
-/// new rows are claimed its effects equal the stored events.
+/// flight when the rewind commits (the rewind waits for no consumer). The
+/// consumer cannot claim past them before undoing: each removed event it
+/// applied comes back once, whole, through `logcursor_claim_reverts`; those
+/// it never claimed do not; and after the new rows are claimed its effects
+/// equal the stored events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rewind_gives_a_consumer_back_exactly_the_removed_events_it_claimed_even_from_a_claim_in_flight() {
+async fn a_rewind_gives_a_consumer_back_exactly_the_removed_events_it_applied_even_from_a_claim_in_flight() {
     let w = World::new().await;
     w.emit_burns(20, |_| 1).await; // one event a block
     let app = w.replica("r").await;
@@ -258,56 +260,68 @@ async fn a_rewind_gives_a_consumer_back_exactly_the_removed_events_it_claimed_ev
     pg.batch_execute("CREATE TABLE applied (tx_hash bytea, log_index int, PRIMARY KEY (tx_hash, log_index))")
         .await
         .expect("effects table");
-    let blocks: Vec<i64> = pg
-        .query("SELECT block_number FROM events ORDER BY inserted_xid, id", &[])
+    let rows: Vec<(i64, Value)> = pg
+        .query(
+            "SELECT block_number, to_jsonb(e) FROM events e ORDER BY inserted_xid, id",
+            &[],
+        )
         .await
         .expect("events")
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(blocks.len(), 20);
+    assert_eq!(rows.len(), 20);
 
     let mut consumer = connect(&w.db.url).await;
     consume_until(&mut consumer, 12, (0, 12)).await;
-    // A claim of the next four, in flight while the rewind starts.
+    // A claim of the next four, still in flight when the rewind commits.
     let mut in_flight = connect(&w.db.url).await;
     let claim = in_flight.transaction().await.expect("begin");
     assert_eq!(consume_in(&claim, 4).await, (0, 4), "rows below the horizon already");
 
-    let to = blocks[9]; // removes the 11th event on: 2 applied, 4 in flight, 4 never claimed
-    let cfg = w.config().build();
-    let rewind =
-        tokio::spawn(async move { logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", to).await });
-    wait_for(
-        "the rewind to wait for the claim in flight",
-        Duration::from_secs(30),
-        || async {
-            let waiting: i64 = pg
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name = 'operator' AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
-    claim.commit().await.expect("commit the claim in flight");
-    let r = rewind.await.expect("join").expect("rewind");
-    assert_eq!(r.events_deleted, 10);
-
-    let kept: i64 = pg
-        .query_one("SELECT count(*) FROM consumer_reverts", &[])
+    let to = rows[9].0; // removes the 11th event on: 2 applied, 4 in flight, 4 never claimed
+    let r = logcursor::admin::rewind(&w.config().build(), "operator", &Default::default(), "burns", to)
         .await
-        .expect("count")
-        .get(0);
-    assert_eq!(kept, 6, "the 2 applied and the 4 in flight, not the 4 never claimed");
+        .expect("the rewind waits for no consumer");
+    assert_eq!(r.events_deleted, 10);
+    claim.commit().await.expect("commit the claim in flight");
     app.tick_until_idle().await; // the same blocks again, as new rows
-                                 // Six undone, then the ten re-stored applied; `consume_until` fails on more.
-    consume_until(&mut consumer, 100, (6, 10)).await;
+
+    // Claiming new rows before undoing is refused, naming what to call.
+    let refused = wait_for("the claim to see the removal", Duration::from_secs(30), || async {
+        match consumer
+            .query("SELECT 1 FROM logcursor_claim('ledger', 'burns', 100)", &[])
+            .await
+        {
+            Err(e) => Some(e),
+            Ok(got) => {
+                assert!(got.is_empty(), "no row is claimed before the undo");
+                None
+            }
+        }
+    })
+    .await;
+    let db_error = refused.as_db_error().expect("a database error");
+    assert_eq!(db_error.code().code(), "55000");
+    assert!(
+        db_error.message().contains("logcursor_claim_reverts"),
+        "{}",
+        db_error.message()
+    );
+
+    // The undo: exactly the six applied, each whole, once.
+    let tx = consumer.transaction().await.expect("begin");
+    let undo: Vec<Value> = tx
+        .query("SELECT to_jsonb(r) FROM logcursor_claim_reverts('ledger', 100) r", &[])
+        .await
+        .expect("claim reverts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let applied_then_removed: Vec<Value> = rows[10..16].iter().map(|(_, e)| e.clone()).collect();
+    assert_eq!(undo, applied_then_removed, "the removed rows as they were, in order");
+    tx.rollback().await.expect("roll back: the same six come back");
+    consume_until(&mut consumer, 100, (6, 10)).await; // fails on more than six, or on a second application
     assert_eq!(consume(&mut consumer, 100).await, (0, 0), "nothing twice");
 
     let applied: BTreeSet<(Vec<u8>, i32)> = pg

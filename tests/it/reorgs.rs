@@ -12,7 +12,7 @@ use logcursor::app::App;
 use logcursor::poller::{TickError, TickOutcome};
 use serde_json::json;
 
-use crate::support::proxy::{method_of, Action, Proxy};
+use crate::support::proxy::{method_of, rpc_error, Action, Proxy};
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,6 +197,56 @@ async fn status_shows_the_safe_head_the_finality_tag_bounds_and_no_lag_once_caug
     assert_eq!(status[0].lag_blocks, Some(0), "caught up: no lag");
 }
 
+/// Header requests (`eth_getBlockByNumber`) through a proxy, held until
+/// released: all of them, or only the first.
+struct Hold {
+    held: Arc<AtomicBool>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Hold {
+    fn headers(proxy: &Proxy, only_first: bool) -> Hold {
+        let (held, release) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(tokio::sync::Semaphore::new(0)),
+        );
+        proxy.set({
+            let (held, release) = (held.clone(), release.clone());
+            move |r| {
+                if method_of(r) != "eth_getBlockByNumber" || (held.swap(true, Ordering::SeqCst) && only_first) {
+                    return Action::Forward;
+                }
+                let release = release.clone();
+                Action::After(Box::pin(async move {
+                    let _ = release.acquire().await;
+                }))
+            }
+        });
+        Hold { held, release }
+    }
+
+    /// Until a header request is held.
+    async fn wait(&self) {
+        wait_for("a header request held", Duration::from_secs(30), || async {
+            self.held.load(Ordering::SeqCst).then_some(())
+        })
+        .await
+    }
+
+    fn release(&self) {
+        self.release.add_permits(1_000);
+    }
+}
+
+/// The world's config through `proxy`, with RPC deadlines long enough for
+/// held requests to outlast the test's waits.
+fn long_deadlines(w: &World, proxy: &Proxy) -> logcursor::config::Config {
+    w.config()
+        .rpc(&proxy.url)
+        .stream_toml("rpc_timeout = \"60s\"\nrpc_budget = \"120s\"")
+        .build()
+}
+
 /// An operator's rewind asks the chain for the headers it checks before it
 /// takes the cursor lock: however slow the provider, replicas go on, and
 /// the rewind's session is never idle in a transaction meanwhile.
@@ -211,30 +261,11 @@ async fn an_operator_rewind_asks_the_chain_with_no_transaction_open_and_replicas
 
     // The rewind's header requests wait until released.
     let proxy = Proxy::start(&w.anvil.url).await;
-    let (held, release) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(tokio::sync::Semaphore::new(0)),
-    );
-    proxy.set({
-        let (held, release) = (held.clone(), release.clone());
-        move |r| {
-            if method_of(r) != "eth_getBlockByNumber" {
-                return Action::Forward;
-            }
-            held.store(true, Ordering::SeqCst);
-            let release = release.clone();
-            Action::After(Box::pin(async move {
-                let _ = release.acquire().await;
-            }))
-        }
-    });
-    let cfg = w.config().rpc(&proxy.url).build();
+    let hold = Hold::headers(&proxy, false);
+    let cfg = long_deadlines(&w, &proxy);
     let rewind =
         tokio::spawn(async move { logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", to).await });
-    wait_for("the rewind's headers requested", Duration::from_secs(30), || async {
-        held.load(Ordering::SeqCst).then_some(())
-    })
-    .await;
+    hold.wait().await;
 
     let in_transaction: i64 = pg
         .query_one(
@@ -250,7 +281,7 @@ async fn an_operator_rewind_asks_the_chain_with_no_transaction_open_and_replicas
     app.tick_until_idle().await; // takes the cursor lock: nobody holds it
     let from = cursor_of(&pg, "burns").await.expect("cursor");
 
-    release.add_permits(1_000);
+    hold.release();
     let r = rewind.await.expect("join").expect("rewind");
     assert_eq!(
         (r.from, r.to),
@@ -260,4 +291,72 @@ async fn an_operator_rewind_asks_the_chain_with_no_transaction_open_and_replicas
     assert_eq!(cursor_of(&pg, "burns").await, Some(to));
     app.tick_until_idle().await;
     w.assert_stored_equals_chain(&pg).await;
+}
+
+/// A stored hash at or below `--to` that changes while the rewind asks the
+/// chain (gap fill, another rewind) is seen under the lock: the rewind
+/// checks again, on what is stored now, and refuses to keep what the
+/// chain no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_hash_that_changes_while_the_rewind_asks_the_chain_is_checked_again() {
+    let w = World::new().await;
+    w.emit_burns(12, |_| 1).await;
+    let pg = w.migrate().await;
+    w.replica("r").await.tick_until_idle().await;
+    let to = cursor_of(&pg, "burns").await.expect("cursor") - 4;
+    let below = to - 2; // a block at or below `to` that holds an event
+
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let hold = Hold::headers(&proxy, true); // only the first check is held
+    let cfg = long_deadlines(&w, &proxy);
+    let rewind =
+        tokio::spawn(async move { logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", to).await });
+    hold.wait().await;
+    // Meanwhile, block `below` is stored under another hash.
+    let changed = pg
+        .execute(
+            "UPDATE events SET block_hash = '\\x00000000000000000000000000000000000000000000000000000000000000ee'::bytea
+              WHERE stream = 'burns' AND block_number = $1",
+            &[&below],
+        )
+        .await
+        .expect("change a stored hash");
+    assert_eq!(changed, 1);
+    hold.release();
+
+    let refused = rewind.await.expect("join").expect_err("refused on the second check");
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("block {below} (at or below --to {to})")),
+        "{refused}"
+    );
+    assert_eq!(cursor_of(&pg, "burns").await, Some(to + 4), "nothing moved");
+}
+
+/// A node that fails the finality tag leaves `status` the head it knows,
+/// with the safe head unknown and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keeps_the_head_when_the_finality_tag_fails() {
+    let w = World::new().await;
+    w.migrate().await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    proxy.set(|r| {
+        if method_of(r) == "eth_getBlockByNumber" && r["params"][0] == "finalized" {
+            rpc_error(r, -32603, "internal error: no finalized block", None)
+        } else {
+            Action::Forward
+        }
+    });
+    let cfg = w
+        .config()
+        .rpc(&proxy.url)
+        .stream_toml("finality = \"finalized\"\nrpc_attempts = 1")
+        .build();
+    let head = w.chain.block_number().await;
+    let status = logcursor::status::collect(&cfg, "status").await.expect("status");
+    assert_eq!(status[0].head, Some(u64::try_from(head).expect("head")));
+    assert_eq!(status[0].safe_head, None);
+    let why = status[0].rpc_error.as_deref().unwrap_or_default();
+    assert!(why.contains("safe head unknown (finalized block)"), "{why}");
 }
