@@ -45,6 +45,10 @@ use crate::store::StoreError;
 use crate::types::{BlockNumber, Hash32, Header};
 use crate::write::{Savepoints, WriteError};
 
+/// How often gap fill retries a range that met a database fault (which
+/// does not count toward `gapfill.max_attempts`), unless its backoff says
+/// otherwise.
+const DATABASE_FAULT_RETRY: Duration = Duration::from_secs(30);
 /// What one pass did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GapOutcome {
@@ -156,8 +160,8 @@ impl GapFiller {
                 // Only what the range itself meets counts toward dead: a
                 // database fault (a restart, a timeout, a revoked grant, a
                 // dropped table a handler uses) or a handler's own retry is
-                // no reason to give the range up. Those are retried, at the
-                // longest backoff (each try fetches the range again).
+                // no reason to give the range up. Those are retried every
+                // 30 s at most (each try fetches the range again).
                 let counts = !matches!(
                     e,
                     TickError::Store(_)
@@ -167,7 +171,7 @@ impl GapFiller {
                 let delay = if counts {
                     Backoff::new(g.backoff, g.backoff_max).nominal(claim.attempts.unsigned_abs() + 1)
                 } else {
-                    g.backoff_max
+                    g.backoff.max(DATABASE_FAULT_RETRY).min(g.backoff_max)
                 };
                 let error = e.to_string();
                 let mut client = self.db.get().await?;

@@ -268,7 +268,13 @@ impl Poller {
                 // The chain changed while this stream is caught up: is the
                 // cursor's block still the one processed? (A reorg at the
                 // same height adds no range to pin.)
-                let now = rpc.canonical_headers(&[block]).await?;
+                let now = match rpc.canonical_headers(&[block]).await {
+                    Ok(now) => now,
+                    Err(e) => {
+                        self.forget_head(); // not checked: the next tick checks again
+                        return Err(e.into());
+                    }
+                };
                 reorged = now[0].hash != stored;
             }
             if !reorged {
@@ -285,7 +291,7 @@ impl Poller {
         if reorged && result.is_err() {
             // The reorg found at this head is still there: the next tick
             // must look again, though the head has not changed.
-            *self.head_seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.forget_head();
         }
         if let Some(e) = result.as_ref().err().and_then(TickError::store_error) {
             // The connection saw the server go away or turn read-only
@@ -464,6 +470,12 @@ impl Poller {
             safe_head: cfg.safe_head(head, tagged),
             suspect_reorg: None,
         })
+    }
+
+    /// Forgets the head this stream saw, so that the next tick looks at the
+    /// cursor's block again.
+    fn forget_head(&self) {
+        *self.head_seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Whether the head's hash differs from the last one this stream saw.

@@ -22,40 +22,46 @@
 //! back (consumers wait for it; they never skip).
 //!
 //! A rewind (a reorg below the cursor, or an operator's) removes events a
-//! consumer may have applied. [`keep_removed`] keeps every removed event in
+//! consumer may have applied. [`keep_removed`] copies them into
 //! `removed_events`, in the rewind's transaction, waiting for no one (a
 //! consumer can never hold a stream up). Each consumer resolves its
-//! stream's removals in commit-safe order `(removed_xid, id)`, below the
-//! horizon like its claims, under its own row lock (sql/0009):
+//! stream's removals in order `(removed_xid, id)`, only those committed
+//! below the horizon like its claims, under its own row lock (sql/0009):
 //!
 //! - a removed event at or below the consumer's position was applied (every
 //!   row up to the position was claimed, in order): it must be undone, and
-//!   `logcursor_claim_reverts(consumer, n)` returns it, once, in the
-//!   consumer's transaction;
+//!   `logcursor_claim_reverts(consumer, stream, n)` returns it, once, in the
+//!   consumer's transaction (most recently applied first);
 //! - one above it was never applied, and never will be (it is gone): it is
 //!   passed over;
-//! - `logcursor_claim` resolves first, and will not move the position while
-//!   a removal that needs undoing is unresolved (it raises, 55000), nor
-//!   while one has committed but is not yet below the horizon (it returns
-//!   nothing): so a position never passes a removed event before the
-//!   consumer knows whether to undo it. A claim in flight when the rewind
-//!   commits, even a new consumer's first, is resolved the same way once it
-//!   commits.
+//! - `logcursor_claim` resolves first, and does not move the position while
+//!   an applied removal waits (it raises 55000, or returns nothing after
+//!   `logcursor_claim_reverts` ran in the same transaction), nor while a
+//!   removal is unresolved when it has read its rows (committed meanwhile,
+//!   or not yet below the horizon: it returns nothing). So a position never
+//!   passes a removed event before the consumer knows whether to undo it. A
+//!   claim in flight when the rewind commits, even a new consumer's first,
+//!   read the events before they went, and resolves them once it commits.
 //!
 //! So an effect is undone exactly once, as it was applied:
 //!
 //! ```sql
 //! BEGIN;
-//! SELECT * FROM logcursor_claim_reverts('billing', 100);  -- removed events to undo, or none
+//! SELECT * FROM logcursor_claim_reverts('billing', 'burns', 100);  -- removed events to undo, or none
 //! -- undo the effect of each row here
-//! SELECT * FROM logcursor_claim('billing', 'burns', 100);  -- then the next batch
+//! SELECT * FROM logcursor_claim('billing', 'burns', 100);          -- then the next batch
 //! -- apply the effect of each row here
 //! COMMIT;
 //! ```
 //!
-//! Removals every consumer of the stream has resolved are deleted by the
-//! next rewind of the stream (a consumer created meanwhile holds them back
-//! through the horizon until it can resolve them).
+//! Claims of a stream hold a shared advisory lock for their transaction.
+//! A rewind tries it exclusively (it never waits): taken, no claim is in
+//! flight, so every consumer's resolved mark is visible, and the removals
+//! every consumer has resolved are deleted (a stream without consumers
+//! keeps none); not taken, it keeps the events and deletes nothing. A
+//! consumer whose first claim is in flight can therefore never lose a
+//! removal. A consumer that never claims again holds its stream's removals
+//! back: `consumers reset` it, or delete its row.
 
 use tokio_postgres::types::Type;
 
@@ -111,27 +117,48 @@ pub async fn list<C: GenericClient>(c: &C, cap: i64) -> Result<Vec<Consumer>> {
         .collect())
 }
 
-/// Keeps every event of `stream` above block `to` in `removed_events`, in
-/// the rewind's transaction and before they are deleted; first deletes the
-/// stream's removals that every consumer has resolved. Returns how many
-/// were kept.
+/// Keeps the events of `stream` above block `to` in `removed_events`, in
+/// the rewind's transaction and before they are deleted; returns how many.
+///
+/// Never waits: it tries the stream's consumer lock (which claims in
+/// flight hold shared). Taken, no claim is in flight, and every consumer's
+/// resolved mark is visible: the removals all of them resolved are deleted
+/// first, and a stream without consumers keeps nothing (claims that start
+/// now wait for this rewind, and will not see the removed events). Not
+/// taken, the events are kept and nothing is deleted.
 pub async fn keep_removed<C: GenericClient>(c: &C, stream: &str, to: i64) -> Result<u64> {
-    c.execute_typed(
-        "DELETE FROM removed_events r
-          WHERE r.stream = $1 AND r.removed_xid < pg_snapshot_xmin(pg_current_snapshot())
-            AND NOT EXISTS (SELECT 1 FROM consumers k
-                             WHERE k.stream = r.stream
-                               AND (k.removed_after_xid, k.removed_after_id) < (r.removed_xid, r.id))",
-        &[(&stream, Type::TEXT)],
-    )
-    .await
-    .map_err(StoreError::db("prune removed events"))?;
+    let quiet: bool = c
+        .query_typed_one(
+            "SELECT pg_try_advisory_xact_lock(hashtext('logcursor consumers'), hashtext(current_schema() || '/' || $1))",
+            &[(&stream, Type::TEXT)],
+        )
+        .await
+        .map_err(StoreError::db("try the consumers' lock"))?
+        .get(0);
+    if quiet {
+        let pruned = c
+            .query_typed_one(
+                "WITH pruned AS (
+                   DELETE FROM removed_events r
+                    WHERE r.stream = $1 AND r.removed_xid < pg_snapshot_xmin(pg_current_snapshot())
+                      AND NOT EXISTS (SELECT 1 FROM consumers k
+                                       WHERE k.stream = r.stream
+                                         AND (k.removed_after_xid, k.removed_after_id) < (r.removed_xid, r.id))
+                   RETURNING 1)
+                 SELECT EXISTS (SELECT 1 FROM consumers WHERE stream = $1), (SELECT count(*) FROM pruned)",
+                &[(&stream, Type::TEXT)],
+            )
+            .await
+            .map_err(StoreError::db("prune removed events"))?;
+        if !pruned.get::<_, bool>(0) {
+            return Ok(0);
+        }
+    }
     c.execute_typed(
         "INSERT INTO removed_events (stream, event, event_xid, event_id)
          SELECT e.stream, to_jsonb(e), e.inserted_xid, e.id
            FROM events e
-          WHERE e.stream = $1 AND e.block_number > $2
-          ORDER BY e.inserted_xid, e.id",
+          WHERE e.stream = $1 AND e.block_number > $2",
         &[(&stream, Type::TEXT), (&to, Type::INT8)],
     )
     .await

@@ -62,10 +62,11 @@ pub struct TxLimits {
 impl TxLimits {
     /// The longest one call of a Rust handler may take in a transaction
     /// with these limits: its `statement_timeout` (what a SQL handler
-    /// function has, as one statement), and never past the idle bound,
-    /// after which the server ends a session whose handler waits elsewhere.
+    /// function has, as one statement), and two thirds of the idle bound,
+    /// so that a handler waiting elsewhere is given up before the server
+    /// ends the session (its idle clock started before the call).
     pub fn handler_deadline(&self) -> Duration {
-        self.statement_timeout.min(self.idle_in_transaction_timeout)
+        self.statement_timeout.min(self.idle_in_transaction_timeout * 2 / 3)
     }
 
     /// Bounds for short administrative transactions (start-up checks,
@@ -335,5 +336,25 @@ fn describe_pool_error(e: deadpool_postgres::PoolError) -> String {
         PoolError::Backend(pg) => super::describe_pg(&pg),
         PoolError::Timeout(kind) => format!("timed out waiting for a connection ({kind:?})"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_is_given_up_before_the_server_ends_an_idle_session() {
+        let limits = TxLimits {
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            idle_in_transaction_timeout: Duration::from_secs(15),
+        };
+        assert_eq!(limits.handler_deadline(), Duration::from_secs(10));
+        let short_statements = TxLimits {
+            statement_timeout: Duration::from_millis(500),
+            ..limits
+        };
+        assert_eq!(short_statements.handler_deadline(), Duration::from_millis(500));
     }
 }

@@ -56,15 +56,23 @@ impl Writer {
             }
             if let Some(function) = &self.handlers.sql_revert {
                 let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
-                tx.execute_typed(
-                    "SELECT logcursor_handle($1, $2)",
-                    &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
-                )
-                .await
-                .map_err(|e| WriteError::Revert {
-                    stream: self.stream.to_string(),
-                    reason: crate::store::describe_pg(&e),
-                })?;
+                let reverted = tx
+                    .execute_typed(
+                        "SELECT logcursor_handle($1, $2)",
+                        &[(function, Type::TEXT), (&ids, Type::INT8_ARRAY)],
+                    )
+                    .await;
+                if let Err(e) = reverted {
+                    let reason = crate::store::describe_pg(&e);
+                    // 57014: past statement_timeout, a page too large for it.
+                    return Err(match e.code().map(|c| c.code()) {
+                        Some("57014") => self.slow_revert(page.len(), reason),
+                        _ => WriteError::Revert {
+                            stream: self.stream.to_string(),
+                            reason,
+                        },
+                    });
+                }
             }
             for h in &self.handlers.rust {
                 match self.handlers.bounded(h.revert(tx, &page)).await {
@@ -76,23 +84,33 @@ impl Writer {
                         })
                     }
                     Err(deadline) => {
-                        let half = (page.len() / 2).max(1);
-                        self.revert_page
-                            .store(i64::try_from(half).unwrap_or(1), Ordering::Relaxed);
-                        return Err(WriteError::RevertTooSlow {
-                            stream: self.stream.to_string(),
-                            events: page.len(),
-                            reason: format!(
-                                "a handler did not revert {} events within {deadline:?} (its deadline); the next attempt reverts pages of {half}",
-                                page.len()
-                            ),
-                        });
+                        let reason = format!(
+                            "a handler did not revert {} events within {deadline:?} (its deadline)",
+                            page.len()
+                        );
+                        return Err(self.slow_revert(page.len(), reason));
                     }
                 }
             }
             if (page.len() as i64) < page_size {
+                // Through: pages grow back towards REVERT_PAGE.
+                let grown = page_size.saturating_mul(2).min(REVERT_PAGE);
+                self.revert_page.store(grown, Ordering::Relaxed);
                 return Ok(());
             }
+        }
+    }
+
+    /// A page of `events` too slow to revert: the next attempt uses pages of
+    /// half as many.
+    fn slow_revert(&self, events: usize, reason: String) -> WriteError {
+        let half = (events / 2).max(1);
+        self.revert_page
+            .store(i64::try_from(half).unwrap_or(1), Ordering::Relaxed);
+        WriteError::RevertTooSlow {
+            stream: self.stream.to_string(),
+            events,
+            reason: format!("{reason}; the next attempt reverts pages of {half}"),
         }
     }
 }

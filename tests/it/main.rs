@@ -13,6 +13,7 @@ mod adoption;
 mod broken_handlers;
 mod chain;
 mod chaos;
+mod consumer_reverts;
 mod delivery;
 mod deploy;
 mod faults;
