@@ -84,12 +84,22 @@ ALTER FUNCTION logcursor_resolve_removals(consumers, xid8, integer) SET search_p
 
 -- Takes the consumer's row for this transaction, creating it on first use;
 -- NULL when another process holds it (or it reads another stream: raises).
-CREATE FUNCTION logcursor_take_consumer(consumer_name text, stream_name text)
+-- Claims run READ COMMITTED: a snapshot older than the stream's lock could
+-- read events a rewind removed without keeping them.
+CREATE FUNCTION logcursor_take_consumer(consumer_name text, stream_name text, max_rows integer)
 RETURNS consumers
 LANGUAGE plpgsql AS $$
 DECLARE
     c consumers;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'logcursor consumers claim in READ COMMITTED transactions, not %',
+            current_setting('transaction_isolation') USING ERRCODE = '25000';
+    END IF;
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be 1 or more, not %', coalesce(max_rows::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
     -- Claims of a stream in flight: a rewind prunes nothing meanwhile.
     PERFORM pg_advisory_xact_lock_shared(hashtext('logcursor consumers'),
                                          hashtext(current_schema() || '/' || stream_name));
@@ -107,11 +117,11 @@ BEGIN
     RETURN c;
 END
 $$;
-ALTER FUNCTION logcursor_take_consumer(text, text) SET search_path FROM CURRENT;
+ALTER FUNCTION logcursor_take_consumer(text, text, integer) SET search_path FROM CURRENT;
 
 -- The removed events whose effects `consumer_name` must undo, up to
--- `max_rows`, most recently applied first, in the shape logcursor_claim
--- returns; resolved in the caller's transaction, so claim + undo + COMMIT
+-- `max_rows` (most recently applied first within a call, and within one
+-- rewind across calls), in the shape logcursor_claim returns; resolved in the caller's transaction, so claim + undo + COMMIT
 -- is exactly once. Used as
 --   BEGIN;
 --   SELECT * FROM logcursor_claim_reverts('billing', 'burns', 100);  -- undo each
@@ -124,16 +134,21 @@ CREATE FUNCTION logcursor_claim_reverts(consumer_name text, stream_name text, ma
 RETURNS SETOF events
 LANGUAGE plpgsql AS $$
 DECLARE
-    c    consumers := logcursor_take_consumer(consumer_name, stream_name);
+    c    consumers := logcursor_take_consumer(consumer_name, stream_name, max_rows);
     undo jsonb[];
 BEGIN
     IF c IS NULL THEN
         RETURN;
     END IF;
     undo := logcursor_resolve_removals(c, pg_snapshot_xmin(pg_current_snapshot()), max_rows);
-    PERFORM set_config('logcursor.reverts_claimed', consumer_name, true);
-    RETURN QUERY SELECT (jsonb_populate_record(NULL::events, u)).*
-                   FROM unnest(undo) WITH ORDINALITY AS t(u, n) ORDER BY n;
+    -- The consumers that claimed reverts in this transaction, as ,a,b,
+    PERFORM set_config('logcursor.reverts_claimed',
+                       coalesce(nullif(current_setting('logcursor.reverts_claimed', true), ''), ',')
+                           || consumer_name || ',', true);
+    RETURN QUERY SELECT p.*
+                   FROM unnest(undo) WITH ORDINALITY AS t(u, n),
+                        LATERAL jsonb_populate_record(NULL::events, t.u) AS p
+                  ORDER BY t.n;
 END
 $$;
 ALTER FUNCTION logcursor_claim_reverts(text, text, integer) SET search_path FROM CURRENT;
@@ -148,7 +163,7 @@ CREATE OR REPLACE FUNCTION logcursor_claim(consumer text, stream_name text, max_
 RETURNS SETOF events
 LANGUAGE plpgsql AS $$
 DECLARE
-    c       consumers := logcursor_take_consumer(consumer, stream_name);
+    c       consumers := logcursor_take_consumer(consumer, stream_name, max_rows);
     horizon xid8 := pg_snapshot_xmin(pg_current_snapshot());
     got     events[];
     last    events;
@@ -162,7 +177,7 @@ BEGIN
                    WHERE r.stream = c.stream AND r.removed_xid < horizon
                      AND (r.removed_xid, r.id) > (c.removed_after_xid, c.removed_after_id)
                      AND (r.event_xid, r.event_id) <= (c.after_xid, c.after_id)) THEN
-        IF current_setting('logcursor.reverts_claimed', true) IS DISTINCT FROM consumer THEN
+        IF position(',' || consumer || ',' IN coalesce(current_setting('logcursor.reverts_claimed', true), '')) = 0 THEN
             RAISE EXCEPTION 'consumer % applied events that a rewind removed: undo them first with logcursor_claim_reverts(%, %, n)',
                 consumer, quote_literal(consumer), quote_literal(stream_name)
                 USING ERRCODE = '55000';

@@ -31,7 +31,8 @@
 //! - a removed event at or below the consumer's position was applied (every
 //!   row up to the position was claimed, in order): it must be undone, and
 //!   `logcursor_claim_reverts(consumer, stream, n)` returns it, once, in the
-//!   consumer's transaction (most recently applied first);
+//!   consumer's transaction (most recently applied first, within a call and
+//!   within one rewind);
 //! - one above it was never applied, and never will be (it is gone): it is
 //!   passed over;
 //! - `logcursor_claim` resolves first, and does not move the position while
@@ -61,7 +62,9 @@
 //! keeps none); not taken, it keeps the events and deletes nothing. A
 //! consumer whose first claim is in flight can therefore never lose a
 //! removal. A consumer that never claims again holds its stream's removals
-//! back: `consumers reset` it, or delete its row.
+//! back: `consumers reset` it, or delete its row. Claims must run READ
+//! COMMITTED (an older snapshot could read events a rewind removed without
+//! keeping them): others are refused.
 
 use tokio_postgres::types::Type;
 
@@ -158,7 +161,10 @@ pub async fn keep_removed<C: GenericClient>(c: &C, stream: &str, to: i64) -> Res
         "INSERT INTO removed_events (stream, event, event_xid, event_id)
          SELECT e.stream, to_jsonb(e), e.inserted_xid, e.id
            FROM events e
-          WHERE e.stream = $1 AND e.block_number > $2",
+          WHERE e.stream = $1 AND e.block_number > $2
+          -- ids in reverse order of application: a rewind's removals are
+          -- resolved, and undone, most recently applied first
+          ORDER BY e.inserted_xid DESC, e.id DESC",
         &[(&stream, Type::TEXT), (&to, Type::INT8)],
     )
     .await

@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use crate::support::*;
 
+/// How long a claim may wait for the cluster's oldest running transaction:
+/// other tests hold one open for up to their idle bounds (15–20 s) at times.
+const PATIENCE: Duration = Duration::from_secs(120);
+
 /// The consumers' effects table.
 async fn with_applied_table(pg: &tokio_postgres::Client) {
     pg.batch_execute("CREATE TABLE applied (tx_hash bytea, log_index int, PRIMARY KEY (tx_hash, log_index))")
@@ -78,7 +82,7 @@ async fn consume_in(tx: &tokio_postgres::Transaction<'_>, name: &str, n: i32) ->
 /// is reached in all; never more. Claims wait for the cluster's oldest
 /// running transaction, which other tests' transactions hold back at times.
 async fn consume_until(c: &mut tokio_postgres::Client, name: &str, n: i32, want: (usize, usize)) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut got = (0, 0);
     while got != want {
         assert!(tokio::time::Instant::now() < deadline, "got {got:?} of {want:?}");
@@ -137,7 +141,7 @@ async fn a_rewind_gives_a_consumer_back_exactly_the_removed_events_it_applied_ev
     app.tick_until_idle().await; // the same blocks again, as new rows
 
     // Claiming new rows before undoing is refused, naming what to call.
-    let refused = wait_for("the claim to see the removal", Duration::from_secs(30), || async {
+    let refused = wait_for("the claim to see the removal", PATIENCE, || async {
         match consumer
             .query("SELECT 1 FROM logcursor_claim('ledger', 'burns', 100)", &[])
             .await
@@ -278,7 +282,7 @@ async fn a_new_consumer_whose_first_claim_spans_two_rewinds_undoes_what_it_appli
 
     // Claims read below the cluster's oldest running transaction, which
     // other tests hold back at times: wait until all ten are below it.
-    wait_for("the events below the horizon", Duration::from_secs(30), || async {
+    wait_for("the events below the horizon", PATIENCE, || async {
         let below: i64 = pg
             .query_one(
                 "SELECT count(*) FROM events WHERE inserted_xid < pg_snapshot_xmin(pg_current_snapshot())",
@@ -309,5 +313,152 @@ async fn a_new_consumer_whose_first_claim_spans_two_rewinds_undoes_what_it_appli
     assert_eq!(
         keys(&pg, "SELECT tx_hash, log_index FROM applied").await,
         keys(&pg, "SELECT tx_hash, log_index FROM events").await
+    );
+}
+
+/// Claims refuse what would break them: a transaction older than READ
+/// COMMITTED (its snapshot could hold events a rewind removed without
+/// keeping them), and fewer than one row asked for (no progress, ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_refuse_a_repeatable_read_snapshot_and_fewer_than_one_row() {
+    let w = World::new().await;
+    let mut pg = w.migrate().await;
+    let tx = pg
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .expect("begin");
+    let refused = tx
+        .query("SELECT 1 FROM logcursor_claim('ledger', 'burns', 10)", &[])
+        .await
+        .expect_err("REPEATABLE READ is refused");
+    assert_eq!(refused.code().map(|c| c.code()), Some("25000"), "{refused}");
+    tx.rollback().await.expect("rollback");
+    for call in [
+        "SELECT 1 FROM logcursor_claim('ledger', 'burns', 0)",
+        "SELECT 1 FROM logcursor_claim_reverts('ledger', 'burns', NULL)",
+    ] {
+        let refused = pg.query(call, &[]).await.expect_err(call);
+        assert_eq!(refused.code().map(|c| c.code()), Some("22023"), "{call}: {refused}");
+    }
+}
+
+/// Resolved removals go at the next rewind that finds no claim in flight;
+/// one a consumer has not resolved yet stays; and claiming reverts for two
+/// consumers in one transaction lets each claim go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_go_once_every_consumer_resolved_them_and_two_consumers_share_a_transaction() {
+    let w = World::new().await;
+    w.emit_burns(6, |_| 1).await;
+    let app = w.replica("r").await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
+    with_applied_table(&pg).await;
+    pg.batch_execute("CREATE TABLE applied_b (LIKE applied INCLUDING ALL)")
+        .await
+        .expect("b's effects table");
+    let kept = || async {
+        let n: i64 = pg
+            .query_one("SELECT count(*) FROM removed_events", &[])
+            .await
+            .expect("count")
+            .get(0);
+        n
+    };
+    let to: i64 = pg
+        .query_one("SELECT max(block_number) - 3 FROM events", &[])
+        .await
+        .expect("to")
+        .get(0);
+    let (mut a, b) = (connect(&w.db.url).await, connect(&w.db.url).await);
+    consume_until(&mut a, "ledger", 100, (0, 6)).await;
+    wait_for("b to claim all six", PATIENCE, || async {
+        let got = b
+            .query(
+                "SELECT tx_hash, log_index FROM logcursor_claim('other', 'burns', 100)",
+                &[],
+            )
+            .await
+            .expect("claim");
+        (!got.is_empty()).then_some(())
+    })
+    .await;
+    let cfg = w.config().build();
+    let rewind = || async {
+        logcursor::admin::rewind(&cfg, "operator", &Default::default(), "burns", to)
+            .await
+            .expect("rewind");
+        app.tick_until_idle().await;
+    };
+
+    rewind().await;
+    assert_eq!(kept().await, 3, "the three removed, kept once for both consumers");
+    // Both claim reverts in one transaction, one at a time: each one's claim
+    // then returns nothing rather than raising, and the next transaction
+    // goes on. (Once the removals are below the horizon: resolvable.)
+    wait_for("the removals below the horizon", PATIENCE, || async {
+        let below: bool = pg
+            .query_one(
+                "SELECT bool_and(removed_xid < pg_snapshot_xmin(pg_current_snapshot())) FROM removed_events",
+                &[],
+            )
+            .await
+            .expect("horizon")
+            .get(0);
+        below.then_some(())
+    })
+    .await;
+    let tx = a.transaction().await.expect("begin");
+    for name in ["ledger", "other"] {
+        let got = tx
+            .query("SELECT 1 FROM logcursor_claim_reverts($1, 'burns', 1)", &[&name])
+            .await
+            .expect("claim reverts");
+        assert_eq!(got.len(), 1, "{name}");
+    }
+    let more = tx
+        .query("SELECT 1 FROM logcursor_claim('ledger', 'burns', 100)", &[])
+        .await
+        .expect("no error after claim_reverts in this transaction");
+    assert!(more.is_empty(), "nothing claimed while reverts wait");
+    tx.rollback().await.expect("rollback");
+    consume_until(&mut a, "ledger", 100, (3, 3)).await; // ledger resolved; other has not
+
+    rewind().await;
+    assert_eq!(kept().await, 6, "other has not resolved the first three: nothing goes");
+    // other undoes the first rewind's three and passes over the second's,
+    // once each is below the horizon.
+    let undone = std::sync::atomic::AtomicUsize::new(0);
+    wait_for("other to resolve both rewinds", PATIENCE, || async {
+        let got = b
+            .query("SELECT 1 FROM logcursor_claim_reverts('other', 'burns', 100)", &[])
+            .await
+            .expect("claim reverts");
+        undone.fetch_add(got.len(), std::sync::atomic::Ordering::SeqCst);
+        let pending: i64 = b
+            .query_one(
+                "SELECT count(*) FROM removed_events r, consumers k
+                  WHERE k.name = 'other' AND (r.removed_xid, r.id) > (k.removed_after_xid, k.removed_after_id)",
+                &[],
+            )
+            .await
+            .expect("pending")
+            .get(0);
+        (pending == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        undone.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "only what other applied"
+    );
+    consume_until(&mut a, "ledger", 100, (3, 3)).await;
+
+    rewind().await;
+    assert_eq!(
+        kept().await,
+        3,
+        "the six both resolved went; the third rewind's three stay"
     );
 }
