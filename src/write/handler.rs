@@ -157,10 +157,11 @@ impl From<tokio_postgres::Error> for HandlerError {
 #[derive(Clone, Default)]
 pub struct Handlers {
     pub rust: Vec<Arc<dyn Handler>>,
-    /// The longest one call of a Rust handler may take: the
-    /// `statement_timeout` of the transaction it runs in (`database.
-    /// statement_timeout` for ticks and gap fill, 30 s for the CLI's), the
-    /// bound the SQL `handler_function` has as one statement. Past it the
+    /// The longest one call of a Rust handler may take
+    /// ([`TxLimits::handler_deadline`](crate::store::pool::TxLimits::handler_deadline)
+    /// of the transaction it runs in: its `statement_timeout`, the bound the
+    /// SQL `handler_function` has as one statement, within two thirds of
+    /// its idle bound). Past it the
     /// call is abandoned and its savepoint rolled back; the seam tries
     /// halves of the batch, and a single event that still takes too long
     /// rolls the transaction back as for [`HandlerError::retry`]: a handler
