@@ -67,12 +67,12 @@ pub async fn collect(cfg: &Config, replica_id: &str) -> Result<Vec<StreamStatus>
         // answer leaves the head known and the safe head unknown.
         let (head, safe_head, rpc_error) = match rpc.block_number().await {
             Err(e) => (None, None, Some(format!("head unknown: {e}"))),
-            Ok(head) => match s.finality.tag() {
-                None => (Some(head), Some(s.safe_head(head, None)), None),
-                Some(tag) => match rpc.tagged_block(tag).await {
-                    Ok(tagged) => (Some(head), Some(s.safe_head(head, tagged)), None),
-                    Err(e) => (Some(head), None, Some(format!("safe head unknown ({tag} block): {e}"))),
-                },
+            Ok(head) => match s.safe_head_at(&rpc, head).await {
+                Ok(safe) => (Some(head), Some(safe), None),
+                Err(e) => {
+                    let tag = s.finality.tag().unwrap_or("tagged");
+                    (Some(head), None, Some(format!("safe head unknown ({tag} block): {e}")))
+                }
             },
         };
         let cursor = row.as_ref().map(|r| r.cursor.processed.to_db());

@@ -32,7 +32,7 @@ use fields::Fields;
 use sections::{parse_database, parse_service, parse_telemetry};
 
 use crate::chain::abi::EventSet;
-use crate::chain::EndpointConfig;
+use crate::chain::{ChainError, EndpointConfig, Rpc};
 use crate::redact::Secret;
 use crate::store::pool::{DbSettings, TxLimits};
 use crate::types::{Address, BlockNumber, Hash32, LogFilter, StreamName};
@@ -174,6 +174,16 @@ impl StreamConfig {
     pub fn safe_head(&self, head: u64, tagged: Option<u64>) -> u64 {
         let by_depth = head.saturating_sub(self.confirmations);
         tagged.map_or(by_depth, |t| by_depth.min(t))
+    }
+
+    /// [`StreamConfig::safe_head`] at `head`, asking `rpc` for the finality
+    /// tag's block when the stream has one.
+    pub async fn safe_head_at(&self, rpc: &Rpc<'_>, head: u64) -> Result<u64, ChainError> {
+        let tagged = match self.finality.tag() {
+            Some(tag) => rpc.tagged_block(tag).await?,
+            None => None,
+        };
+        Ok(self.safe_head(head, tagged))
     }
 
     /// What the cursor's meaning depends on (I9).

@@ -459,15 +459,10 @@ impl Poller {
             ))
             .await?;
         let head = latest.number;
-        // `None`: the node does not answer the tag; confirmations alone.
-        let tagged = match cfg.finality.tag() {
-            Some(tag) => rpc.tagged_block(tag).await?,
-            None => None,
-        };
         Ok(Heads {
             head,
             head_hash: latest.hash,
-            safe_head: cfg.safe_head(head, tagged),
+            safe_head: cfg.safe_head_at(rpc, head).await?,
             suspect_reorg: None,
         })
     }

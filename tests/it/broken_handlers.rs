@@ -25,13 +25,6 @@ use tokio_util::sync::CancellationToken;
 use crate::handlers::{balances, burns_on_chain, expected, open, Credit};
 use crate::support::*;
 
-async fn dead_letters(pg: &tokio_postgres::Client) -> i64 {
-    pg.query_one("SELECT count(*) FROM dead_letters", &[])
-        .await
-        .expect("count dead letters")
-        .get(0)
-}
-
 /// One tick of the first stream, which must end (with an error) well
 /// within `within`.
 async fn failing_tick(app: &App, within: Duration) -> TickError {
@@ -55,7 +48,11 @@ async fn a_trigger_whose_table_is_gone_parks_nothing_and_credits_every_burn_once
 
     let failed = failing_tick(&app, Duration::from_secs(60)).await;
     assert!(failed.to_string().contains("42P01"), "undefined_table: {failed}");
-    assert_eq!(dead_letters(&pg).await, 0, "no event is parked for the schema's fault");
+    assert_eq!(
+        dead_letter_count(&pg).await,
+        0,
+        "no event is parked for the schema's fault"
+    );
     assert_eq!(cursor_of(&pg, "burns").await, Some(-1), "nothing committed");
 
     pg.batch_execute("ALTER TABLE balances_away RENAME TO balances")
@@ -63,7 +60,7 @@ async fn a_trigger_whose_table_is_gone_parks_nothing_and_credits_every_burn_once
         .expect("bring the table back");
     app.tick_until_idle().await;
     let head = w.chain.block_number().await;
-    assert_eq!(dead_letters(&pg).await, 0);
+    assert_eq!(dead_letter_count(&pg).await, 0);
     w.assert_stored_equals_chain(&pg).await;
     assert_eq!(
         balances(&pg).await,
@@ -128,7 +125,7 @@ async fn a_rust_handler_that_never_returns_is_abandoned_at_statement_timeout_and
             "attempt {attempt}: halves were tried down to one event: {failed}"
         );
     }
-    assert_eq!(dead_letters(&pg).await, 0, "nothing parked");
+    assert_eq!(dead_letter_count(&pg).await, 0, "nothing parked");
     assert_eq!(cursor_of(&pg, "burns").await, Some(-1), "nothing committed");
     assert_eq!(count_events(&pg).await, 0, "no event stored without its effect");
     let touched: i64 = pg
@@ -234,7 +231,7 @@ async fn a_revert_too_slow_for_the_deadline_gets_through_in_smaller_pages() {
         stored_keys(&pg).await,
         "undone once, the new branch applied"
     );
-    assert_eq!(dead_letters(&pg).await, 0);
+    assert_eq!(dead_letter_count(&pg).await, 0);
 }
 
 /// Eight events in one block take a slow handler longer than the deadline
@@ -250,7 +247,7 @@ async fn a_batch_too_slow_for_the_deadline_is_handled_in_halves_each_event_once(
 
     app.tick_until_idle().await;
     w.assert_stored_equals_chain(&pg).await;
-    assert_eq!(dead_letters(&pg).await, 0, "nothing parked");
+    assert_eq!(dead_letter_count(&pg).await, 0, "nothing parked");
     let effects: i64 = pg
         .query_one("SELECT count(*) FROM effects", &[])
         .await
@@ -312,7 +309,7 @@ async fn gap_fill_never_gives_a_range_up_for_a_broken_deployment() {
     .await;
     let head = w.chain.block_number().await;
     w.assert_stored_equals_chain(&pg).await;
-    assert_eq!(dead_letters(&pg).await, 0);
+    assert_eq!(dead_letter_count(&pg).await, 0);
     assert_eq!(
         balances(&pg).await,
         expected(&burns_on_chain(&w.chain, &w.emitter, head).await, &accounts),

@@ -254,11 +254,7 @@ async fn chaos() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let (move_count, audited, violations) = checks::audit(&moves, &rewinds, cursor);
-    let dead_letters: i64 = pg
-        .query_one("SELECT count(*) FROM dead_letters", &[])
-        .await
-        .expect("q")
-        .get(0);
+    let dead_letters = dead_letter_count(&pg).await;
     let mismatches = missing.len() + extra.len() + notes.2.len();
 
     let t = tally.snapshot();

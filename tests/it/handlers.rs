@@ -199,13 +199,6 @@ async fn parked(pg: &tokio_postgres::Client, kind: &str) -> BTreeSet<LogKey> {
     .collect()
 }
 
-async fn dead_letter_count(pg: &tokio_postgres::Client) -> i64 {
-    pg.query_one("SELECT count(*) FROM dead_letters", &[])
-        .await
-        .expect("count dead letters")
-        .get(0)
-}
-
 /// `payments ARGS` (the example binary) against `config`; its stdout.
 async fn payments(credit: Credit, args: &[&str], config: &std::path::Path) -> String {
     let out = tokio::process::Command::new(crate::handlers_chaos::payments_bin())

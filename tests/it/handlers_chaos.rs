@@ -190,11 +190,7 @@ async fn three_replicas_killed_at_random_credit_every_burn_once(credit: Credit) 
     let at = assert_balances_match_cursor(&mut pg, chain, emitter, &accounts).await;
     assert_eq!(at, head);
     w.assert_stored_equals_chain(&pg).await;
-    let parked: i64 = pg
-        .query_one("SELECT count(*) FROM dead_letters", &[])
-        .await
-        .expect("dead letters")
-        .get(0);
+    let parked = dead_letter_count(&pg).await;
     assert_eq!(parked, 0, "no burn was parked (seed {seed})");
 }
 

@@ -15,15 +15,21 @@ each_form!(
     an_operator_rewind_reverts_every_credit_it_removes_page_by_page,
 );
 
+/// `credit` installed, and an account opened for each of two senders.
+async fn two_accounts(w: &World, credit: Credit) -> (tokio_postgres::Client, Chain, Chain) {
+    let pg = credit.install(&w.db).await;
+    let (a, b) = (w.chain.clone(), w.chain.as_account(1).await);
+    for acc in [a.sender(), b.sender()] {
+        open(&pg, &acc).await;
+    }
+    (pg, a, b)
+}
+
 async fn a_deep_reorg_rewind_reverts_the_credits_of_removed_burns(credit: Credit) {
     let w = World::new().await;
     let (chain, emitter) = (&w.chain, &w.emitter);
-    let pg = credit.install(&w.db).await;
-    let (a, b) = (chain.clone(), chain.as_account(1).await);
+    let (pg, a, b) = two_accounts(&w, credit).await;
     let accounts = [a.sender(), b.sender()];
-    for acc in &accounts {
-        open(&pg, acc).await;
-    }
     for i in 0..10 {
         let sender = if i % 2 == 0 { &a } else { &b };
         sender.receipt(&sender.burn(emitter, i % 3 + 1, i * 100).await).await;
@@ -58,12 +64,8 @@ async fn a_deep_reorg_rewind_reverts_the_credits_of_removed_burns(credit: Credit
 async fn an_operator_rewind_reverts_every_credit_it_removes_page_by_page(credit: Credit) {
     let w = World::new().await;
     let (chain, emitter) = (&w.chain, &w.emitter);
-    let pg = credit.install(&w.db).await;
-    let (a, b) = (chain.clone(), chain.as_account(1).await);
+    let (pg, a, b) = two_accounts(&w, credit).await;
     let accounts = [a.sender(), b.sender()];
-    for acc in &accounts {
-        open(&pg, acc).await;
-    }
     // 3,500 burns: the second rewind removes more than a page of reverts (2,000).
     a.emit_burns(emitter, 18, |_| 100).await;
     b.emit_burns(emitter, 17, |_| 100).await;

@@ -110,11 +110,7 @@ async fn undecodable_logs_become_whole_dead_letters_and_replay_stores_them_once_
         .await
         .expect("replay");
     assert_eq!((fixed.stored.len(), fixed.still_failing.len()), (2, 0));
-    let left: i64 = pg
-        .query_one("SELECT count(*) FROM dead_letters", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let left = dead_letter_count(&pg).await;
     assert_eq!(left, 0, "replay empties the table");
     let mut stored = stored_logs(&pg).await;
     stored.sort();

@@ -42,11 +42,7 @@ async fn strings_with_nul_or_invalid_utf8_are_stored_as_their_exact_bytes_and_th
 
     let pg = w.pg().await;
     assert_eq!(cursor_of(&pg, "burns").await, Some(w.chain.block_number().await));
-    let parked: i64 = pg
-        .query_one("SELECT count(*) FROM dead_letters", &[])
-        .await
-        .expect("q")
-        .get(0);
+    let parked = dead_letter_count(&pg).await;
     assert_eq!(parked, 0, "nothing is parked: every string is storable");
     for (tx, note) in txs.iter().zip(notes) {
         let row = pg

@@ -166,6 +166,14 @@ pub async fn stored_logs(db: &tokio_postgres::Client) -> Vec<LogKey> {
     .collect()
 }
 
+/// Rows in `dead_letters`.
+pub async fn dead_letter_count(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT count(*) FROM dead_letters", &[])
+        .await
+        .expect("count dead letters")
+        .get(0)
+}
+
 /// Rows in `events`.
 pub async fn count_events(db: &tokio_postgres::Client) -> i64 {
     db.query_one("SELECT count(*) FROM events", &[])
