@@ -3,6 +3,12 @@
 //! The database password and API keys inside RPC URLs reach logs, spans and
 //! error messages only through [`redact_url`] or [`Secret`]'s `Debug`/`Display`,
 //! both of which drop the secret parts.
+//!
+//! What a server answers is not ours, and may repeat what it was sent: a
+//! provider's error that quotes the request path, a webhook receiver's 404
+//! page that shows its own URL. Every answer text that can reach a log, a span,
+//! an error or a stored row (RPC error messages and data, HTTP error bodies,
+//! webhook refusals) passes through that server's [`Scrubber`] first.
 
 use std::fmt;
 
@@ -59,6 +65,145 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// Parts of a URL shorter than this are not looked for in answers: no
+/// credential is that short, and blanking every `v2` or `rpc` in a message
+/// would only hide what it says.
+pub const MIN_SECRET_LEN: usize = 6;
+
+/// At most this much of an answer body is read for an excerpt.
+const EXCERPT_WINDOW: usize = 64 * 1024;
+
+/// Blanks, in a server's answer, everything its URL may carry as a
+/// credential: user name and password, each path segment and each query
+/// value (as written and percent-decoded), and any other secret given with
+/// [`Scrubber::with`] (a webhook's signing secret), each at least
+/// [`MIN_SECRET_LEN`] characters long.
+#[derive(Clone, Default)]
+pub struct Scrubber {
+    /// Longest first, so a secret that contains another is blanked whole.
+    needles: Vec<String>,
+}
+
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scrubber({} parts)", self.needles.len())
+    }
+}
+
+impl Scrubber {
+    /// The credential-like parts of `raw`. An unparseable URL is looked for whole.
+    pub fn for_url(raw: &str) -> Scrubber {
+        let mut parts = vec![raw.to_string()];
+        if let Ok(u) = url::Url::parse(raw) {
+            parts.push(u.username().to_string());
+            parts.extend(u.password().map(str::to_string));
+            parts.push(u.path().to_string());
+            parts.extend(u.query().map(str::to_string));
+            parts.extend(u.path_segments().into_iter().flatten().map(str::to_string));
+            for (k, v) in u.query_pairs() {
+                parts.push(k.into_owned());
+                parts.push(v.into_owned());
+            }
+            // The raw forms, as a server that echoes undecoded text shows them.
+            for piece in u.query().unwrap_or_default().split('&') {
+                parts.extend(piece.split_once('=').map(|(_, v)| v.to_string()));
+            }
+        }
+        let mut decoded: Vec<String> = parts
+            .iter()
+            .filter_map(|p| percent_decode(p).filter(|d| d != p))
+            .collect();
+        parts.append(&mut decoded);
+        Scrubber::default().add(parts)
+    }
+
+    /// This scrubber, also blanking `secret`.
+    pub fn with(self, secret: &Secret) -> Scrubber {
+        self.add(vec![secret.expose().to_string()])
+    }
+
+    fn add(mut self, parts: Vec<String>) -> Scrubber {
+        self.needles
+            .extend(parts.into_iter().filter(|p| p.chars().count() >= MIN_SECRET_LEN));
+        self.needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        self.needles.dedup();
+        self
+    }
+
+    /// `text` with every secret part replaced by `<redacted>`.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for n in &self.needles {
+            if out.contains(n.as_str()) {
+                out = out.replace(n.as_str(), "<redacted>");
+            }
+        }
+        out
+    }
+
+    /// Every string inside a JSON value, scrubbed.
+    pub fn scrub_json(&self, value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(s) => Value::String(self.scrub(&s)),
+            Value::Array(items) => Value::Array(items.into_iter().map(|v| self.scrub_json(v)).collect()),
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (self.scrub(&k), self.scrub_json(v)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+
+    /// The start of an answer body on one line, at most `max_chars`
+    /// characters, scrubbed before it is cut (so no secret is left half
+    /// shown at the cut).
+    pub fn excerpt(&self, bytes: &[u8], max_chars: usize) -> String {
+        let window = &bytes[..bytes.len().min(EXCERPT_WINDOW)];
+        let mut text = String::from_utf8_lossy(window).into_owned();
+        if window.len() < bytes.len() {
+            // A secret may straddle the window's end: drop what could be its start.
+            let longest = self.needles.first().map_or(0, |n| n.chars().count());
+            let keep = text.chars().count().saturating_sub(longest);
+            text = text.chars().take(keep).collect();
+        }
+        let scrubbed = self.scrub(&text);
+        let one_line = scrubbed.split_whitespace().collect::<Vec<_>>().join(" ");
+        one_line.chars().take(max_chars).collect()
+    }
+}
+
+/// `%XX` sequences decoded (and `+` as a space, as in a query); `None`
+/// when the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// A `reqwest` error and its causes on one line, without the URL (its path
 /// or query may carry an API key or a webhook token).
 pub fn describe_http_error(e: reqwest::Error) -> String {
@@ -97,6 +242,30 @@ mod tests {
             assert_eq!(got, want, "{raw}");
             assert!(!got.contains("SECRETKEY"));
         }
+    }
+
+    #[test]
+    fn an_answer_that_repeats_the_url_or_the_secret_is_scrubbed_before_it_is_cut() {
+        let s = Scrubber::for_url("https://u:p4ssw0rd-x@hooks.example.com/v2/KEY123456/in?token=T%2BOK3N99&x=1")
+            .with(&Secret::new("signing-secret"));
+        let body = "404: no route /v2/KEY123456/in?token=T%2BOK3N99&x=1 (token T+OK3N99, user p4ssw0rd-x) \
+                    signed with signing-secret";
+        let got = s.excerpt(body.as_bytes(), 1000);
+        for secret in ["KEY123456", "T%2BOK3N99", "T+OK3N99", "p4ssw0rd-x", "signing-secret"] {
+            assert!(!got.contains(secret), "{secret} in {got}");
+        }
+        // Short parts are not secrets: the message still says what it says.
+        assert!(got.starts_with("404: no route <redacted>"), "{got}");
+        // Cut after scrubbing: no half secret at the cut.
+        let cut = s.excerpt(format!("{} KEY123456", "a".repeat(5)).as_bytes(), 10);
+        assert_eq!(cut, "aaaaa <red");
+        // A body longer than the window never shows a secret's start at the window's end.
+        let mut long = vec![b' '; EXCERPT_WINDOW - 4];
+        long.extend_from_slice(b"KEY123456");
+        assert!(!s.excerpt(&long, 300).contains("KEY1"));
+        // JSON data is scrubbed string by string.
+        let data = serde_json::json!({"url": "https://hooks.example.com/v2/KEY123456/in", "n": [1, "KEY123456"]});
+        assert!(!s.scrub_json(data).to_string().contains("KEY123456"));
     }
 
     #[test]

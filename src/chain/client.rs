@@ -183,11 +183,13 @@ impl Rpc<'_> {
 
     /// An error of this endpoint: an answer that contradicts another of its
     /// answers, or one the caller judged from context (lagging).
+    /// Provider text in `kind` is scrubbed of the URL's secrets here, the
+    /// one place every error of an endpoint is made.
     pub fn error(&self, method: &'static str, kind: ChainErrorKind) -> ChainError {
         ChainError {
             method,
             endpoint: self.ep.display.clone(),
-            kind,
+            kind: kind.scrubbed(&self.ep.scrubber),
         }
     }
 

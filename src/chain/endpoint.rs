@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::range::AdaptiveSpan;
-use crate::redact::{redact_url, Secret};
+use crate::redact::{redact_url, Scrubber, Secret};
 
 /// geth refuses a filter with more than 1,000 addresses; most providers
 /// take as many, few take more.
@@ -30,6 +30,8 @@ pub struct Endpoint {
     pub(super) url: Secret,
     /// The redacted URL: the only form that is ever printed.
     pub(super) display: String,
+    /// Blanks the URL's credential-like parts in what this endpoint answers.
+    pub(super) scrubber: Scrubber,
     limiter: Option<RateLimiter>,
     /// std Mutex: held only for a few assignments, never across an await.
     state: Mutex<EndpointState>,
@@ -75,6 +77,7 @@ impl Endpoint {
     fn new(cfg: &EndpointConfig) -> Endpoint {
         Endpoint {
             display: redact_url(cfg.url.expose()),
+            scrubber: Scrubber::for_url(cfg.url.expose()),
             url: cfg.url.clone(),
             limiter: cfg.max_requests_per_second.filter(|r| *r > 0.0).map(|r| RateLimiter {
                 interval: Duration::from_secs_f64(1.0 / r),

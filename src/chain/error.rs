@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::redact::Scrubber;
+
 /// What went wrong with a request, by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainErrorKind {
@@ -69,6 +71,34 @@ impl fmt::Display for ChainErrorKind {
                 f,
                 "the logs of the single block {block} exceed what the provider serves ({provider_message})"
             ),
+        }
+    }
+}
+
+impl ChainErrorKind {
+    /// This error with the provider's text passed through `s`: messages,
+    /// reasons and data may quote the request, API key and all.
+    pub fn scrubbed(self, s: &Scrubber) -> ChainErrorKind {
+        match self {
+            Self::Connect(r) => Self::Connect(s.scrub(&r)),
+            Self::Http { status, message } => Self::Http {
+                status,
+                message: s.scrub(&message),
+            },
+            Self::Rpc { code, message, data } => Self::Rpc {
+                code,
+                message: s.scrub(&message),
+                data: data.map(|d| s.scrub_json(d)),
+            },
+            Self::Malformed(r) => Self::Malformed(s.scrub(&r)),
+            Self::BlockTooLarge {
+                block,
+                provider_message,
+            } => Self::BlockTooLarge {
+                block,
+                provider_message: s.scrub(&provider_message),
+            },
+            other @ (Self::Timeout | Self::WrongChain { .. } | Self::Lagging { .. }) => other,
         }
     }
 }

@@ -108,7 +108,12 @@ impl Rpc<'_> {
                         self.ep.refuses_batches();
                         return Box::pin(self.batch(calls)).await;
                     }
-                    Ok(r) => r.map_err(|k| self.error(method, k)),
+                    Ok(r) => r
+                        .map(|answers| {
+                            let scrub = |k: ChainErrorKind| k.scrubbed(&self.ep.scrubber);
+                            answers.into_iter().map(|a| a.map_err(scrub)).collect()
+                        })
+                        .map_err(|k| self.error(method, k)),
                 },
                 Err(e) if is_batch_refusal(&e.kind) => {
                     self.ep.refuses_batches();
@@ -154,7 +159,7 @@ impl Rpc<'_> {
                 .ok()
                 .and_then(|e| e.error)
                 .map(|e| e.message)
-                .unwrap_or_else(|| snippet(&bytes));
+                .unwrap_or_else(|| self.ep.scrubber.excerpt(&bytes, 200));
             return Err(err(ChainErrorKind::Http {
                 status: status.as_u16(),
                 message,
@@ -247,11 +252,6 @@ fn classify_reqwest(e: reqwest::Error) -> ChainErrorKind {
     } else {
         ChainErrorKind::Connect(crate::redact::describe_http_error(e))
     }
-}
-
-fn snippet(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]);
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

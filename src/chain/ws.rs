@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, CONNECT};
-use crate::redact::{redact_url, Secret};
+use crate::redact::{redact_url, Scrubber, Secret};
 use crate::types::{Hash32, Header};
 
 /// A connection attempt, or the subscription's confirmation, must come within this.
@@ -145,7 +145,7 @@ pub async fn subscribe(label: String, urls: Vec<Secret>, push: Arc<Push>, cancel
         push.set_connected(false);
         let error = match ended {
             Ok(()) => "the socket closed".to_string(),
-            Err(e) => e.replace(url.expose(), &shown),
+            Err(e) => Scrubber::for_url(url.expose()).scrub(&e),
         };
         if ever_live {
             tracing::warn!(follows = %label, endpoint = %shown, %error, "newHeads subscription lost; polling every poll_interval until it is back");

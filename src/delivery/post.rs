@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::config::webhook::WebhookConfig;
+use crate::redact::Scrubber;
 use crate::store::outbox::Delivery;
 
 /// What the receiver's answer means for the delivery.
@@ -82,7 +83,7 @@ pub(super) async fn post(http: &reqwest::Client, hook: &WebhookConfig, d: &Deliv
         return Answer::Ok(status);
     }
     let excerpt = match response.bytes().await {
-        Ok(b) => excerpt(&b),
+        Ok(b) => scrubber(hook).excerpt(&b, 300),
         Err(e) => describe(e),
     };
     let error = format!("HTTP {status}: {excerpt}");
@@ -110,10 +111,14 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     )
 }
 
-/// The start of a body, on one line, for the dead letter.
-fn excerpt(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]);
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// What a receiver must not be quoted repeating: its URL's secret parts
+/// and the signing secret.
+fn scrubber(hook: &WebhookConfig) -> Scrubber {
+    let s = Scrubber::for_url(hook.url.expose());
+    match &hook.secret {
+        Some(secret) => s.with(secret),
+        None => s,
+    }
 }
 
 /// A transport error without the URL (its path or query may hold a key).

@@ -403,3 +403,45 @@ async fn a_lagging_endpoint_is_passed_over_and_the_cursor_neither_moves_back_nor
     assert_contiguous_forward(&cursor_history(&pg, "burns").await, -1, head);
     w.assert_stored_equals_chain(&pg).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_repeats_its_api_key_never_gets_it_into_an_error() {
+    const KEY: &str = "PROVIDERKEY123";
+    let w = World::new().await;
+    w.emit_burns(2, |_| 1).await;
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w
+        .config()
+        .rpc(&format!("{}/v2/{KEY}", proxy.url))
+        .stream(|s| s.rpc_attempts = 1)
+        .replica("r")
+        .await;
+    let failed_tick = || async {
+        let e = app.tick_once().await.expect_err("the provider refuses");
+        format!("{e} | {e:?}")
+    };
+    // A JSON-RPC error whose message and data quote the request: to a
+    // single call (the first of the tick), then inside a batch.
+    let refuse = |r: &Value| {
+        rpc_error(
+            r,
+            -32600,
+            &format!("key {KEY} may not call {}", method_of(r)),
+            Some(json!({"path": format!("/v2/{KEY}")})),
+        )
+    };
+    for refused in ["any", "eth_getLogs"] {
+        proxy.set(move |r| match method_of(r) {
+            m if refused == "any" || m == refused => refuse(r),
+            _ => Action::Forward,
+        });
+        let shown = failed_tick().await;
+        assert!(shown.contains("may not call eth_"), "the message is kept: {shown}");
+        assert!(!shown.contains(KEY) && shown.contains("<redacted>"), "{shown}");
+    }
+    // An HTTP error page that shows the URL.
+    proxy.set(|_| Action::Reply(403, format!("<h1>Forbidden</h1> POST /v2/{KEY} is not allowed")));
+    let shown = failed_tick().await;
+    assert!(shown.contains("HTTP 403") && shown.contains("Forbidden"), "{shown}");
+    assert!(!shown.contains(KEY), "{shown}");
+}

@@ -262,6 +262,56 @@ async fn a_redirect_is_refused_and_never_followed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_echoes_its_url_never_gets_its_token_into_an_error_or_a_row() {
+    let w = World::new().await;
+    w.emit_burns(1, |_| 1).await;
+    let receiver = Receiver::start().await;
+    assert!(receiver.url.contains("RECEIVER-SECRET-TOKEN"));
+    receiver.set(|_| Reply::Echo(404));
+    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
+    std::fs::write(secret_file.path(), "s").expect("write secret");
+    let app = with_webhook(w.config(), &receiver.url, secret_file.path())
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
+    let deliverer = app.deliverer().expect("webhook workers");
+    let outcome = wait_for("a delivery attempted", Duration::from_secs(30), || async {
+        match deliverer.deliver_once(0).await.expect("deliver") {
+            logcursor::delivery::Attempted::Idle(_) => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    let logcursor::delivery::Attempted::Dead {
+        status: Some(404),
+        error,
+        ..
+    } = &outcome
+    else {
+        panic!("refused at once: {outcome:?}");
+    };
+    // The receiver did repeat the token; what logcursor kept says so without it.
+    assert!(
+        error.starts_with("HTTP 404: no hook at POST /hook?<redacted>"),
+        "{error}"
+    );
+    assert!(!format!("{outcome:?}").contains("RECEIVER-SECRET-TOKEN"), "{outcome:?}");
+    let pg = w.pg().await;
+    let kept: Vec<String> = pg
+        .query("SELECT coalesce(last_error, '') FROM outbox", &[])
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kept.len(), 1, "one delivery");
+    assert!(
+        kept[0].contains("<redacted>") && !kept[0].contains("RECEIVER-SECRET-TOKEN"),
+        "{kept:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_what_was_never_sent() {
     let w = World::new().await;
     let (chain, emitter) = (&w.chain, &w.emitter);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use axum::Router;
@@ -23,6 +23,9 @@ pub enum Reply {
     /// 303 See Other to `/landing`, which answers 200 to anything and
     /// counts what reaches it.
     Redirect,
+    /// This status, with a body that repeats the request line and headers,
+    /// as a debugging receiver's error page does (token and all).
+    Echo(u16),
 }
 
 /// One request as received.
@@ -103,7 +106,7 @@ async fn land(State(inner): State<Arc<Inner>>) -> StatusCode {
     StatusCode::OK
 }
 
-async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let text = String::from_utf8_lossy(&body).into_owned();
     let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     let reply = (inner.rule.lock().expect("rule"))(&json);
@@ -125,6 +128,12 @@ async fn receive(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byte
             record.answered = Some(code);
             inner.seen.lock().expect("seen").push(record);
             StatusCode::from_u16(code).unwrap_or(StatusCode::OK).into_response()
+        }
+        Reply::Echo(code) => {
+            record.answered = Some(code);
+            inner.seen.lock().expect("seen").push(record);
+            let echoed = format!("no hook at POST {uri}\n{headers:?}");
+            (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), echoed).into_response()
         }
         Reply::Redirect => {
             record.answered = Some(303);
