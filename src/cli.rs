@@ -291,8 +291,14 @@ async fn outbox(action: &OutboxAction, cfg: &Config, replica_id: &str) -> Result
         }
         OutboxAction::Replay { ids, all } => {
             let ids: &[i64] = if *all { &[] } else { ids };
-            let n = admin::outbox_replay(cfg, replica_id, ids).await?;
-            println!("{n} dead deliveries due again");
+            let r = admin::outbox_replay(cfg, replica_id, ids).await?;
+            for id in &r.refused {
+                println!(
+                    "delivery {id} not replayed: a rewind removed events it carries and a revert of them was \
+                     written (`logcursor outbox discard {id}` drops it)"
+                );
+            }
+            println!("{} dead deliveries due again, {} refused", r.due, r.refused.len());
         }
         OutboxAction::Discard { ids } => {
             let n = admin::outbox_discard(cfg, replica_id, ids).await?;

@@ -25,8 +25,8 @@ pub async fn outbox_list(
 }
 
 /// Dead deliveries (`ids`, or all when empty) are sent again: same
-/// delivery id, same body. Returns how many.
-pub async fn outbox_replay(cfg: &Config, replica_id: &str, ids: &[i64]) -> Result<u64, AppError> {
+/// delivery id, same body; not those whose events a rewind removed.
+pub async fn outbox_replay(cfg: &Config, replica_id: &str, ids: &[i64]) -> Result<outbox::Replayed, AppError> {
     let db = connect(cfg, replica_id).await?;
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;

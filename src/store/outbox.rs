@@ -16,6 +16,11 @@
 //! ordered webhook has one delivery in flight at a time (a transaction-scoped
 //! advisory lock per webhook serializes the claims of every replica), and a
 //! failing one holds back the rest until it succeeds or dies.
+//!
+//! A revert never overtakes what it undoes: it is not claimable while a
+//! delivery that carried any of its events is still pending (being retried,
+//! or in flight), on an unordered webhook too. It goes once that delivery is
+//! delivered or dead (the rule is in [`claim`] and [`next_due`] alike).
 
 use std::time::Duration;
 
@@ -132,6 +137,19 @@ const REVERT: &str = concat!(
      SELECT count(*) FROM reverts"
 );
 
+/// True of an outbox row `q` that may go now as far as reverts are
+/// concerned: an `events` row, or a revert none of whose events is in a
+/// pending `events` row (its original delivery is delivered or dead). Such
+/// rows are always older than the revert (a rewind writes the revert of
+/// rows that exist), so the ordered head is never held back by it.
+macro_rules! not_held_back {
+    () => {
+        "(q.kind = 'events' OR NOT EXISTS (
+            SELECT 1 FROM outbox p
+             WHERE p.stream = q.stream AND p.webhook = q.webhook AND p.kind = 'events'
+               AND p.status = 'pending' AND p.event_ids && q.event_ids))"
+    };
+}
 /// Claims the next due delivery of `webhook` for `lease`. Ordered: the
 /// oldest pending row only, and nothing while it is leased or waiting for
 /// its retry; unordered: any due row not leased. The body is fixed here at
@@ -171,16 +189,21 @@ pub async fn claim<C: GenericClient>(
             AND (o.claimed_until IS NULL OR o.claimed_until < clock_timestamp())
          RETURNING o.id"
     } else {
-        "WITH due AS (
-            SELECT id FROM outbox
+        concat!(
+            "WITH due AS (
+            SELECT id FROM outbox q
              WHERE stream = $1 AND webhook = $2 AND status = 'pending' AND next_attempt_at <= now()
                AND created_xid < pg_snapshot_xmin(pg_current_snapshot())
                AND (claimed_until IS NULL OR claimed_until < clock_timestamp())
+               AND ",
+            not_held_back!(),
+            "
              ORDER BY created_xid, id LIMIT 1 FOR UPDATE SKIP LOCKED)
          UPDATE outbox o SET claimed_by = $3, claimed_until = clock_timestamp() + $4 * interval '1 millisecond'
            FROM due
           WHERE o.id = due.id
          RETURNING o.id"
+        )
     };
     let Some(row) = c
         .query_typed_opt(
@@ -222,16 +245,20 @@ pub async fn next_due<C: GenericClient>(c: &C, stream: &str, webhook: &str, orde
     let horizon_wait = HORIZON_WAIT.as_secs_f64();
     let row = c
         .query_typed_one(
-            "WITH p AS (
+            concat!(
+                "WITH p AS (
                 SELECT created_xid < pg_snapshot_xmin(pg_current_snapshot()) AS visible,
                        extract(epoch FROM greatest(next_attempt_at - now(),
                                                    coalesce(claimed_until - clock_timestamp(), interval '0'))) AS wait
-                  FROM outbox WHERE stream = $1 AND webhook = $2 AND status = 'pending'
+                  FROM outbox q WHERE stream = $1 AND webhook = $2 AND status = 'pending' AND ",
+                not_held_back!(),
+                "
                  ORDER BY created_xid, id
                  LIMIT CASE WHEN $3 THEN 1 END)
              SELECT (CASE WHEN bool_or(visible) THEN min(wait) FILTER (WHERE visible)
                           WHEN count(*) > 0 THEN $4 END)::float8
-               FROM p",
+               FROM p"
+            ),
             &[
                 (&stream, Type::TEXT),
                 (&webhook, Type::TEXT),
@@ -367,17 +394,51 @@ pub async fn list<C: GenericClient>(c: &C, webhook: Option<&str>, status: Option
         .collect())
 }
 
+/// What [`replay`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Dead deliveries due again.
+    pub due: u64,
+    /// Dead deliveries of events a rewind removed since: a revert of them
+    /// was written (they had been sent), so sending them again would apply
+    /// what the receiver was told to undo. Left dead.
+    pub refused: Vec<i64>,
+}
+
 /// Dead deliveries (`ids`, or all when empty) become due again with their
-/// attempts reset: same delivery id, same body. Returns how many.
-pub async fn replay<C: GenericClient>(c: &C, ids: &[i64]) -> Result<u64> {
-    c.execute_typed(
-        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now(), claimed_by = NULL,
-                claimed_until = NULL
-          WHERE status = 'dead' AND (cardinality($1::int8[]) = 0 OR id = ANY($1))",
-        &[(&ids, Type::INT8_ARRAY)],
-    )
-    .await
-    .map_err(StoreError::db("replay deliveries"))
+/// attempts reset: same delivery id, same body, except those whose events a
+/// rewind removed ([`Replayed::refused`]). Should a rewind commit while
+/// this runs, the revert it writes waits for the replayed delivery (see
+/// [`claim`]): the receiver still gets the delivery before its revert.
+pub async fn replay<C: GenericClient>(c: &C, ids: &[i64]) -> Result<Replayed> {
+    let rows = c
+        .query_typed(
+            "WITH asked AS (
+                SELECT id, kind = 'events' AND EXISTS (
+                         SELECT 1 FROM unnest(event_ids) x WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = x)
+                       ) AS removed
+                  FROM outbox
+                 WHERE status = 'dead' AND (cardinality($1::int8[]) = 0 OR id = ANY($1))),
+             due AS (
+                UPDATE outbox o SET status = 'pending', attempts = 0, next_attempt_at = now(), claimed_by = NULL,
+                       claimed_until = NULL
+                  FROM asked a
+                 WHERE o.id = a.id AND NOT a.removed AND o.status = 'dead'
+                RETURNING o.id)
+             SELECT (SELECT count(*) FROM due), id FROM asked WHERE removed
+             UNION ALL
+             SELECT (SELECT count(*) FROM due), NULL WHERE NOT EXISTS (SELECT 1 FROM asked WHERE removed)
+             ORDER BY 2",
+            &[(&ids, Type::INT8_ARRAY)],
+        )
+        .await
+        .map_err(StoreError::db("replay deliveries"))?;
+    Ok(Replayed {
+        due: rows
+            .first()
+            .map_or(0, |r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)),
+        refused: rows.iter().filter_map(|r| r.get::<_, Option<i64>>(1)).collect(),
+    })
 }
 
 /// Deletes deliveries for good (any status). Returns how many.

@@ -30,4 +30,5 @@ mod production;
 mod reorgs;
 mod scale;
 mod support;
+mod webhook_reverts;
 mod webhooks;

@@ -12,16 +12,21 @@ use crate::support::receiver::{Receiver, Reply};
 use crate::support::*;
 
 /// `cfg` with the stream's webhook table.
-fn with_webhook(cfg: TestConfig, url: &str, secret_file: &std::path::Path) -> TestConfig {
+pub(crate) fn with_webhook(cfg: TestConfig, url: &str, secret_file: &std::path::Path) -> TestConfig {
+    with_webhook_toml(cfg, url, secret_file, "")
+}
+
+/// `cfg` with the stream's webhook table, `extra` keys added to it.
+pub(crate) fn with_webhook_toml(cfg: TestConfig, url: &str, secret_file: &std::path::Path, extra: &str) -> TestConfig {
     cfg.stream_toml(&format!(
         "[[webhooks]]\nname = \"payments-api\"\nurl = \"{url}\"\nsecret_file = \"{}\"\n\
-         batch_size = 1\ntimeout = \"400ms\"\nmax_attempts = 100\nbackoff = \"20ms\"\nbackoff_max = \"200ms\"\n",
+         batch_size = 1\ntimeout = \"400ms\"\nmax_attempts = 100\nbackoff = \"20ms\"\nbackoff_max = \"200ms\"\n{extra}",
         secret_file.display()
     ))
 }
 
 /// (tx hash, log index) of every event of a delivery body.
-fn events_of(body: &Value) -> Vec<(String, i64)> {
+pub(crate) fn events_of(body: &Value) -> Vec<(String, i64)> {
     body["events"]
         .as_array()
         .map(|evs| {
