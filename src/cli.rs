@@ -76,6 +76,17 @@ pub enum Command {
         #[command(subcommand)]
         action: ConsumersAction,
     },
+    /// Remove Rust handlers from those a stream's events are written with
+    /// (a handler retired on purpose): a program without them may write
+    /// the stream again. Events stored from then on go without their effects.
+    RetireHandler {
+        /// The stream (its name in the configuration).
+        #[arg(long)]
+        stream: String,
+        /// The handlers' names, as `Handler::name` gives them.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Make this configuration's filter (addresses × events) the one the
     /// stream's cursor advances under, backfilling what it adds: to return
     /// to a filter that a newer deployment replaced.
@@ -243,6 +254,11 @@ pub async fn execute(command: &Command, cfg: &Config, replica_id: &str, handlers
         Command::Gapfill { action } => gapfill(action, cfg, replica_id).await,
         Command::Outbox { action } => outbox(action, cfg, replica_id).await,
         Command::Consumers { action } => consumers(action, cfg, replica_id).await,
+        Command::RetireHandler { stream, names } => {
+            let left = crate::admin::retire_handlers(cfg, replica_id, stream, names).await?;
+            println!("stream {stream}: retired {names:?}; it now records the Rust handlers {left:?}");
+            Ok(())
+        }
         Command::AdoptFilter { stream } => {
             let added = crate::admin::adopt_filter(cfg, replica_id, stream).await?;
             println!(

@@ -130,7 +130,8 @@
 //! - **I7** a webhook delivery happens at least once, with the same
 //!   idempotency key on every attempt, until it is delivered or dead (a
 //!   status that will never succeed, or its configured attempts spent) —
-//!   [`delivery`].
+//!   [`delivery`]; a revert is sent only after every delivery it undoes is
+//!   delivered or dead ([`store::outbox`]).
 //! - **I8** no input from the chain can stop a stream: strings `jsonb`
 //!   cannot hold are kept as their bytes ([`chain::abi`]), and a row
 //!   PostgreSQL refuses is isolated and parked ([`write`]).
@@ -141,7 +142,9 @@
 //!   once per stored row; a rewind undoes it in the rewind's transaction; a
 //!   failing effect parks its event, and an effect failing for no event's
 //!   fault (a missing grant or table, a deadline passed) parks nothing and
-//!   rolls back — [`write`].
+//!   rolls back — [`write`]. A program that does not run every Rust handler
+//!   a stream's events were written with writes nothing to it
+//!   ([`write::guard`]).
 
 pub mod admin;
 pub mod app;

@@ -24,7 +24,7 @@ use crate::poller::{filter, Stream};
 use crate::store::dead_letters::{self, DeadLetter};
 use crate::store::failed_ranges::{self, Range};
 use crate::store::pool::{Database, TxLimits};
-use crate::store::{cursor, reorg, StoreError};
+use crate::store::{cursor, reorg, rust_handlers, StoreError};
 use crate::types::{Hash32, LogFilter, RawLog};
 use crate::write::{Batch, Handlers, Row, Savepoints, WriteError};
 
@@ -323,11 +323,7 @@ async fn replay_one(
                 undecodable: Vec::new(),
             },
         )
-        .await
-        .map_err(|e| AppError::Stream {
-            stream: dl.stream.clone(),
-            reason: e.to_string(),
-        })?;
+        .await?;
     if written.parked > 0 {
         // A handler (or the database) refused it again: keep the letter as
         // it was (rolled back), with the new error counted by the caller.
@@ -446,6 +442,35 @@ pub async fn adopt_filter(cfg: &Config, replica_id: &str, stream: &str) -> Resul
     tx.commit().await.map_err(StoreError::db("commit filter adoption"))?;
     db.close();
     Ok(added)
+}
+
+/// Removes `names` from the Rust handlers `stream` records, so that a
+/// program without them may write it again (see [`crate::write::guard`]):
+/// for a handler retired on purpose. Serialized with the stream's ticks by
+/// its cursor row. Returns the handlers still recorded; a name the stream
+/// does not record is an error naming those it does.
+pub async fn retire_handlers(
+    cfg: &Config,
+    replica_id: &str,
+    stream: &str,
+    names: &[String],
+) -> Result<Vec<String>, AppError> {
+    stream_cfg(cfg, stream)?;
+    let db = connect(cfg, replica_id).await?;
+    let mut client = db.get().await?;
+    let tx = db.begin(&mut client, TxLimits::SHORT).await?;
+    cursor::lock(&*tx, stream, cursor::LockMode::Wait).await?;
+    let recorded = rust_handlers::recorded(&*tx, stream).await?.unwrap_or_default();
+    if let Some(unknown) = names.iter().find(|n| !recorded.contains(n)) {
+        return Err(AppError::NotFound(format!(
+            "stream {stream} records no Rust handler named {unknown:?} (it records {recorded:?}); nothing retired"
+        )));
+    }
+    rust_handlers::retire(&*tx, stream, names).await?;
+    tx.commit().await.map_err(StoreError::db("commit retire-handler"))?;
+    db.close();
+    tracing::warn!(stream, retired = ?names, "retired Rust handlers: events stored from now on may go without their effects");
+    Ok(recorded.into_iter().filter(|r| !names.contains(r)).collect())
 }
 
 /// A pool to the configured database, once it answers (bounded retry).

@@ -48,6 +48,9 @@ pub enum AppError {
     Chain { stream: String, source: Box<ChainError> },
     #[error("stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
+    /// The write seam refused (its message names the stream).
+    #[error(transparent)]
+    Write(#[from] crate::write::WriteError),
     #[error("poller of stream {stream} stopped unexpectedly: {reason}")]
     PollerDied { stream: String, reason: String },
     #[error("start-up was interrupted by a signal")]
@@ -227,6 +230,12 @@ impl App {
                 let mut client = db.get().await?;
                 let tx = db.begin(&mut client, TxLimits::SHORT).await?;
                 let seeded = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
+                // Refuse now, naming them, a stream written with Rust
+                // handlers this program does not run (every write checks it too).
+                match crate::write::guard::check(&*tx, &name, &stream.writer.handlers, false).await {
+                    Err(crate::write::WriteError::Store(e)) => return Err(e.into()),
+                    other => other?,
+                }
                 tx.commit().await.map_err(StoreError::db("commit seed"))?;
                 Ok(seeded)
             })

@@ -159,14 +159,17 @@ impl GapFiller {
                 let g = &stream.cfg.gapfill;
                 // Only what the range itself meets counts toward dead: a
                 // database fault (a restart, a timeout, a revoked grant, a
-                // dropped table a handler uses) or a handler's own retry is
-                // no reason to give the range up. Those are retried every
-                // 30 s at most (each try fetches the range again).
+                // dropped table a handler uses), a handler's own retry or a
+                // program without the stream's handlers is no reason to give
+                // the range up. Those are retried every 30 s at most (each
+                // try fetches the range again).
                 let counts = !matches!(
                     e,
                     TickError::Store(_)
                         | TickError::Cancelled
-                        | TickError::Write(WriteError::Store(_) | WriteError::HandlerRetry { .. })
+                        | TickError::Write(
+                            WriteError::Store(_) | WriteError::HandlerRetry { .. } | WriteError::HandlersMissing { .. }
+                        )
                 );
                 let delay = if counts {
                     Backoff::new(g.backoff, g.backoff_max).nominal(claim.attempts.unsigned_abs() + 1)

@@ -72,6 +72,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "consumer_reverts",
         sql: include_str!("../../sql/0009_consumer_reverts.sql"),
     },
+    Migration {
+        version: 10,
+        name: "rust_handlers",
+        sql: include_str!("../../sql/0010_rust_handlers.sql"),
+    },
 ];
 
 /// Advisory lock class that serializes migrations of one schema ("lcmg" in ASCII).

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod pool;
 pub mod privileges;
 pub mod reorg;
+pub mod rust_handlers;
 pub mod tls;
 
 pub use tokio_postgres::GenericClient;

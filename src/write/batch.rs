@@ -17,10 +17,13 @@ pub enum OnFailure {
     Halt,
 }
 
-/// The savepoint budget of one transaction.
+/// The write seam's state in one transaction: its savepoint budget, and
+/// whether the stream's Rust handlers were checked in it (see
+/// [`super::guard`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Savepoints {
     used: u32,
+    pub(super) handlers_checked: bool,
 }
 
 impl Default for Savepoints {
@@ -31,7 +34,10 @@ impl Default for Savepoints {
 
 impl Savepoints {
     pub fn new() -> Savepoints {
-        Savepoints { used: 0 }
+        Savepoints {
+            used: 0,
+            handlers_checked: false,
+        }
     }
 
     /// Savepoints taken so far.
@@ -143,6 +149,20 @@ pub enum WriteError {
     /// transaction rolls back; nothing is parked.
     #[error("stream {stream}: {reason}")]
     HandlerTooSlow { stream: String, reason: String },
+    /// The stream's events were written with Rust handlers this program
+    /// does not run: it writes nothing (see [`super::guard`]).
+    #[error(
+        "stream {stream}: its events have been written with the Rust handler(s) {missing:?}, which this program \
+         does not run (the stock logcursor binary runs none; this one runs {running:?}): storing, replaying or \
+         rewinding events here would skip their effects, so nothing is written. Run the application that \
+         registers them; a handler retired on purpose is removed from the record with \
+         `logcursor retire-handler --stream {stream} NAME`"
+    )]
+    HandlersMissing {
+        stream: String,
+        missing: Vec<String>,
+        running: Vec<String>,
+    },
     /// A handler failed while reverting a rewind (nothing was removed).
     #[error("stream {stream}: reverting the effects of a rewind failed: {reason}")]
     Revert { stream: String, reason: String },

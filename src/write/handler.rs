@@ -79,6 +79,33 @@ pub trait Handler: Send + Sync + 'static {
         let _ = (tx, events);
         Ok(())
     }
+
+    /// The name the stream records this handler under: once a stream's
+    /// events were written with it, a program that does not run a handler
+    /// of this name refuses to write the stream (see
+    /// [`guard`](super::guard)). The default is the type's name without its
+    /// module path (`Credit` for `my_app::credit::Credit`); override it to
+    /// keep the name when the type is renamed.
+    fn name(&self) -> String {
+        short_type_name(std::any::type_name::<Self>())
+    }
+}
+
+/// `a::b::C<d::E>` → `C<E>`: every path in a type's name without its modules.
+fn short_type_name(full: &str) -> String {
+    let mut out = String::with_capacity(full.len());
+    let mut segment = String::new();
+    for ch in full.chars() {
+        if ch.is_alphanumeric() || ch == '_' || ch == ':' {
+            segment.push(ch);
+        } else {
+            out.push_str(segment.rsplit("::").next().unwrap_or_default());
+            segment.clear();
+            out.push(ch);
+        }
+    }
+    out.push_str(segment.rsplit("::").next().unwrap_or_default());
+    out
 }
 
 /// Why a handler failed: on which event if it knows, and whether the events
@@ -176,6 +203,14 @@ pub struct Handlers {
 }
 
 impl Handlers {
+    /// The names of the Rust handlers, sorted, each once.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.rust.iter().map(|h| h.name()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Whether any effect runs on a write (then new rows need their ids).
     pub fn any(&self) -> bool {
         !self.rust.is_empty() || self.sql.is_some()
@@ -199,5 +234,20 @@ impl std::fmt::Debug for Handlers {
             .field("sql_revert", &self.sql_revert)
             .field("deadline", &self.deadline)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_type_name;
+
+    #[test]
+    fn a_handler_is_named_by_its_type_without_module_paths() {
+        assert_eq!(short_type_name("payments::credit::Credit"), "Credit");
+        assert_eq!(short_type_name("Credit"), "Credit");
+        assert_eq!(
+            short_type_name("app::Retry<app::fx::Credit, alloc::vec::Vec<u8>>"),
+            "Retry<Credit, Vec<u8>>"
+        );
     }
 }

@@ -55,6 +55,7 @@
 //! and the next transaction goes on.
 
 mod batch;
+pub mod guard;
 pub mod handler;
 mod revert;
 
@@ -120,6 +121,10 @@ impl Writer {
         budget: &mut Savepoints,
         batch: Batch,
     ) -> Result<Written, WriteError> {
+        if !budget.handlers_checked {
+            guard::check(tx, &self.stream, &self.handlers, true).await?;
+            budget.handlers_checked = true;
+        }
         let mut out = Written::default();
         if let Some((log, why)) = batch.undecodable.first() {
             if self.on_bad_event == OnFailure::Halt {

@@ -17,6 +17,7 @@ mod consumer_reverts;
 mod delivery;
 mod deploy;
 mod faults;
+mod handler_guard;
 mod handlers;
 mod handlers_chaos;
 mod handlers_rewind;
