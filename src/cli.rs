@@ -310,8 +310,8 @@ async fn outbox(action: &OutboxAction, cfg: &Config, replica_id: &str) -> Result
             let r = admin::outbox_replay(cfg, replica_id, ids).await?;
             for id in &r.refused {
                 println!(
-                    "delivery {id} not replayed: a rewind removed events it carries and a revert of them was \
-                     written (`logcursor outbox discard {id}` drops it)"
+                    "delivery {id} not replayed: a rewind removed events it carries (and sent their revert if \
+                     the webhook was configured then); `logcursor outbox discard {id}` drops it"
                 );
             }
             println!("{} dead deliveries due again, {} refused", r.due, r.refused.len());

@@ -65,19 +65,25 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-/// Parts of a URL shorter than this are not looked for in answers: no
-/// credential is that short, and blanking every `v2` or `rpc` in a message
-/// would only hide what it says.
+/// Parts of a URL's path and query shorter than this are not looked for in
+/// answers: blanking every `v2` or `rpc` in a message would only hide what
+/// it says. Passwords and signing secrets are looked for whatever their
+/// length.
 pub const MIN_SECRET_LEN: usize = 6;
+
+/// A server's message is cut to this many characters.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// At most this much of an answer body is read for an excerpt.
 const EXCERPT_WINDOW: usize = 64 * 1024;
 
 /// Blanks, in a server's answer, everything its URL may carry as a
-/// credential: user name and password, each path segment and each query
-/// value (as written and percent-decoded), and any other secret given with
-/// [`Scrubber::with`] (a webhook's signing secret), each at least
-/// [`MIN_SECRET_LEN`] characters long.
+/// credential: the password (also as the `Authorization: Basic` value
+/// sent for it) and any other secret given with [`Scrubber::with`] (a
+/// webhook's signing secret), whatever their length; the user name, each
+/// path segment and each query value (as written, percent-decoded, and
+/// with either case of hex digits) of at least [`MIN_SECRET_LEN`]
+/// characters.
 #[derive(Clone, Default)]
 pub struct Scrubber {
     /// Longest first, so a secret that contains another is blanked whole.
@@ -93,38 +99,42 @@ impl fmt::Debug for Scrubber {
 impl Scrubber {
     /// The credential-like parts of `raw`. An unparseable URL is looked for whole.
     pub fn for_url(raw: &str) -> Scrubber {
-        let mut parts = vec![raw.to_string()];
-        if let Ok(u) = url::Url::parse(raw) {
-            parts.push(u.username().to_string());
-            parts.extend(u.password().map(str::to_string));
-            parts.push(u.path().to_string());
-            parts.extend(u.query().map(str::to_string));
-            parts.extend(u.path_segments().into_iter().flatten().map(str::to_string));
-            for (k, v) in u.query_pairs() {
-                parts.push(k.into_owned());
-                parts.push(v.into_owned());
-            }
-            // The raw forms, as a server that echoes undecoded text shows them.
-            for piece in u.query().unwrap_or_default().split('&') {
-                parts.extend(piece.split_once('=').map(|(_, v)| v.to_string()));
+        let Ok(u) = url::Url::parse(raw) else {
+            return Scrubber::default().add(vec![raw.to_string()], 1);
+        };
+        let mut parts = vec![raw.to_string(), u.username().to_string(), u.path().to_string()];
+        parts.extend(u.query().map(str::to_string));
+        parts.extend(u.path_segments().into_iter().flatten().map(str::to_string));
+        let mut parts: Vec<String> = parts.into_iter().flat_map(|p| spellings(&p, false)).collect();
+        for (k, v) in u.query_pairs() {
+            parts.push(k.into_owned());
+            parts.push(v.into_owned());
+        }
+        // The raw forms, as a server that echoes undecoded text shows them.
+        for piece in u.query().unwrap_or_default().split('&') {
+            if let Some((_, v)) = piece.split_once('=') {
+                parts.extend(spellings(v, true));
             }
         }
-        let mut decoded: Vec<String> = parts
-            .iter()
-            .filter_map(|p| percent_decode(p).filter(|d| d != p))
-            .collect();
-        parts.append(&mut decoded);
-        Scrubber::default().add(parts)
+        let mut secrets = Vec::new();
+        if let Some(password) = u.password() {
+            secrets.extend(spellings(password, false));
+            // What the HTTP client sends for user info: Basic base64(user:password).
+            let user = percent_decode(u.username(), false).unwrap_or_else(|| u.username().to_string());
+            let pass = percent_decode(password, false).unwrap_or_else(|| password.to_string());
+            secrets.push(base64(format!("{user}:{pass}").as_bytes()));
+        }
+        Scrubber::default().add(parts, MIN_SECRET_LEN).add(secrets, 1)
     }
 
-    /// This scrubber, also blanking `secret`.
+    /// This scrubber, also blanking `secret` (whatever its length).
     pub fn with(self, secret: &Secret) -> Scrubber {
-        self.add(vec![secret.expose().to_string()])
+        self.add(vec![secret.expose().to_string()], 1)
     }
 
-    fn add(mut self, parts: Vec<String>) -> Scrubber {
+    fn add(mut self, parts: Vec<String>, min_len: usize) -> Scrubber {
         self.needles
-            .extend(parts.into_iter().filter(|p| p.chars().count() >= MIN_SECRET_LEN));
+            .extend(parts.into_iter().filter(|p| p.chars().count() >= min_len));
         self.needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
         self.needles.dedup();
         self
@@ -139,6 +149,18 @@ impl Scrubber {
             }
         }
         out
+    }
+
+    /// A server's message, scrubbed and cut to [`MAX_MESSAGE_CHARS`]
+    /// characters (what a log line or an error column should carry).
+    pub fn message(&self, text: &str) -> String {
+        let scrubbed = self.scrub(text);
+        if scrubbed.chars().count() <= MAX_MESSAGE_CHARS {
+            return scrubbed;
+        }
+        let mut cut: String = scrubbed.chars().take(MAX_MESSAGE_CHARS).collect();
+        cut.push('…');
+        cut
     }
 
     /// Every string inside a JSON value, scrubbed.
@@ -164,7 +186,7 @@ impl Scrubber {
         let mut text = String::from_utf8_lossy(window).into_owned();
         if window.len() < bytes.len() {
             // A secret may straddle the window's end: drop what could be its start.
-            let longest = self.needles.first().map_or(0, |n| n.chars().count());
+            let longest = self.needles.iter().map(|n| n.chars().count()).max().unwrap_or(0);
             let keep = text.chars().count().saturating_sub(longest);
             text = text.chars().take(keep).collect();
         }
@@ -174,9 +196,43 @@ impl Scrubber {
     }
 }
 
-/// `%XX` sequences decoded (and `+` as a space, as in a query); `None`
-/// when the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+/// How `part` of a URL may be shown back: as written, percent-decoded
+/// (`+` as a space too, in a query), and with its `%XX` digits in either case.
+fn spellings(part: &str, query: bool) -> Vec<String> {
+    let mut out = vec![part.to_string()];
+    out.extend(percent_decode(part, query));
+    if part.contains('%') {
+        let recased = |upper: bool| {
+            let mut s = String::with_capacity(part.len());
+            let mut hex_left = 0;
+            for ch in part.chars() {
+                if ch == '%' {
+                    hex_left = 2;
+                    s.push(ch);
+                } else if hex_left > 0 {
+                    hex_left -= 1;
+                    s.push(if upper {
+                        ch.to_ascii_uppercase()
+                    } else {
+                        ch.to_ascii_lowercase()
+                    });
+                } else {
+                    s.push(ch);
+                }
+            }
+            s
+        };
+        out.push(recased(true));
+        out.push(recased(false));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `%XX` sequences decoded (and `+` as a space when `plus`, as in a
+/// query); `None` when nothing changes or the result is not UTF-8.
+fn percent_decode(s: &str, plus: bool) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -191,7 +247,7 @@ fn percent_decode(s: &str) -> Option<String> {
                 out.push(b);
                 i += 3;
             }
-            (b'+', _) => {
+            (b'+', _) if plus => {
                 out.push(b' ');
                 i += 1;
             }
@@ -201,7 +257,27 @@ fn percent_decode(s: &str) -> Option<String> {
             }
         }
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().filter(|d| d != s)
+}
+
+/// Standard base64 with padding (RFC 4648 §4).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A `reqwest` error and its causes on one line, without the URL (its path
@@ -266,6 +342,38 @@ mod tests {
         // JSON data is scrubbed string by string.
         let data = serde_json::json!({"url": "https://hooks.example.com/v2/KEY123456/in", "n": [1, "KEY123456"]});
         assert!(!s.scrub_json(data).to_string().contains("KEY123456"));
+    }
+
+    #[test]
+    fn passwords_and_secrets_are_scrubbed_whatever_their_length_and_however_spelled() {
+        let s = Scrubber::for_url("https://alice:pw@node.example.com/v2/abc%2fdef123").with(&Secret::new("k1"));
+        // What the HTTP client sent for the user info, echoed back.
+        let echoed = format!("authorization: Basic {} key=k1 pw", base64(b"alice:pw"));
+        let got = s.scrub(&echoed);
+        assert!(
+            !got.contains("YWxpY2U6cHc=") && !got.contains("k1") && !got.contains("pw"),
+            "{got}"
+        );
+        // Percent-encoding with the other case of hex digits, and decoded.
+        for shown in ["/v2/abc%2Fdef123", "abc%2fdef123", "abc/def123"] {
+            assert_eq!(s.scrub(shown).contains("def123"), false, "{shown}");
+        }
+        // A `+` in a path is a plus, in a query a space.
+        let q = Scrubber::for_url("https://h.example/a+b+c+d?token=x+y+z+w");
+        assert_eq!(q.scrub("a+b+c+d x y z w"), "<redacted> <redacted>");
+    }
+
+    #[test]
+    fn base64_is_the_standard_alphabet_with_padding() {
+        for (raw, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), want, "{raw}");
+        }
     }
 
     #[test]

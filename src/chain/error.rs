@@ -77,26 +77,27 @@ impl fmt::Display for ChainErrorKind {
 
 impl ChainErrorKind {
     /// This error with the provider's text passed through `s`: messages,
-    /// reasons and data may quote the request, API key and all.
+    /// reasons and data may quote the request, API key and all (messages
+    /// are cut to [`MAX_MESSAGE_CHARS`](crate::redact::MAX_MESSAGE_CHARS)).
     pub fn scrubbed(self, s: &Scrubber) -> ChainErrorKind {
         match self {
-            Self::Connect(r) => Self::Connect(s.scrub(&r)),
+            Self::Connect(r) => Self::Connect(s.message(&r)),
             Self::Http { status, message } => Self::Http {
                 status,
-                message: s.scrub(&message),
+                message: s.message(&message),
             },
             Self::Rpc { code, message, data } => Self::Rpc {
                 code,
-                message: s.scrub(&message),
+                message: s.message(&message),
                 data: data.map(|d| s.scrub_json(d)),
             },
-            Self::Malformed(r) => Self::Malformed(s.scrub(&r)),
+            Self::Malformed(r) => Self::Malformed(s.message(&r)),
             Self::BlockTooLarge {
                 block,
                 provider_message,
             } => Self::BlockTooLarge {
                 block,
-                provider_message: s.scrub(&provider_message),
+                provider_message: s.message(&provider_message),
             },
             other @ (Self::Timeout | Self::WrongChain { .. } | Self::Lagging { .. }) => other,
         }

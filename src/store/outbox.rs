@@ -399,18 +399,29 @@ pub async fn list<C: GenericClient>(c: &C, webhook: Option<&str>, status: Option
 pub struct Replayed {
     /// Dead deliveries due again.
     pub due: u64,
-    /// Dead deliveries of events a rewind removed since: a revert of them
-    /// was written (they had been sent), so sending them again would apply
-    /// what the receiver was told to undo. Left dead.
+    /// Dead deliveries of events a rewind removed since (which wrote a
+    /// revert of them, when the webhook was configured): sending them again
+    /// would apply what the receiver was told to undo, or was never
+    /// canonical. Left dead.
     pub refused: Vec<i64>,
 }
 
 /// Dead deliveries (`ids`, or all when empty) become due again with their
 /// attempts reset: same delivery id, same body, except those whose events a
-/// rewind removed ([`Replayed::refused`]). Should a rewind commit while
-/// this runs, the revert it writes waits for the replayed delivery (see
-/// [`claim`]): the receiver still gets the delivery before its revert.
+/// rewind removed ([`Replayed::refused`]). In two statements, in the
+/// caller's READ COMMITTED transaction: the rows are locked first, so the
+/// check that follows sees every rewind that wrote a revert of them (it
+/// locks them too, and committed before the lock was granted), and a
+/// rewind that comes later waits, and writes a revert that waits for the
+/// replayed delivery (see [`claim`]).
 pub async fn replay<C: GenericClient>(c: &C, ids: &[i64]) -> Result<Replayed> {
+    c.query_typed(
+        "SELECT id FROM outbox WHERE status = 'dead' AND (cardinality($1::int8[]) = 0 OR id = ANY($1))
+          ORDER BY id FOR UPDATE",
+        &[(&ids, Type::INT8_ARRAY)],
+    )
+    .await
+    .map_err(StoreError::db("lock dead deliveries"))?;
     let rows = c
         .query_typed(
             "WITH asked AS (

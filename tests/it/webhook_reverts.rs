@@ -166,3 +166,56 @@ async fn a_dead_delivery_whose_events_a_rewind_removed_is_not_replayed() {
         .get(0);
     assert_eq!(status, "dead");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_waiting_on_a_rewind_sees_what_the_rewind_removed() {
+    let w = World::new().await;
+    w.emit_burns(1, |_| 1).await;
+    let receiver = Receiver::start().await;
+    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
+    std::fs::write(secret_file.path(), "s").expect("write secret");
+    let config = || with_webhook(w.config(), &receiver.url, secret_file.path()).build();
+    let app = crate::support::replica::build_app(&config(), "r").await;
+    app.tick_until_idle().await;
+    let pg = w.pg().await;
+    let id: i64 = pg
+        .query_one(
+            "UPDATE outbox SET status = 'dead', body = '{}', attempts = 1 RETURNING id",
+            &[],
+        )
+        .await
+        .expect("a dead delivery")
+        .get(0);
+    // A rewind in flight: it holds the delivery's row and removes its event.
+    let mut rewinder = w.pg().await;
+    let rewind = rewinder.transaction().await.expect("begin");
+    rewind
+        .execute("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .expect("lock");
+    rewind
+        .execute(
+            "DELETE FROM events e USING outbox o WHERE o.id = $1 AND e.id = ANY(o.event_ids)",
+            &[&id],
+        )
+        .await
+        .expect("remove the event");
+    let config = config();
+    let replay = tokio::spawn(async move { logcursor::admin::delivery::outbox_replay(&config, "op", &[id]).await });
+    wait_for("the replay waiting on the rewind's lock", Duration::from_secs(30), || async {
+        let waiting: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM outbox%'",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    rewind.commit().await.expect("commit the rewind");
+    let replayed = replay.await.expect("join").expect("replay");
+    assert_eq!(replayed.refused, vec![id], "{replayed:?}");
+    assert_eq!(replayed.due, 0);
+}

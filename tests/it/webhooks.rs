@@ -274,7 +274,7 @@ async fn a_receiver_that_echoes_its_url_never_gets_its_token_into_an_error_or_a_
     assert!(receiver.url.contains("RECEIVER-SECRET-TOKEN"));
     receiver.set(|_| Reply::Echo(404));
     let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "s").expect("write secret");
+    std::fs::write(secret_file.path(), "whsec-echo-0123").expect("write secret");
     let app = with_webhook(w.config(), &receiver.url, secret_file.path())
         .replica("r")
         .await;
