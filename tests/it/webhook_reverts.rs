@@ -202,8 +202,11 @@ async fn a_replay_waiting_on_a_rewind_sees_what_the_rewind_removed() {
         .expect("remove the event");
     let config = config();
     let replay = tokio::spawn(async move { logcursor::admin::delivery::outbox_replay(&config, "op", &[id]).await });
-    wait_for("the replay waiting on the rewind's lock", Duration::from_secs(30), || async {
-        let waiting: i64 = pg
+    wait_for(
+        "the replay waiting on the rewind's lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = pg
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM outbox%'",
                 &[],
@@ -211,8 +214,9 @@ async fn a_replay_waiting_on_a_rewind_sees_what_the_rewind_removed() {
             .await
             .expect("activity")
             .get(0);
-        (waiting > 0).then_some(())
-    })
+            (waiting > 0).then_some(())
+        },
+    )
     .await;
     rewind.commit().await.expect("commit the rewind");
     let replayed = replay.await.expect("join").expect("replay");
