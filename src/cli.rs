@@ -78,7 +78,9 @@ pub enum Command {
     },
     /// Remove Rust handlers from those a stream's events are written with
     /// (a handler retired on purpose): a program without them may write
-    /// the stream again. Events stored from then on go without their effects.
+    /// the stream again. Events stored or rewound from then on go without
+    /// their effects; stop every program that runs them first (it would
+    /// record them again).
     RetireHandler {
         /// The stream (its name in the configuration).
         #[arg(long)]

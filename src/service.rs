@@ -143,24 +143,18 @@ impl Service {
 
     /// Every stream a handler was registered for is configured.
     fn check_streams(&self, config: Config, source_name: String) -> Result<Config, ConfigError> {
-        let mut unknown: Vec<&String> = self
-            .handlers
-            .keys()
-            .filter(|k| !config.streams.iter().any(|s| s.name == k.as_str()))
-            .collect();
-        if unknown.is_empty() {
+        let mut problems: Vec<(String, String)> = crate::app::handler_problems(&config, &self.handlers);
+        if problems.is_empty() {
             return Ok(config);
         }
-        unknown.sort();
+        problems.sort();
         Err(ConfigError {
             source_name,
-            problems: unknown
+            problems: problems
                 .into_iter()
-                .map(|name| Problem {
+                .map(|(_, message)| Problem {
                     key: "streams".into(),
-                    message: format!(
-                        "the application registers a handler for stream {name:?}, which the configuration does not have"
-                    ),
+                    message,
                 })
                 .collect(),
         })

@@ -138,6 +138,7 @@ pub async fn rewind(
                 tracing::info!(stream, %reason, "trying the rewind again");
                 continue;
             }
+            Err(e @ WriteError::HandlersMissing { .. }) => return Err(e.into()),
             Err(e) => return Err(bad(e.to_string())),
         };
         reorg::rewind(

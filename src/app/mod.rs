@@ -34,7 +34,7 @@ use crate::store::metrics::{BacklogGauges, DeliveryGauges};
 use crate::store::pool::{Database, TxLimits};
 use crate::store::{cursor, migrate, privileges, StoreError};
 use crate::telemetry::{MetricsExport, TelemetryError};
-use crate::write::{Handler, Handlers};
+use crate::write::{guard, Handler, Handlers};
 
 mod checks;
 use checks::{check_functions, verify_chain, with_db_retry};
@@ -78,6 +78,42 @@ pub struct BuildOptions {
 
 /// Rust handlers by stream name, registered by an embedding application.
 pub type HandlerMap = std::collections::HashMap<String, Vec<Arc<dyn Handler>>>;
+
+/// What is wrong with `handlers` for `cfg`, as (stream, problem): a
+/// stream the configuration does not have, or two handlers of a stream
+/// that share a name (the record of [`guard`] could not tell them apart).
+pub fn handler_problems(cfg: &Config, handlers: &HandlerMap) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    for (stream, registered) in handlers {
+        if !cfg.streams.iter().any(|s| s.name == stream.as_str()) {
+            problems.push((
+                stream.clone(),
+                format!(
+                    "the application registers a handler for stream {stream:?}, which the configuration does not have"
+                ),
+            ));
+        }
+        let set = Handlers {
+            rust: registered.clone(),
+            ..Handlers::default()
+        };
+        match guard::duplicate_name(&set) {
+            Some(name) if name.is_empty() => problems.push((
+                stream.clone(),
+                format!("a Rust handler of stream {stream:?} has an empty Handler::name, which the stream records"),
+            )),
+            Some(name) => problems.push((
+                stream.clone(),
+                format!(
+                    "stream {stream:?} has two Rust handlers named {name:?} (or one registered twice): give each its own \
+                     Handler::name, which the stream records"
+                ),
+            )),
+            None => {}
+        }
+    }
+    problems
+}
 
 /// A built application, ready to run.
 pub struct App {
@@ -135,14 +171,8 @@ impl App {
         handlers: &HandlerMap,
         cancel: &CancellationToken,
     ) -> Result<App, AppError> {
-        if let Some(unknown) = handlers
-            .keys()
-            .find(|k| !cfg.streams.iter().any(|s| s.name == k.as_str()))
-        {
-            return Err(AppError::Stream {
-                stream: unknown.clone(),
-                reason: "a handler was registered for a stream the configuration does not have".into(),
-            });
+        if let Some((stream, reason)) = handler_problems(cfg, handlers).into_iter().next() {
+            return Err(AppError::Stream { stream, reason });
         }
         let db = Database::new(&cfg.database.settings, replica_id)?;
         let mut registry = Registry::new();
@@ -231,8 +261,15 @@ impl App {
                 let tx = db.begin(&mut client, TxLimits::SHORT).await?;
                 let seeded = cursor::seed(&*tx, &name, sc.start_block, replica_id).await?;
                 // Refuse now, naming them, a stream written with Rust
-                // handlers this program does not run (every write checks it too).
-                match crate::write::guard::check(&*tx, &name, &stream.writer.handlers, false).await {
+                // handlers this program does not run, and record those it
+                // runs unless another replica is ticking the stream (then
+                // our first tick records them; every write checks too).
+                let mode = if cursor::try_lock(&*tx, &name).await? {
+                    guard::Mode::Record
+                } else {
+                    guard::Mode::Check
+                };
+                match guard::check(&*tx, &name, &stream.writer.handlers, mode).await {
                     Err(crate::write::WriteError::Store(e)) => return Err(e.into()),
                     other => other?,
                 }

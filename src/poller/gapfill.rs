@@ -43,7 +43,7 @@ use crate::store::failed_ranges::{self, Range};
 use crate::store::pool::{Database, TxLimits};
 use crate::store::StoreError;
 use crate::types::{BlockNumber, Hash32, Header};
-use crate::write::{Savepoints, WriteError};
+use crate::write::{guard, Savepoints, WriteError};
 
 /// How often gap fill retries a range that met a database fault (which
 /// does not count toward `gapfill.max_attempts`), unless its backoff says
@@ -224,7 +224,9 @@ impl GapFiller {
         };
         let mut client = self.db.get().await?;
         let tx = self.db.begin(&mut client, self.limits).await?;
-        let mut savepoints = Savepoints::new();
+        // Without the cursor row lock: the shared form of the handler check.
+        guard::check(&*tx, &stream.cfg.name, &stream.writer.handlers, guard::Mode::Check).await?;
+        let mut savepoints = Savepoints::handlers_checked();
         let mut inserted = 0;
         let mut done = from.checked_sub(1);
         for part in fetched.parts {

@@ -65,7 +65,7 @@ use crate::config::{DeepReorgPolicy, UnfetchablePolicy};
 use crate::store::cursor::{self, Cursor, LockMode};
 use crate::store::{failed_ranges, reorg, StoreError};
 use crate::types::{BlockNumber, Hash32, Header, Processed};
-use crate::write::{Savepoints, WriteError};
+use crate::write::{guard, Savepoints, WriteError};
 
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
@@ -324,6 +324,14 @@ impl Poller {
             budget,
         };
         filter::check(&*tx, &self.stream, &current, &self.replica_id).await?;
+        // Before any RPC work: a program without the stream's handlers stops here.
+        guard::check(
+            &*tx,
+            &self.stream.cfg.name,
+            &self.stream.writer.handlers,
+            guard::Mode::Record,
+        )
+        .await?;
         let Some((from, planned_to)) = plan_range(current.processed, heads.safe_head, self.stream.cfg.max_block_range)
         else {
             if let (true, Some(block), Some(stored)) = (check_cursor, current.processed.block(), current.hash) {
@@ -570,7 +578,7 @@ impl Poller {
         mut rest: Parts,
     ) -> Result<Stored, TickError> {
         let mut stored = Stored::default();
-        let mut budget = Savepoints::new();
+        let mut budget = Savepoints::handlers_checked(); // at the lock
         let mut next = Some(first);
         loop {
             let part = match next.take() {

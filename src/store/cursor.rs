@@ -70,6 +70,19 @@ pub async fn seed<C: GenericClient>(c: &C, stream: &str, start: BlockNumber, by:
     Ok((row.cursor, created == 1))
 }
 
+/// Takes the cursor's row lock if no one holds it (`false`: someone does;
+/// the transaction is not aborted, unlike `NOWAIT`).
+pub async fn try_lock<C: GenericClient>(c: &C, stream: &str) -> Result<bool> {
+    let row = c
+        .query_typed_opt(
+            "SELECT 1 FROM block_cursors WHERE id = $1 FOR UPDATE SKIP LOCKED",
+            &[(&stream, Type::TEXT)],
+        )
+        .await
+        .map_err(StoreError::db("try the cursor lock"))?;
+    Ok(row.is_some())
+}
+
 /// Reads the cursor and takes its row lock until the transaction ends.
 /// Under READ COMMITTED a waiter that wakes up reads the row as the holder
 /// committed it.

@@ -20,7 +20,7 @@ pub enum OnFailure {
 /// The write seam's state in one transaction: its savepoint budget, and
 /// whether the stream's Rust handlers were checked in it (see
 /// [`super::guard`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Savepoints {
     used: u32,
     pub(super) handlers_checked: bool,
@@ -37,6 +37,15 @@ impl Savepoints {
         Savepoints {
             used: 0,
             handlers_checked: false,
+        }
+    }
+
+    /// The state of a transaction whose caller already made the handler
+    /// check ([`super::guard::check`]) itself.
+    pub fn handlers_checked() -> Savepoints {
+        Savepoints {
+            used: 0,
+            handlers_checked: true,
         }
     }
 

@@ -6,27 +6,50 @@
 //! the application, would store, replay or rewind events without the
 //! effects those handlers give them, silently. So the stream's cursor row
 //! records the handlers its events have been written with
-//! (`block_cursors.rust_handlers`), and the seam checks it at the first
-//! write of every transaction — tick, gap fill, `dlq replay` — and at
-//! every rewind, before anything is written:
+//! (`block_cursors.rust_handlers`), and every transaction that stores or
+//! removes events checks it before it writes any:
 //! - a recorded handler this program does not run: nothing is written
 //!   ([`WriteError::HandlersMissing`]; the tick rolls back and the stream
 //!   reports itself stuck, gap fill retries without giving the range up,
-//!   the command fails, naming them);
+//!   the command fails, and the program refuses to start, naming them);
 //! - a handler this program runs and the record lacks: added to the record
-//!   in the same transaction (it applies to events stored from then on);
+//!   (at start-up, or by the first transaction that writes), so that from
+//!   then on a program without it refuses;
 //! - a handler retired on purpose leaves the record only by an operator's
 //!   `logcursor retire-handler`.
 //!
-//! A handler is known by [`Handler::name`](super::Handler::name).
+//! Races. Ticks, rewinds, `dlq replay`, start-up and `retire-handler` read
+//! and change the record under the stream's cursor row lock
+//! ([`Mode::Record`]), so they see each other's changes. Gap fill does not
+//! hold that lock: it reads the record under a shared advisory lock of the
+//! stream ([`Mode::Check`]) that a change of the record takes exclusively
+//! (after the row lock: one lock order, no cycle). A gap fill that checked
+//! therefore commits before a handler is recorded, or reads the record
+//! that holds it.
+//!
+//! A handler is known by [`Handler::name`](super::Handler::name); two
+//! handlers of one stream may not share a name ([`duplicate_name`]).
+
+use tokio_postgres::types::Type;
 
 use super::{Handlers, WriteError};
-use crate::store::{rust_handlers, GenericClient};
+use crate::store::{rust_handlers, GenericClient, StoreError};
+
+/// How the caller holds the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Under the stream's cursor row lock: record handlers new to it.
+    Record,
+    /// Without the row lock (gap fill): check only, under the shared lock.
+    Check,
+}
 
 /// The check of the module doc, in `c`'s transaction: `Ok` when this
-/// program may write `stream`; with `record`, handlers new to the stream
-/// are recorded (a start-up check records nothing: it writes no event).
-pub async fn check<C: GenericClient>(c: &C, stream: &str, handlers: &Handlers, record: bool) -> Result<(), WriteError> {
+/// program may write `stream`.
+pub async fn check<C: GenericClient>(c: &C, stream: &str, handlers: &Handlers, mode: Mode) -> Result<(), WriteError> {
+    if mode == Mode::Check {
+        advisory(c, stream, "pg_advisory_xact_lock_shared").await?;
+    }
     let running = handlers.names();
     let Some(recorded) = rust_handlers::recorded(c, stream).await? else {
         return Ok(()); // no cursor row: nothing was written yet
@@ -39,9 +62,32 @@ pub async fn check<C: GenericClient>(c: &C, stream: &str, handlers: &Handlers, r
             running,
         });
     }
-    if record && running.iter().any(|n| !recorded.contains(n)) {
+    if mode == Mode::Record && running.iter().any(|n| !recorded.contains(n)) {
+        advisory(c, stream, "pg_advisory_xact_lock").await?;
         rust_handlers::record(c, stream, &running).await?;
         tracing::info!(stream, handlers = ?running, "recorded the stream's Rust handlers: a program without them will refuse to write it");
     }
     Ok(())
+}
+
+/// Takes the stream's handler-record advisory lock for the transaction
+/// (`function`: shared or exclusive).
+async fn advisory<C: GenericClient>(c: &C, stream: &str, function: &str) -> Result<(), StoreError> {
+    let sql =
+        format!("SELECT {function}(hashtext('logcursor handlers'), hashtext(current_schema() || '/' || $1))::text");
+    c.query_typed(&sql, &[(&stream, Type::TEXT)])
+        .await
+        .map_err(StoreError::db("lock the stream's handler record"))?;
+    Ok(())
+}
+
+/// A name two handlers share, or an empty one: such handlers cannot be
+/// told apart in the record.
+pub fn duplicate_name(handlers: &Handlers) -> Option<String> {
+    let mut names: Vec<String> = handlers.rust.iter().map(|h| h.name()).collect();
+    names.sort();
+    if names.iter().any(String::is_empty) {
+        return Some(String::new());
+    }
+    names.windows(2).find(|w| w[0] == w[1]).map(|w| w[0].clone())
 }

@@ -122,7 +122,7 @@ impl Writer {
         batch: Batch,
     ) -> Result<Written, WriteError> {
         if !budget.handlers_checked {
-            guard::check(tx, &self.stream, &self.handlers, true).await?;
+            guard::check(tx, &self.stream, &self.handlers, guard::Mode::Record).await?;
             budget.handlers_checked = true;
         }
         let mut out = Written::default();

@@ -31,7 +31,7 @@ impl Writer {
     /// removed.
     pub async fn remove_above(&self, tx: &handler::Transaction<'_>, to: i64) -> Result<u64, WriteError> {
         // Never remove events without the effects' undo (see super::guard).
-        super::guard::check(tx, &self.stream, &self.handlers, true).await?;
+        super::guard::check(tx, &self.stream, &self.handlers, super::guard::Mode::Record).await?;
         // First, so that a gap-fill worker filling above `to` loses its
         // claim before the events go: it then cannot commit the orphaned
         // branch (its commit waits for this row and finds the claim gone),

@@ -4,21 +4,25 @@
 //! and says which handler it lacks; `retire-handler` lets it write again.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use logcursor::app::{App, BuildOptions, HandlerMap};
+use logcursor::poller::gapfill::GapOutcome;
 use logcursor::{Event, Handler, HandlerError, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-/// Records every event it is given.
+/// Records every event it is given, with its amount.
 struct Touch;
 
 #[logcursor::async_trait]
 impl Handler for Touch {
     async fn handle(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), HandlerError> {
         for e in events {
-            tx.execute("INSERT INTO touched VALUES ($1)", &[&e.id]).await?;
+            let amount = e.params["amount"].as_str().unwrap_or("0");
+            tx.execute("INSERT INTO touched VALUES ($1, $2::text::numeric)", &[&e.id, &amount])
+                .await?;
         }
         Ok(())
     }
@@ -33,13 +37,25 @@ impl Handler for Touch {
 
 async fn build(w: &World, name: &str, handlers: &HandlerMap) -> Result<App, logcursor::app::AppError> {
     App::build_with(
-        &w.config().build(),
+        &w.config()
+            .stream(|s| {
+                s.gapfill.max_attempts = 2;
+                s.gapfill.backoff = Duration::from_millis(1);
+                s.gapfill.backoff_max = Duration::from_millis(1);
+            })
+            .build(),
         name,
         BuildOptions { migrate: true },
         handlers,
         &CancellationToken::new(),
     )
     .await
+}
+
+fn with_touch() -> HandlerMap {
+    let mut handlers = HandlerMap::new();
+    handlers.insert("burns".into(), vec![Arc::new(Touch) as Arc<dyn Handler>]);
+    handlers
 }
 
 async fn touched(pg: &tokio_postgres::Client) -> i64 {
@@ -54,7 +70,7 @@ async fn a_program_without_the_streams_rust_handler_writes_nothing_and_names_it(
     let w = World::new().await;
     w.emit_burns(3, |_| 1).await;
     let pg = w.migrate().await;
-    pg.batch_execute("CREATE TABLE touched (event_id bigint)")
+    pg.batch_execute("CREATE TABLE touched (event_id bigint, amount numeric)")
         .await
         .expect("effects table");
     // A replica of the stock program, started before the application ever
@@ -62,9 +78,7 @@ async fn a_program_without_the_streams_rust_handler_writes_nothing_and_names_it(
     let stock = build(&w, "stock", &HandlerMap::new())
         .await
         .expect("nothing recorded yet");
-    let mut with_touch = HandlerMap::new();
-    with_touch.insert("burns".into(), vec![Arc::new(Touch) as Arc<dyn Handler>]);
-    let app = build(&w, "app", &with_touch).await.expect("build");
+    let app = build(&w, "app", &with_touch()).await.expect("build");
     app.tick_until_idle().await;
     assert_eq!((count_events(&pg).await, touched(&pg).await), (3, 3));
     let recorded: Vec<String> = pg
@@ -124,4 +138,96 @@ async fn a_program_without_the_streams_rust_handler_writes_nothing_and_names_it(
     stock.tick_until_idle().await;
     assert_eq!((count_events(&pg).await, touched(&pg).await), (6, 5));
     w.assert_stored_equals_chain(&pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_fill_and_dlq_replay_without_the_handler_refuse_and_give_nothing_up() {
+    let w = World::new().await;
+    w.emit_burns(4, |_| 3).await; // amounts 0..=11, three per block
+    let pg = w.migrate().await;
+    pg.batch_execute("CREATE TABLE touched (event_id bigint, amount numeric CHECK (amount <> 7))")
+        .await
+        .expect("effects table, refusing amount 7");
+    let stock = build(&w, "stock", &HandlerMap::new())
+        .await
+        .expect("nothing recorded yet");
+    // The application records its handler as it starts, before any write.
+    let app = build(&w, "app", &with_touch()).await.expect("build");
+    let recorded: Vec<String> = pg
+        .query_one("SELECT rust_handlers FROM block_cursors WHERE id = 'burns'", &[])
+        .await
+        .expect("record")
+        .get(0);
+    assert_eq!(recorded, ["Touch"]);
+    app.tick_until_idle().await;
+    assert_eq!(dead_letter_count(&pg).await, 1, "amount 7 parked by its handler");
+    assert_eq!((count_events(&pg).await, touched(&pg).await), (11, 11));
+
+    // The stock program's dlq replay would store it without its effect.
+    pg.batch_execute("ALTER TABLE touched DROP CONSTRAINT touched_amount_check")
+        .await
+        .expect("accept amount 7");
+    let cfg = w.config().build();
+    let refused = logcursor::admin::dlq_replay(&cfg, "op", &HandlerMap::new(), &[]).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("[\"Touch\"]")),
+        "{:?}",
+        refused.map(|r| r.stored)
+    );
+    assert_eq!((dead_letter_count(&pg).await, count_events(&pg).await), (1, 11));
+    let replayed = logcursor::admin::dlq_replay(&cfg, "op", &with_touch(), &[])
+        .await
+        .expect("replay");
+    assert_eq!(replayed.stored.len(), 1);
+    assert_eq!((count_events(&pg).await, touched(&pg).await), (12, 12));
+
+    // A range to fill again, with its effects gone with its events.
+    pg.batch_execute(
+        "DELETE FROM touched WHERE event_id IN (SELECT id FROM events WHERE block_number BETWEEN 3 AND 4);
+         DELETE FROM events WHERE block_number BETWEEN 3 AND 4;
+         INSERT INTO failed_ranges (stream, from_block, to_block, last_error) VALUES ('burns', 3, 4, 'test gap')",
+    )
+    .await
+    .expect("a gap");
+    let left = count_events(&pg).await;
+    let stock_filler = stock.gap_filler().expect("gap filler");
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    wait_for("three refused attempts", Duration::from_secs(30), || async {
+        match stock_filler.work_once().await.expect("gap fill") {
+            GapOutcome::Failed { dead, error, .. } => {
+                assert!(!dead, "never given up for a missing handler: {error}");
+                assert!(error.contains("[\"Touch\"]"), "{error}");
+                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            GapOutcome::Idle => {}
+            other => panic!("{other:?}"),
+        }
+        (failed.load(std::sync::atomic::Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(count_events(&pg).await, left, "the stock program filled nothing");
+    let filler = app.gap_filler().expect("gap filler");
+    wait_for("the range filled", Duration::from_secs(30), || async {
+        matches!(filler.work_once().await.expect("gap fill"), GapOutcome::Filled { .. }).then_some(())
+    })
+    .await;
+    assert_eq!((count_events(&pg).await, touched(&pg).await), (12, 12));
+    w.assert_stored_equals_chain(&pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handlers_of_a_stream_may_not_share_a_name() {
+    let w = World::new().await;
+    let mut twice = HandlerMap::new();
+    twice.insert(
+        "burns".into(),
+        vec![Arc::new(Touch) as Arc<dyn Handler>, Arc::new(Touch) as Arc<dyn Handler>],
+    );
+    let refused = build(&w, "app", &twice).await.err().map(|e| e.to_string());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("two Rust handlers named \"Touch\"")),
+        "{refused:?}"
+    );
 }
