@@ -6,12 +6,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::AppError;
+use super::{AppError, HandlerMap};
 use crate::backoff::CONNECT;
 use crate::config::Config;
 use crate::poller::Stream;
 use crate::store::pool::Database;
 use crate::store::StoreError;
+use crate::write::{guard, Handlers};
 
 /// Every configured SQL handler function exists (the server resolves it);
 /// an error names the stream and the key.
@@ -107,4 +108,40 @@ where
             other => return other,
         }
     }
+}
+
+/// What is wrong with `handlers` for `cfg`, as (stream, problem): a
+/// stream the configuration does not have, or two handlers of a stream
+/// that share a name (the record of [`guard`] could not tell them apart).
+pub fn handler_problems(cfg: &Config, handlers: &HandlerMap) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    for (stream, registered) in handlers {
+        if !cfg.streams.iter().any(|s| s.name == stream.as_str()) {
+            problems.push((
+                stream.clone(),
+                format!(
+                    "the application registers a handler for stream {stream:?}, which the configuration does not have"
+                ),
+            ));
+        }
+        let set = Handlers {
+            rust: registered.clone(),
+            ..Handlers::default()
+        };
+        match guard::duplicate_name(&set) {
+            Some(name) if name.is_empty() => problems.push((
+                stream.clone(),
+                format!("a Rust handler of stream {stream:?} has an empty Handler::name, which the stream records"),
+            )),
+            Some(name) => problems.push((
+                stream.clone(),
+                format!(
+                    "stream {stream:?} has two Rust handlers named {name:?} (or one registered twice): give each its own \
+                     Handler::name, which the stream records"
+                ),
+            )),
+            None => {}
+        }
+    }
+    problems
 }

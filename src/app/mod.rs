@@ -37,6 +37,7 @@ use crate::telemetry::{MetricsExport, TelemetryError};
 use crate::write::{guard, Handler, Handlers};
 
 mod checks;
+pub use checks::handler_problems;
 use checks::{check_functions, verify_chain, with_db_retry};
 
 /// Why the application could not start or stopped abnormally.
@@ -78,42 +79,6 @@ pub struct BuildOptions {
 
 /// Rust handlers by stream name, registered by an embedding application.
 pub type HandlerMap = std::collections::HashMap<String, Vec<Arc<dyn Handler>>>;
-
-/// What is wrong with `handlers` for `cfg`, as (stream, problem): a
-/// stream the configuration does not have, or two handlers of a stream
-/// that share a name (the record of [`guard`] could not tell them apart).
-pub fn handler_problems(cfg: &Config, handlers: &HandlerMap) -> Vec<(String, String)> {
-    let mut problems = Vec::new();
-    for (stream, registered) in handlers {
-        if !cfg.streams.iter().any(|s| s.name == stream.as_str()) {
-            problems.push((
-                stream.clone(),
-                format!(
-                    "the application registers a handler for stream {stream:?}, which the configuration does not have"
-                ),
-            ));
-        }
-        let set = Handlers {
-            rust: registered.clone(),
-            ..Handlers::default()
-        };
-        match guard::duplicate_name(&set) {
-            Some(name) if name.is_empty() => problems.push((
-                stream.clone(),
-                format!("a Rust handler of stream {stream:?} has an empty Handler::name, which the stream records"),
-            )),
-            Some(name) => problems.push((
-                stream.clone(),
-                format!(
-                    "stream {stream:?} has two Rust handlers named {name:?} (or one registered twice): give each its own \
-                     Handler::name, which the stream records"
-                ),
-            )),
-            None => {}
-        }
-    }
-    problems
-}
 
 /// A built application, ready to run.
 pub struct App {
