@@ -232,7 +232,7 @@ impl App {
                 let mode = if cursor::try_lock(&*tx, &name).await? {
                     guard::Mode::Record
                 } else {
-                    guard::Mode::Check
+                    guard::Mode::ReadOnly
                 };
                 match guard::check(&*tx, &name, &stream.writer.handlers, mode).await {
                     Err(crate::write::WriteError::Store(e)) => return Err(e.into()),

@@ -13,7 +13,7 @@
 //!   reports itself stuck, gap fill retries without giving the range up,
 //!   the command fails, and the program refuses to start, naming them);
 //! - a handler this program runs and the record lacks: added to the record
-//!   (at start-up, or by the first transaction that writes), so that from
+//!   (at start-up, or by a later transaction that writes), so that from
 //!   then on a program without it refuses;
 //! - a handler retired on purpose leaves the record only by an operator's
 //!   `logcursor retire-handler`.
@@ -22,10 +22,12 @@
 //! and change the record under the stream's cursor row lock
 //! ([`Mode::Record`]), so they see each other's changes. Gap fill does not
 //! hold that lock: it reads the record under a shared advisory lock of the
-//! stream ([`Mode::Check`]) that a change of the record takes exclusively
-//! (after the row lock: one lock order, no cycle). A gap fill that checked
-//! therefore commits before a handler is recorded, or reads the record
-//! that holds it.
+//! stream ([`Mode::Check`]), and adding a handler to the record needs that
+//! lock exclusively. Adding never waits for it (a transaction that cannot
+//! take it at once leaves the handler for a later one), so no lock wait of
+//! a tick or a start-up comes from here; a gap fill that checked commits
+//! before a handler is added, or reads the record that holds it. (Removing
+//! a handler, by `retire-handler`, only lets more programs write.)
 //!
 //! A handler is known by [`Handler::name`](super::Handler::name); two
 //! handlers of one stream may not share a name ([`duplicate_name`]).
@@ -38,10 +40,15 @@ use crate::store::{rust_handlers, GenericClient, StoreError};
 /// How the caller holds the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Under the stream's cursor row lock: record handlers new to it.
+    /// Under the stream's cursor row lock: record handlers new to it (when
+    /// the exclusive advisory lock is free at once).
     Record,
-    /// Without the row lock (gap fill): check only, under the shared lock.
+    /// Without the row lock, before writing (gap fill): check only, under
+    /// the shared advisory lock, which holds back additions until commit.
     Check,
+    /// Writing nothing (start-up while another replica holds the row):
+    /// check only, taking no lock.
+    ReadOnly,
 }
 
 /// The check of the module doc, in `c`'s transaction: `Ok` when this
@@ -63,22 +70,32 @@ pub async fn check<C: GenericClient>(c: &C, stream: &str, handlers: &Handlers, m
         });
     }
     if mode == Mode::Record && running.iter().any(|n| !recorded.contains(n)) {
-        advisory(c, stream, "pg_advisory_xact_lock").await?;
-        rust_handlers::record(c, stream, &running).await?;
-        tracing::info!(stream, handlers = ?running, "recorded the stream's Rust handlers: a program without them will refuse to write it");
+        if advisory(c, stream, "pg_try_advisory_xact_lock").await? {
+            rust_handlers::record(c, stream, &running).await?;
+            tracing::info!(stream, handlers = ?running, "recorded the stream's Rust handlers: a program without them will refuse to write it");
+        } else {
+            tracing::debug!(
+                stream,
+                "a gap fill is checking the handler record: recording in a later transaction"
+            );
+        }
     }
     Ok(())
 }
 
 /// Takes the stream's handler-record advisory lock for the transaction
-/// (`function`: shared or exclusive).
-async fn advisory<C: GenericClient>(c: &C, stream: &str, function: &str) -> Result<(), StoreError> {
-    let sql =
-        format!("SELECT {function}(hashtext('logcursor handlers'), hashtext(current_schema() || '/' || $1))::text");
-    c.query_typed(&sql, &[(&stream, Type::TEXT)])
+/// (`function`: the shared lock, or a try of the exclusive one); whether
+/// it is held.
+async fn advisory<C: GenericClient>(c: &C, stream: &str, function: &str) -> Result<bool, StoreError> {
+    let sql = format!(
+        "SELECT coalesce({function}(hashtext('logcursor handlers'), hashtext(current_schema() || '/' || $1))::text, '')
+                <> 'false'"
+    );
+    let row = c
+        .query_typed_one(&sql, &[(&stream, Type::TEXT)])
         .await
         .map_err(StoreError::db("lock the stream's handler record"))?;
-    Ok(())
+    Ok(row.get(0))
 }
 
 /// A name two handlers share, or an empty one: such handlers cannot be
