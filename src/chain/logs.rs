@@ -34,7 +34,14 @@ pub struct Logs {
     /// The header of the last block of every request, as the backend that
     /// served the request's logs had it; the last one is `covered`'s.
     pub ends: Vec<Header>,
+    /// With [`Rpc::get_logs_with`] `every_header`: the headers of the other
+    /// blocks of each request, from the same answer.
+    pub headers: Vec<Header>,
 }
+
+/// Requests spanning at most this many blocks may carry every block's
+/// header in their batch ([`Rpc::get_logs_with`]).
+pub const EVERY_HEADER_MAX_SPAN: u64 = 8;
 
 impl Rpc<'_> {
     /// Every log in `[from, covered]` matching `filter` (see [`Logs`]).
@@ -43,16 +50,33 @@ impl Rpc<'_> {
     /// alone overflows, `BlockTooLarge` names it. A response that
     /// contradicts its request is rejected whole as `Malformed`.
     pub async fn get_logs(&self, from: u64, to: u64, filter: &LogFilter) -> Result<Logs, ChainError> {
+        self.get_logs_with(from, to, filter, false).await
+    }
+
+    /// [`Rpc::get_logs`]; with `every_header`, each request of at most
+    /// [`EVERY_HEADER_MAX_SPAN`] blocks also asks, in the same batch, for
+    /// the header of every block it spans ([`Logs::headers`]): a dense
+    /// range's parts then need no second round trip for their timestamps.
+    pub async fn get_logs_with(
+        &self,
+        from: u64,
+        to: u64,
+        filter: &LogFilter,
+        every_header: bool,
+    ) -> Result<Logs, ChainError> {
         let max = self.client.opts.max_block_range;
         let mut logs = Vec::new();
         let mut ends = Vec::new();
+        let mut headers = Vec::new();
         let mut at = from;
         while at <= to {
             let end = to.min(at.saturating_add(self.log_span() - 1));
-            match self.logs_request(at, end, filter).await {
-                Ok((found, header)) => {
+            let others = every_header && end - at < EVERY_HEADER_MAX_SPAN;
+            match self.logs_request(at, end, filter, others).await {
+                Ok((found, header, more)) => {
                     logs.extend(found);
                     ends.push(header);
+                    headers.extend(more);
                     self.ep.span_grew(max);
                     at = end + 1;
                 }
@@ -71,6 +95,7 @@ impl Rpc<'_> {
                                 logs: sorted(logs),
                                 covered: at - 1,
                                 ends,
+                                headers,
                             });
                         }
                         Some(_) if at == end => {
@@ -95,21 +120,32 @@ impl Rpc<'_> {
             logs: sorted(logs),
             covered: to,
             ends,
+            headers,
         })
     }
 
     /// One request: the logs of `[from, to]` (one call per chunk of
-    /// addresses) and the header of `to`, in one batch; retried on
-    /// transient errors but not on size errors, which the caller answers by
-    /// shrinking.
-    async fn logs_request(&self, from: u64, to: u64, filter: &LogFilter) -> Result<(Vec<RawLog>, Header), ChainError> {
+    /// addresses) and the header of `to` (with `others`, of every block of
+    /// the span), in one batch; retried on transient errors but not on size
+    /// errors, which the caller answers by shrinking.
+    async fn logs_request(
+        &self,
+        from: u64,
+        to: u64,
+        filter: &LogFilter,
+        others: bool,
+    ) -> Result<(Vec<RawLog>, Header, Vec<Header>), ChainError> {
         let chunk = self.ep.addresses_per_request().max(1);
         let chunks: Vec<&[Address]> = filter.addresses.chunks(chunk).collect();
         let topics: Vec<String> = filter.topic0s.iter().map(Hash32::to_string).collect();
         let mut attempt = 1;
         loop {
-            // The header goes first: without batches it is asked before the logs.
+            // The headers go first: without batches they are asked before the logs.
             let mut calls = vec![("eth_getBlockByNumber", json!([format!("{to:#x}"), false]))];
+            let other_blocks: Vec<u64> = if others { (from..to).collect() } else { Vec::new() };
+            for n in &other_blocks {
+                calls.push(("eth_getBlockByNumber", json!([format!("{n:#x}"), false])));
+            }
             for addresses in &chunks {
                 calls.push((
                     METHOD,
@@ -124,7 +160,7 @@ impl Rpc<'_> {
             let result = self
                 .batch(calls)
                 .await
-                .and_then(|answers| self.read(answers, &chunks, from, to, &filter.topic0s));
+                .and_then(|answers| self.read(answers, &other_blocks, &chunks, from, to, &filter.topic0s));
             match result {
                 Err(e)
                     if attempt < self.client.opts.attempts
@@ -139,16 +175,34 @@ impl Rpc<'_> {
         }
     }
 
-    /// The header and the logs of one request's answers.
+    /// The headers and the logs of one request's answers.
     fn read(
         &self,
         mut answers: Vec<Result<Value, ChainErrorKind>>,
+        other_blocks: &[u64],
         chunks: &[&[Address]],
         from: u64,
         to: u64,
         topic0s: &[Hash32],
-    ) -> Result<(Vec<RawLog>, Header), ChainError> {
+    ) -> Result<(Vec<RawLog>, Header, Vec<Header>), ChainError> {
         let header_answer = answers.remove(0);
+        let mut others = Vec::with_capacity(other_blocks.len());
+        for (n, answer) in other_blocks
+            .iter()
+            .zip(answers.drain(..other_blocks.len().min(answers.len())))
+        {
+            let value = answer.map_err(|k| self.error("eth_getBlockByNumber", k))?;
+            let header = self.parse_header(value, *n)?.ok_or_else(|| {
+                self.error(
+                    METHOD,
+                    ChainErrorKind::Lagging {
+                        head: n.saturating_sub(1),
+                        needed: *n,
+                    },
+                )
+            })?;
+            others.push(header);
+        }
         let mut out = Vec::new();
         for (answer, addresses) in answers.into_iter().zip(chunks) {
             let value = answer.map_err(|k| self.error(METHOD, k))?;
@@ -183,7 +237,7 @@ impl Rpc<'_> {
                 )),
             ));
         }
-        Ok((out, header))
+        Ok((out, header, others))
     }
 }
 

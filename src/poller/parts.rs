@@ -9,7 +9,7 @@
 //! them over in block order through a channel of [`QUEUED`] parts. Memory
 //! holds at most `fetch_concurrency + QUEUED + 1` parts, whatever the size
 //! of the range, and requests in flight are expected to hold at most
-//! [`LOGS_IN_FLIGHT`] logs (one at a time where single blocks are denser).
+//! [`logs_in_flight`] logs (one at a time where single blocks are denser).
 //!
 //! A part aims at [`LOGS_PER_PART`] logs: its span is the endpoint's
 //! learned span (see `chain::range`), an equal share of the range, or what
@@ -46,10 +46,17 @@ pub const LOGS_PER_PART: u64 = 2_000;
 pub const PROBE_BLOCKS: u64 = 4;
 /// Parts fetched and decoded, waiting for the writer.
 pub const QUEUED: usize = 2;
-/// Logs expected in flight at most, by the density: where single blocks
-/// hold more than a part's worth, fewer requests run at once, so memory
-/// stays bounded whatever `fetch_concurrency` says.
+/// Logs expected in flight at most at the default `fetch_concurrency`
+/// (4), by the density: where single blocks hold more than a part's worth,
+/// fewer requests run at once, so memory stays bounded.
 pub const LOGS_IN_FLIGHT: u64 = 4 * LOGS_PER_PART;
+
+/// Logs a tick's requests are expected to hold at most: a part's worth per
+/// request of `fetch_concurrency` (a stream asking for more requests at once,
+/// for a distant provider, gets them), [`LOGS_IN_FLIGHT`] at least.
+pub fn logs_in_flight(fetch_concurrency: usize) -> u64 {
+    LOGS_IN_FLIGHT.max(LOGS_PER_PART.saturating_mul(fetch_concurrency as u64))
+}
 /// Logs fetched and not yet written by all the ticks of a replica together
 /// (permits of `Stream::in_flight`, taken before each request by its
 /// expected size and given back when its part is written or dropped): many
@@ -187,13 +194,14 @@ async fn produce(
     let mut next = from;
     let mut inflight = FuturesOrdered::new();
     let mut expected_in_flight = 0u64;
+    let max_in_flight = logs_in_flight(concurrency);
     loop {
         while next <= to && inflight.len() < concurrency {
             let density = stream.density.per_kiloblock();
             let span = part_span(rpc.log_span(), share, density);
             let end = to.min(next.saturating_add(span - 1));
             let expected = density.map_or(u64::MAX, |d| (end - next + 1).saturating_mul(d) / 1000);
-            if !inflight.is_empty() && expected_in_flight.saturating_add(expected) > LOGS_IN_FLIGHT {
+            if !inflight.is_empty() && expected_in_flight.saturating_add(expected) > max_in_flight {
                 break; // unknown density, or too dense: wait for the parts in flight
             }
             expected_in_flight = expected_in_flight.saturating_add(expected);
@@ -253,13 +261,19 @@ async fn fetch_part(stream: &Stream, rpc: Rpc<'_>, from: u64, to: u64, filter: &
         to,
         rpc.result_count = field::Empty,
     );
-    let fetched = rpc.get_logs(from, to, filter).instrument(span.clone()).await?;
+    // Dense parts (a few blocks, nearly all with logs) ask for every header
+    // with the logs: no second round trip for the timestamps.
+    let fetched = rpc
+        .get_logs_with(from, to, filter, true)
+        .instrument(span.clone())
+        .await?;
     span.record("rpc.result_count", fetched.logs.len());
     stream
         .density
         .observe(fetched.logs.len() as u64, fetched.covered - from + 1);
     let blocks = blocks_named(&rpc, &fetched.logs)?;
-    let times = block_times(&rpc, &blocks, &fetched.ends).await?;
+    let known: Vec<Header> = fetched.ends.iter().chain(&fetched.headers).cloned().collect();
+    let times = block_times(&rpc, &blocks, &known).await?;
     let count = fetched.logs.len();
     let batch = info_span!("decode", logs = count).in_scope(|| decode(stream, fetched.logs, &times));
     Ok(Part {
@@ -383,6 +397,13 @@ impl Density {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_requests_at_once_may_hold_more_logs_but_never_fewer_than_the_default() {
+        assert_eq!(logs_in_flight(1), LOGS_IN_FLIGHT);
+        assert_eq!(logs_in_flight(4), LOGS_IN_FLIGHT, "the default concurrency");
+        assert_eq!(logs_in_flight(8), 8 * LOGS_PER_PART);
+    }
 
     #[test]
     fn a_part_spans_the_smallest_of_endpoint_share_and_density() {

@@ -445,3 +445,51 @@ async fn a_provider_that_repeats_its_api_key_never_gets_it_into_an_error() {
     assert!(shown.contains("HTTP 403") && shown.contains("Forbidden"), "{shown}");
     assert!(!shown.contains(KEY), "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dense_part_gets_its_headers_in_the_batch_of_its_logs() {
+    let w = World::new().await;
+    w.emit_burns(40, |_| 300).await; // 300 logs a block: parts of 6 blocks
+    let proxy = Proxy::start(&w.anvil.url).await;
+    let app = w
+        .config()
+        .rpc(&proxy.url)
+        .stream(|s| s.fetch_concurrency = 1)
+        .replica("r")
+        .await;
+    let skip = proxy.requests().len();
+    app.tick_until_idle().await;
+    let requests = proxy.requests().split_off(skip);
+    let header_of = |call: &Value| {
+        (method_of(call) == "eth_getBlockByNumber")
+            .then(|| u64::from_str_radix(call["params"][0].as_str()?.trim_start_matches("0x"), 16).ok())
+            .flatten()
+    };
+    let mut dense = 0;
+    for calls in &requests {
+        let Some((from, to)) = calls.iter().find_map(log_range) else {
+            continue;
+        };
+        if to - from + 1 > 8 {
+            continue;
+        }
+        dense += 1;
+        let headers: Vec<u64> = calls.iter().filter_map(header_of).collect();
+        assert!(
+            (from..=to).all(|n| headers.contains(&n)),
+            "the logs of {from}..={to} came with the headers {headers:?}"
+        );
+    }
+    assert!(dense >= 4, "several dense parts: {dense}");
+    // And so one request per dense part: no second one for the timestamps.
+    let parts = requests
+        .iter()
+        .filter(|c| c.iter().any(|c| log_range(c).is_some()))
+        .count();
+    assert!(
+        requests.len() <= parts + 6,
+        "{} requests for {parts} parts",
+        requests.len()
+    );
+    w.assert_stored_equals_chain(&w.pg().await).await;
+}

@@ -48,6 +48,8 @@ pub struct Proxy {
     pub url: String,
     rule: Arc<Mutex<Rule>>,
     seen: Arc<Mutex<Vec<Value>>>,
+    /// Every HTTP request's calls (a batch's, or the one call).
+    requests: Arc<Mutex<Vec<Vec<Value>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -90,16 +92,23 @@ impl Proxy {
         let rule: Arc<Mutex<Rule>> = Arc::new(Mutex::new(Box::new(|_| Action::Forward)));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let http = reqwest::Client::new();
-        let (r, s, upstream) = (rule.clone(), seen.clone(), upstream.to_string());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (r, s, n, upstream) = (rule.clone(), seen.clone(), requests.clone(), upstream.to_string());
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                let (r, s, http, upstream) = (r.clone(), s.clone(), http.clone(), upstream.clone());
+                let (r, s, n, http, upstream) = (r.clone(), s.clone(), n.clone(), http.clone(), upstream.clone());
                 tokio::spawn(async move {
-                    let _ = serve(conn, r, s, http, upstream).await;
+                    let _ = serve(conn, r, s, n, http, upstream).await;
                 });
             }
         });
-        Proxy { url, rule, seen, task }
+        Proxy {
+            url,
+            rule,
+            seen,
+            requests,
+            task,
+        }
     }
 
     /// Replaces the rule.
@@ -117,6 +126,11 @@ impl Proxy {
         self.seen.lock().expect("seen lock").clone()
     }
 
+    /// Every HTTP request so far, as its calls (a batch's, or the one).
+    pub fn requests(&self) -> Vec<Vec<Value>> {
+        self.requests.lock().expect("requests lock").clone()
+    }
+
     pub fn forget(&self) {
         self.seen.lock().expect("seen lock").clear();
     }
@@ -126,6 +140,7 @@ async fn serve(
     mut conn: TcpStream,
     rule: Arc<Mutex<Rule>>,
     seen: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<Mutex<Vec<Vec<Value>>>>,
     http: reqwest::Client,
     upstream: String,
 ) -> std::io::Result<()> {
@@ -156,6 +171,10 @@ async fn serve(
     }
     let body = buf[header_end..header_end + length].to_vec();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    requests.lock().expect("requests lock").push(match &request {
+        Value::Array(calls) => calls.clone(),
+        single => vec![single.clone()],
+    });
     let (status, text) = match request {
         Value::Array(calls) => {
             let Some(answer) = batch(calls, &rule, &seen, &http, &upstream).await else {
