@@ -71,7 +71,8 @@ impl Rpc<'_> {
         let mut at = from;
         while at <= to {
             let end = to.min(at.saturating_add(self.log_span() - 1));
-            let others = every_header && end - at < EVERY_HEADER_MAX_SPAN;
+            // Only in a batch: one by one, they would each be a round trip.
+            let others = every_header && end - at < EVERY_HEADER_MAX_SPAN && self.ep.takes_batches();
             match self.logs_request(at, end, filter, others).await {
                 Ok((found, header, more)) => {
                     logs.extend(found);
@@ -185,24 +186,16 @@ impl Rpc<'_> {
         to: u64,
         topic0s: &[Hash32],
     ) -> Result<(Vec<RawLog>, Header, Vec<Header>), ChainError> {
-        let header_answer = answers.remove(0);
-        let mut others = Vec::with_capacity(other_blocks.len());
-        for (n, answer) in other_blocks
-            .iter()
-            .zip(answers.drain(..other_blocks.len().min(answers.len())))
-        {
-            let value = answer.map_err(|k| self.error("eth_getBlockByNumber", k))?;
-            let header = self.parse_header(value, *n)?.ok_or_else(|| {
-                self.error(
-                    METHOD,
-                    ChainErrorKind::Lagging {
-                        head: n.saturating_sub(1),
-                        needed: *n,
-                    },
-                )
-            })?;
-            others.push(header);
+        if answers.len() != 1 + other_blocks.len() + chunks.len() {
+            let reason = format!(
+                "{} answers to {} calls",
+                answers.len(),
+                1 + other_blocks.len() + chunks.len()
+            );
+            return Err(self.error(METHOD, ChainErrorKind::Malformed(reason)));
         }
+        let header_answer = answers.remove(0);
+        let other_answers: Vec<_> = answers.drain(..other_blocks.len()).collect();
         let mut out = Vec::new();
         for (answer, addresses) in answers.into_iter().zip(chunks) {
             let value = answer.map_err(|k| self.error(METHOD, k))?;
@@ -236,6 +229,22 @@ impl Rpc<'_> {
                     l.log_index, l.tx_hash, l.block_hash, header.hash
                 )),
             ));
+        }
+        // After the logs: a range the provider refuses is answered by
+        // shrinking it, whatever its headers said.
+        let mut others = Vec::with_capacity(other_blocks.len());
+        for (n, answer) in other_blocks.iter().zip(other_answers) {
+            let value = answer.map_err(|k| self.error("eth_getBlockByNumber", k))?;
+            let header = self.parse_header(value, *n)?.ok_or_else(|| {
+                self.error(
+                    "eth_getBlockByNumber",
+                    ChainErrorKind::Lagging {
+                        head: n.saturating_sub(1),
+                        needed: *n,
+                    },
+                )
+            })?;
+            others.push(header);
         }
         Ok((out, header, others))
     }

@@ -19,8 +19,14 @@
 //!
 //! Every part carries, from the backend that served its logs, the header
 //! of its last block (same JSON-RPC batch) and the headers of its blocks
-//! with logs (asked right after): each log's block hash must equal its
-//! header's, and each row gets its block's timestamp.
+//! with logs (asked right after; in the same batch for a dense part of at
+//! most [`EVERY_HEADER_MAX_SPAN`](crate::chain::logs::EVERY_HEADER_MAX_SPAN)
+//! blocks on an endpoint that takes batches): each log's block hash must
+//! equal its header's, and each row gets its block's timestamp.
+//!
+//! The replica's logs budget is waited for only when none of the task's
+//! requests is in flight; otherwise the task takes what is free and polls
+//! its requests, which may be what frees the budget.
 //!
 //! I1, I2 and I4 rest on these rules: parts cover the range exactly, each
 //! block once, and are handed over in order; a part that fails, or ends
@@ -53,9 +59,12 @@ pub const LOGS_IN_FLIGHT: u64 = 4 * LOGS_PER_PART;
 
 /// Logs a tick's requests are expected to hold at most: a part's worth per
 /// request of `fetch_concurrency` (a stream asking for more requests at once,
-/// for a distant provider, gets them), [`LOGS_IN_FLIGHT`] at least.
+/// for a distant provider, gets them), [`LOGS_IN_FLIGHT`] at least, and a
+/// quarter of the replica's budget at most.
 pub fn logs_in_flight(fetch_concurrency: usize) -> u64 {
-    LOGS_IN_FLIGHT.max(LOGS_PER_PART.saturating_mul(fetch_concurrency as u64))
+    LOGS_IN_FLIGHT
+        .max(LOGS_PER_PART.saturating_mul(fetch_concurrency as u64))
+        .min(LOGS_IN_FLIGHT_PER_REPLICA as u64 / 4)
 }
 /// Logs fetched and not yet written by all the ticks of a replica together
 /// (permits of `Stream::in_flight`, taken before each request by its
@@ -194,7 +203,11 @@ async fn produce(
     let mut next = from;
     let mut inflight = FuturesOrdered::new();
     let mut expected_in_flight = 0u64;
-    let max_in_flight = logs_in_flight(concurrency);
+    // A prefetch holds no budget: it keeps to the default bound.
+    let max_in_flight = match budget {
+        Some(_) => logs_in_flight(concurrency),
+        None => LOGS_IN_FLIGHT,
+    };
     loop {
         while next <= to && inflight.len() < concurrency {
             let density = stream.density.per_kiloblock();
@@ -204,19 +217,29 @@ async fn produce(
             if !inflight.is_empty() && expected_in_flight.saturating_add(expected) > max_in_flight {
                 break; // unknown density, or too dense: wait for the parts in flight
             }
-            expected_in_flight = expected_in_flight.saturating_add(expected);
             let permit = match &budget {
                 // What the request may bring back, capped so that one part
-                // can always go: the replica's budget waits for others' parts.
+                // can always go. With requests in flight, only what is free
+                // now: waiting here would stop polling them, and they may be
+                // what frees the budget (the parts they bring get written).
                 Some(b) => {
                     let want = expected.clamp(1, LOGS_PER_PART) as u32;
-                    match Arc::clone(b).acquire_many_owned(want).await {
-                        Ok(p) => Some(p),
-                        Err(_) => return, // closed: the replica is stopping
+                    if inflight.is_empty() {
+                        match Arc::clone(b).acquire_many_owned(want).await {
+                            Ok(p) => Some(p),
+                            Err(_) => return, // closed: the replica is stopping
+                        }
+                    } else {
+                        match Arc::clone(b).try_acquire_many_owned(want) {
+                            Ok(p) => Some(p),
+                            Err(tokio::sync::TryAcquireError::NoPermits) => break, // poll those first
+                            Err(tokio::sync::TryAcquireError::Closed) => return,
+                        }
                     }
                 }
                 None => None,
             };
+            expected_in_flight = expected_in_flight.saturating_add(expected);
             let fetch = fetch_part(&stream, rpc, next, end, &filter);
             inflight.push_back(async move {
                 let part = fetch.await.map(|mut p| {
@@ -261,10 +284,11 @@ async fn fetch_part(stream: &Stream, rpc: Rpc<'_>, from: u64, to: u64, filter: &
         to,
         rpc.result_count = field::Empty,
     );
-    // Dense parts (a few blocks, nearly all with logs) ask for every header
-    // with the logs: no second round trip for the timestamps.
+    // Dense parts (about a log a block or more) ask for every header with
+    // the logs: no second round trip for the timestamps.
+    let dense = stream.density.per_kiloblock().is_some_and(|d| d >= 1000);
     let fetched = rpc
-        .get_logs_with(from, to, filter, true)
+        .get_logs_with(from, to, filter, dense)
         .instrument(span.clone())
         .await?;
     span.record("rpc.result_count", fetched.logs.len());
@@ -309,8 +333,8 @@ fn blocks_named(rpc: &Rpc<'_>, logs: &[RawLog]) -> Result<Vec<(u64, Hash32)>, Ti
 }
 
 /// The timestamp of every block in `blocks`, from headers the same endpoint
-/// serves right after the logs (the request ends' headers are known
-/// already); a header whose hash is not the one the logs name is a
+/// serves with or right after the logs (`known`: the headers that came
+/// with them); a header whose hash is not the one the logs name is a
 /// malformed answer (or a reorg in between: the tick retries either way).
 async fn block_times(rpc: &Rpc<'_>, blocks: &[(u64, Hash32)], ends: &[Header]) -> Result<Vec<(u64, u64)>, TickError> {
     let missing: Vec<u64> = blocks
@@ -403,6 +427,11 @@ mod tests {
         assert_eq!(logs_in_flight(1), LOGS_IN_FLIGHT);
         assert_eq!(logs_in_flight(4), LOGS_IN_FLIGHT, "the default concurrency");
         assert_eq!(logs_in_flight(8), 8 * LOGS_PER_PART);
+        assert_eq!(
+            logs_in_flight(64),
+            LOGS_IN_FLIGHT_PER_REPLICA as u64 / 4,
+            "a quarter of the replica's budget at most"
+        );
     }
 
     #[test]
