@@ -460,8 +460,7 @@ pub async fn retire_handlers(
     let db = connect(cfg, replica_id).await?;
     let mut client = db.get().await?;
     let tx = db.begin(&mut client, TxLimits::SHORT).await?;
-    cursor::lock(&*tx, stream, cursor::LockMode::Wait).await?;
-    let recorded = rust_handlers::recorded(&*tx, stream).await?.unwrap_or_default();
+    let (_, recorded) = cursor::lock_recorded(&*tx, stream, cursor::LockMode::Wait).await?;
     if let Some(unknown) = names.iter().find(|n| !recorded.contains(n)) {
         return Err(AppError::NotFound(format!(
             "stream {stream} records no Rust handler named {unknown:?} (it records {recorded:?}); nothing retired"

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::poller::Stream;
 use crate::store::pool::Database;
 use crate::store::StoreError;
-use crate::write::{guard, Handlers};
+use crate::write::guard;
 
 /// Every configured SQL handler function exists (the server resolves it);
 /// an error names the stream and the key.
@@ -124,11 +124,7 @@ pub fn handler_problems(cfg: &Config, handlers: &HandlerMap) -> Vec<(String, Str
                 ),
             ));
         }
-        let set = Handlers {
-            rust: registered.clone(),
-            ..Handlers::default()
-        };
-        match guard::duplicate_name(&set) {
+        match guard::duplicate_name(registered) {
             Some(name) if name.is_empty() => problems.push((
                 stream.clone(),
                 format!("a Rust handler of stream {stream:?} has an empty Handler::name, which the stream records"),

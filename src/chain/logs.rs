@@ -186,14 +186,7 @@ impl Rpc<'_> {
         to: u64,
         topic0s: &[Hash32],
     ) -> Result<(Vec<RawLog>, Header, Vec<Header>), ChainError> {
-        if answers.len() != 1 + other_blocks.len() + chunks.len() {
-            let reason = format!(
-                "{} answers to {} calls",
-                answers.len(),
-                1 + other_blocks.len() + chunks.len()
-            );
-            return Err(self.error(METHOD, ChainErrorKind::Malformed(reason)));
-        }
+        // `batch` answers every call, in order.
         let header_answer = answers.remove(0);
         let other_answers: Vec<_> = answers.drain(..other_blocks.len()).collect();
         let mut out = Vec::new();

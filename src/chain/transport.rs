@@ -108,12 +108,9 @@ impl Rpc<'_> {
                         self.ep.refuses_batches();
                         return Box::pin(self.batch(calls)).await;
                     }
-                    Ok(r) => r
-                        .map(|answers| {
-                            let scrub = |k: ChainErrorKind| k.scrubbed(&self.ep.scrubber);
-                            answers.into_iter().map(|a| a.map_err(scrub)).collect()
-                        })
-                        .map_err(|k| self.error(method, k)),
+                    // Each answer's error is scrubbed where its caller makes
+                    // it a ChainError (`Rpc::error`).
+                    Ok(r) => r.map_err(|k| self.error(method, k)),
                 },
                 Err(e) if is_batch_refusal(&e.kind) => {
                     self.ep.refuses_batches();

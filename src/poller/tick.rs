@@ -313,7 +313,7 @@ impl Poller {
         cancel: &CancellationToken,
         mode: LockMode,
     ) -> Result<TickOutcome, TickError> {
-        let (tx, current, lock_wait) = self.lock(client, cancel, mode).await?;
+        let (tx, (current, recorded), lock_wait) = self.lock(client, cancel, mode).await?;
         let locked_at = Instant::now();
         let (budget, timeout) = (self.stream.cfg.rpc_budget, self.stream.cfg.rpc_timeout);
         let session = Session {
@@ -325,11 +325,12 @@ impl Poller {
         };
         filter::check(&*tx, &self.stream, &current, &self.replica_id).await?;
         // Before any RPC work: a program without the stream's handlers stops here.
-        guard::check(
+        guard::check_recorded(
             &*tx,
             &self.stream.cfg.name,
             &self.stream.writer.handlers,
             guard::Mode::Record,
+            &recorded,
         )
         .await?;
         let Some((from, planned_to)) = plan_range(current.processed, heads.safe_head, self.stream.cfg.max_block_range)
@@ -522,12 +523,12 @@ impl Poller {
         client: &'c mut deadpool_postgres::Object,
         cancel: &CancellationToken,
         mode: LockMode,
-    ) -> Result<(Tx<'c>, Cursor, Duration), TickError> {
+    ) -> Result<(Tx<'c>, (Cursor, Vec<String>), Duration), TickError> {
         let cancel_query = client.cancel_token();
         let tx = self.db.begin(client, self.limits).await?;
         let wait_started = Instant::now();
         let current = tokio::select! {
-            r = cursor::lock(&*tx, &self.stream.cfg.name, mode)
+            r = cursor::lock_recorded(&*tx, &self.stream.cfg.name, mode)
                 .instrument(info_span!("cursor.lock", db.system = "postgresql", db.operation = "SELECT FOR UPDATE")) => r?,
             _ = cancel.cancelled() => {
                 // Ask the server to abandon the lock wait; dropping `tx` then rolls back.
@@ -535,7 +536,7 @@ impl Poller {
                 return Err(TickError::Cancelled);
             }
         };
-        self.note_regression(current.processed.to_db());
+        self.note_regression(current.0.processed.to_db());
         Ok((tx, current, wait_started.elapsed()))
     }
 

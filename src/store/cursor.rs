@@ -87,9 +87,15 @@ pub async fn try_lock<C: GenericClient>(c: &C, stream: &str) -> Result<bool> {
 /// Under READ COMMITTED a waiter that wakes up reads the row as the holder
 /// committed it.
 pub async fn lock<C: GenericClient>(c: &C, stream: &str, mode: LockMode) -> Result<Cursor> {
-    const WAIT: &str = "SELECT last_processed_block, last_block_hash, filter_fingerprint
+    Ok(lock_recorded(c, stream, mode).await?.0)
+}
+
+/// [`lock`], with the Rust handlers the row records
+/// ([`super::rust_handlers`]), read in the same statement.
+pub async fn lock_recorded<C: GenericClient>(c: &C, stream: &str, mode: LockMode) -> Result<(Cursor, Vec<String>)> {
+    const WAIT: &str = "SELECT last_processed_block, last_block_hash, filter_fingerprint, rust_handlers
                           FROM block_cursors WHERE id = $1 FOR UPDATE";
-    const NOWAIT: &str = "SELECT last_processed_block, last_block_hash, filter_fingerprint
+    const NOWAIT: &str = "SELECT last_processed_block, last_block_hash, filter_fingerprint, rust_handlers
                             FROM block_cursors WHERE id = $1 FOR UPDATE NOWAIT";
     let sql = match mode {
         LockMode::Wait => WAIT,
@@ -100,11 +106,12 @@ pub async fn lock<C: GenericClient>(c: &C, stream: &str, mode: LockMode) -> Resu
         .await
         .map_err(StoreError::db("lock cursor"))?
         .ok_or_else(|| StoreError::CursorMissing(stream.to_string()))?;
-    Ok(Cursor {
+    let cursor = Cursor {
         processed: Processed::from_db(row.get(0)),
         hash: hash_from(row.get(1)),
         fingerprint: hash_from(row.get(2)),
-    })
+    };
+    Ok((cursor, row.get(3)))
 }
 
 /// The cursors of `streams`, without locking (a read takes no transaction

@@ -422,8 +422,8 @@ pub async fn replay<C: GenericClient>(c: &C, ids: &[i64]) -> Result<Replayed> {
     )
     .await
     .map_err(StoreError::db("lock dead deliveries"))?;
-    let rows = c
-        .query_typed(
+    let row = c
+        .query_typed_one(
             "WITH asked AS (
                 SELECT id, kind = 'events' AND EXISTS (
                          SELECT 1 FROM unnest(event_ids) x WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = x)
@@ -436,19 +436,15 @@ pub async fn replay<C: GenericClient>(c: &C, ids: &[i64]) -> Result<Replayed> {
                   FROM asked a
                  WHERE o.id = a.id AND NOT a.removed AND o.status = 'dead'
                 RETURNING o.id)
-             SELECT (SELECT count(*) FROM due), id FROM asked WHERE removed
-             UNION ALL
-             SELECT (SELECT count(*) FROM due), NULL WHERE NOT EXISTS (SELECT 1 FROM asked WHERE removed)
-             ORDER BY 2",
+             SELECT (SELECT count(*) FROM due),
+                    ARRAY(SELECT id FROM asked WHERE removed ORDER BY id)",
             &[(&ids, Type::INT8_ARRAY)],
         )
         .await
         .map_err(StoreError::db("replay deliveries"))?;
     Ok(Replayed {
-        due: rows
-            .first()
-            .map_or(0, |r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)),
-        refused: rows.iter().filter_map(|r| r.get::<_, Option<i64>>(1)).collect(),
+        due: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+        refused: row.get(1),
     })
 }
 

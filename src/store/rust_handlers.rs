@@ -35,19 +35,15 @@ pub async fn record<C: GenericClient>(c: &C, stream: &str, names: &[String]) -> 
     Ok(())
 }
 
-/// Removes `names` from `stream`'s record; returns those that were in it.
-pub async fn retire<C: GenericClient>(c: &C, stream: &str, names: &[String]) -> Result<Vec<String>> {
-    let row = c
-        .query_typed_opt(
-            "WITH old AS (SELECT rust_handlers FROM block_cursors WHERE id = $1 FOR UPDATE)
-             UPDATE block_cursors b
-                SET rust_handlers = ARRAY(SELECT x FROM unnest(old.rust_handlers) x WHERE x <> ALL($2::text[]) ORDER BY x)
-               FROM old
-              WHERE b.id = $1
-          RETURNING ARRAY(SELECT x FROM unnest(old.rust_handlers) x WHERE x = ANY($2::text[]) ORDER BY x)",
-            &[(&stream, Type::TEXT), (&names, Type::TEXT_ARRAY)],
-        )
-        .await
-        .map_err(StoreError::db("retire Rust handlers"))?;
-    Ok(row.map(|r| r.get(0)).unwrap_or_default())
+/// Removes `names` from `stream`'s record.
+pub async fn retire<C: GenericClient>(c: &C, stream: &str, names: &[String]) -> Result<()> {
+    c.execute_typed(
+        "UPDATE block_cursors
+            SET rust_handlers = ARRAY(SELECT x FROM unnest(rust_handlers) x WHERE x <> ALL($2::text[]) ORDER BY x)
+          WHERE id = $1",
+        &[(&stream, Type::TEXT), (&names, Type::TEXT_ARRAY)],
+    )
+    .await
+    .map_err(StoreError::db("retire Rust handlers"))?;
+    Ok(())
 }

@@ -34,7 +34,9 @@
 
 use tokio_postgres::types::Type;
 
-use super::{Handlers, WriteError};
+use std::sync::Arc;
+
+use super::{Handler, Handlers, WriteError};
 use crate::store::{rust_handlers, GenericClient, StoreError};
 
 /// How the caller holds the stream.
@@ -57,10 +59,23 @@ pub async fn check<C: GenericClient>(c: &C, stream: &str, handlers: &Handlers, m
     if mode == Mode::Check {
         advisory(c, stream, "pg_advisory_xact_lock_shared").await?;
     }
+    match rust_handlers::recorded(c, stream).await? {
+        Some(recorded) => check_recorded(c, stream, handlers, mode, &recorded).await,
+        None => Ok(()), // no cursor row: nothing was written yet
+    }
+}
+
+/// [`check`] against `recorded`, the record as the caller read it under
+/// the row lock ([`cursor::lock_recorded`](crate::store::cursor::lock_recorded)):
+/// the tick's way, which reads the row once.
+pub async fn check_recorded<C: GenericClient>(
+    c: &C,
+    stream: &str,
+    handlers: &Handlers,
+    mode: Mode,
+    recorded: &[String],
+) -> Result<(), WriteError> {
     let running = handlers.names();
-    let Some(recorded) = rust_handlers::recorded(c, stream).await? else {
-        return Ok(()); // no cursor row: nothing was written yet
-    };
     let missing: Vec<String> = recorded.iter().filter(|r| !running.contains(r)).cloned().collect();
     if !missing.is_empty() {
         return Err(WriteError::HandlersMissing {
@@ -100,8 +115,8 @@ async fn advisory<C: GenericClient>(c: &C, stream: &str, function: &str) -> Resu
 
 /// A name two handlers share, or an empty one: such handlers cannot be
 /// told apart in the record.
-pub fn duplicate_name(handlers: &Handlers) -> Option<String> {
-    let mut names: Vec<String> = handlers.rust.iter().map(|h| h.name()).collect();
+pub fn duplicate_name(handlers: &[Arc<dyn Handler>]) -> Option<String> {
+    let mut names: Vec<String> = handlers.iter().map(|h| h.name()).collect();
     names.sort();
     if names.iter().any(String::is_empty) {
         return Some(String::new());

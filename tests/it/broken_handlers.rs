@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use logcursor::app::{App, BuildOptions, HandlerMap};
-use logcursor::poller::gapfill::GapOutcome;
 use logcursor::poller::TickError;
 use logcursor::{Event, Handler, HandlerError, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -285,28 +284,16 @@ async fn gap_fill_never_gives_a_range_up_for_a_broken_deployment() {
     .expect("a gap, and the table gone");
 
     let filler = app.gap_filler().expect("gap filler");
-    let failed = std::sync::atomic::AtomicUsize::new(0);
-    wait_for("three failed attempts", Duration::from_secs(30), || async {
-        match filler.work_once().await.expect("gap fill") {
-            GapOutcome::Failed { dead, error, .. } => {
-                assert!(!dead, "never dead for the deployment's fault: {error}");
-                assert!(error.contains("42P01"), "{error}");
-                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            GapOutcome::Idle => {}
-            other => panic!("{other:?}"),
-        }
-        (failed.load(std::sync::atomic::Ordering::SeqCst) >= 3).then_some(())
+    three_failed_gap_fills("three failed attempts", filler, |dead, error| {
+        assert!(!dead, "never dead for the deployment's fault: {error}");
+        assert!(error.contains("42P01"), "{error}");
     })
     .await;
 
     pg.batch_execute("ALTER TABLE balances_away RENAME TO balances")
         .await
         .expect("bring the table back");
-    wait_for("the range filled", Duration::from_secs(30), || async {
-        matches!(filler.work_once().await.expect("gap fill"), GapOutcome::Filled { .. }).then_some(())
-    })
-    .await;
+    gap_fill_until_filled(filler).await;
     let head = w.chain.block_number().await;
     w.assert_stored_equals_chain(&pg).await;
     assert_eq!(dead_letter_count(&pg).await, 0);

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use logcursor::app::{App, BuildOptions, HandlerMap};
-use logcursor::poller::gapfill::GapOutcome;
 use logcursor::{Event, Handler, HandlerError, Transaction};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +64,14 @@ async fn touched(pg: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
+/// The Rust handlers the stream's cursor row records.
+async fn recorded(pg: &tokio_postgres::Client) -> Vec<String> {
+    pg.query_one("SELECT rust_handlers FROM block_cursors WHERE id = 'burns'", &[])
+        .await
+        .expect("record")
+        .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_program_without_the_streams_rust_handler_writes_nothing_and_names_it() {
     let w = World::new().await;
@@ -81,12 +88,7 @@ async fn a_program_without_the_streams_rust_handler_writes_nothing_and_names_it(
     let app = build(&w, "app", &with_touch()).await.expect("build");
     app.tick_until_idle().await;
     assert_eq!((count_events(&pg).await, touched(&pg).await), (3, 3));
-    let recorded: Vec<String> = pg
-        .query_one("SELECT rust_handlers FROM block_cursors WHERE id = 'burns'", &[])
-        .await
-        .expect("record")
-        .get(0);
-    assert_eq!(recorded, ["Touch"], "named after its type");
+    assert_eq!(recorded(&pg).await, ["Touch"], "named after its type");
 
     // New events: the stock replica stores none of them.
     w.emit_burns(2, |_| 1).await;
@@ -153,12 +155,7 @@ async fn gap_fill_and_dlq_replay_without_the_handler_refuse_and_give_nothing_up(
         .expect("nothing recorded yet");
     // The application records its handler as it starts, before any write.
     let app = build(&w, "app", &with_touch()).await.expect("build");
-    let recorded: Vec<String> = pg
-        .query_one("SELECT rust_handlers FROM block_cursors WHERE id = 'burns'", &[])
-        .await
-        .expect("record")
-        .get(0);
-    assert_eq!(recorded, ["Touch"]);
+    assert_eq!(recorded(&pg).await, ["Touch"]);
     app.tick_until_idle().await;
     assert_eq!(dead_letter_count(&pg).await, 1, "amount 7 parked by its handler");
     assert_eq!((count_events(&pg).await, touched(&pg).await), (11, 11));
@@ -191,26 +188,13 @@ async fn gap_fill_and_dlq_replay_without_the_handler_refuse_and_give_nothing_up(
     .expect("a gap");
     let left = count_events(&pg).await;
     let stock_filler = stock.gap_filler().expect("gap filler");
-    let failed = std::sync::atomic::AtomicUsize::new(0);
-    wait_for("three refused attempts", Duration::from_secs(30), || async {
-        match stock_filler.work_once().await.expect("gap fill") {
-            GapOutcome::Failed { dead, error, .. } => {
-                assert!(!dead, "never given up for a missing handler: {error}");
-                assert!(error.contains("[\"Touch\"]"), "{error}");
-                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            GapOutcome::Idle => {}
-            other => panic!("{other:?}"),
-        }
-        (failed.load(std::sync::atomic::Ordering::SeqCst) >= 3).then_some(())
+    three_failed_gap_fills("three refused attempts", stock_filler, |dead, error| {
+        assert!(!dead, "never given up for a missing handler: {error}");
+        assert!(error.contains("[\"Touch\"]"), "{error}");
     })
     .await;
     assert_eq!(count_events(&pg).await, left, "the stock program filled nothing");
-    let filler = app.gap_filler().expect("gap filler");
-    wait_for("the range filled", Duration::from_secs(30), || async {
-        matches!(filler.work_once().await.expect("gap fill"), GapOutcome::Filled { .. }).then_some(())
-    })
-    .await;
+    gap_fill_until_filled(app.gap_filler().expect("gap filler")).await;
     assert_eq!((count_events(&pg).await, touched(&pg).await), (12, 12));
     w.assert_stored_equals_chain(&pg).await;
 }

@@ -4,9 +4,26 @@
 
 use std::time::Duration;
 
+use logcursor::app::App;
+
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::*;
-use crate::webhooks::{events_of, with_webhook, with_webhook_toml};
+use crate::webhooks::{events_of, rewinding_config, secret_file, webhook_replica, with_webhook};
+
+/// A reorg from the block of transaction `tx` up (no events on the new
+/// branch), a block mined on top, and `app` ticked until idle.
+async fn reorg_away(w: &World, app: &App, tx: &str) {
+    let logs = w.chain.burned_logs(&w.emitter, w.chain.block_number().await).await;
+    let block = logs
+        .iter()
+        .find(|(t, _, _)| t == tx)
+        .map(|(_, _, b)| *b)
+        .expect("the event");
+    let depth = u64::try_from(w.chain.block_number().await - block + 1).expect("depth");
+    w.chain.reorg(&w.emitter, depth, &[]).await;
+    w.chain.mine(1).await;
+    app.tick_until_idle().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_an_unordered_webhook_a_revert_waits_for_the_delivery_it_undoes() {
@@ -24,16 +41,7 @@ async fn on_an_unordered_webhook_a_revert_waits_for_the_delivery_it_undoes() {
             _ => Reply::Status(200),
         }
     });
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "s").expect("write secret");
-    let cfg = w
-        .config()
-        .stream(|s| s.confirmations = 0)
-        .stream_toml("on_deep_reorg = \"rewind\"");
-    let app = with_webhook_toml(cfg, &receiver.url, secret_file.path(), "ordered = false\n")
-        .replica("r")
-        .await;
-    app.tick_until_idle().await;
+    let app = webhook_replica(rewinding_config(&w), &receiver.url, "s", "ordered = false\n").await;
     let deliverer = app.deliverer().expect("webhook workers");
     let step = || async { deliverer.deliver_once(0).await.expect("deliver") };
     let of_target = |r: &crate::support::receiver::Received| {
@@ -48,16 +56,7 @@ async fn on_an_unordered_webhook_a_revert_waits_for_the_delivery_it_undoes() {
     // A reorg removes the event while its delivery is being retried: the
     // receiver may have applied it (a 503 can come after the work), so a
     // revert is written.
-    let logs = w.chain.burned_logs(&w.emitter, w.chain.block_number().await).await;
-    let block = logs
-        .iter()
-        .find(|(tx, _, _)| *tx == target)
-        .map(|(_, _, b)| *b)
-        .expect("the event");
-    let depth = u64::try_from(w.chain.block_number().await - block + 1).expect("depth");
-    w.chain.reorg(&w.emitter, depth, &[]).await;
-    w.chain.mine(1).await;
-    app.tick_until_idle().await;
+    reorg_away(&w, &app, &target).await;
     let pg = w.pg().await;
     let reverts: i64 = pg
         .query_one("SELECT count(*) FROM outbox WHERE kind = 'revert'", &[])
@@ -108,14 +107,7 @@ async fn a_dead_delivery_whose_events_a_rewind_removed_is_not_replayed() {
         Some("events") => Reply::Status(410),
         _ => Reply::Status(200),
     });
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "s").expect("write secret");
-    let cfg = w
-        .config()
-        .stream(|s| s.confirmations = 0)
-        .stream_toml("on_deep_reorg = \"rewind\"");
-    let app = with_webhook(cfg, &receiver.url, secret_file.path()).replica("r").await;
-    app.tick_until_idle().await;
+    let app = webhook_replica(rewinding_config(&w), &receiver.url, "s", "").await;
     let deliverer = app.deliverer().expect("webhook workers");
     let pg = w.pg().await;
     let count = |sql: &'static str| {
@@ -138,16 +130,7 @@ async fn a_dead_delivery_whose_events_a_rewind_removed_is_not_replayed() {
         .get(0);
     // A reorg removes the refused event: its delivery had been sent, so a
     // revert is written; the other dead delivery's event stays.
-    let logs = w.chain.burned_logs(&w.emitter, w.chain.block_number().await).await;
-    let block = logs
-        .iter()
-        .find(|(tx, _, _)| *tx == target)
-        .map(|(_, _, b)| *b)
-        .expect("the event");
-    let depth = u64::try_from(w.chain.block_number().await - block + 1).expect("depth");
-    w.chain.reorg(&w.emitter, depth, &[]).await;
-    w.chain.mine(1).await;
-    app.tick_until_idle().await;
+    reorg_away(&w, &app, &target).await;
     assert_eq!(count("SELECT count(*) FROM outbox WHERE kind = 'revert'").await, 1);
 
     let replayed = logcursor::store::outbox::replay(&pg, &[]).await.expect("replay");
@@ -172,8 +155,7 @@ async fn a_replay_waiting_on_a_rewind_sees_what_the_rewind_removed() {
     let w = World::new().await;
     w.emit_burns(1, |_| 1).await;
     let receiver = Receiver::start().await;
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "s").expect("write secret");
+    let secret_file = secret_file("s");
     let config = || with_webhook(w.config(), &receiver.url, secret_file.path()).build();
     let app = crate::support::replica::build_app(&config(), "r").await;
     app.tick_until_idle().await;

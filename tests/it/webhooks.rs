@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use logcursor::app::App;
+use logcursor::delivery::Attempted;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -23,6 +25,46 @@ pub(crate) fn with_webhook_toml(cfg: TestConfig, url: &str, secret_file: &std::p
          batch_size = 1\ntimeout = \"400ms\"\nmax_attempts = 100\nbackoff = \"20ms\"\nbackoff_max = \"200ms\"\n{extra}",
         secret_file.display()
     ))
+}
+
+/// A file holding the webhook's signing `secret`.
+pub(crate) fn secret_file(secret: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().expect("secret file");
+    std::fs::write(file.path(), secret).expect("write secret");
+    file
+}
+
+/// `w`'s config with every block taken at once and a deep reorg rewound.
+pub(crate) fn rewinding_config(w: &World) -> TestConfig {
+    w.config()
+        .stream(|s| s.confirmations = 0)
+        .stream_toml("on_deep_reorg = \"rewind\"")
+}
+
+/// Replica `r` of `cfg` with the stream's webhook to `url` (signed with
+/// `secret`, `extra` keys added to its table), ticked until idle. (The
+/// secret file is read as the config is parsed.)
+pub(crate) async fn webhook_replica(cfg: TestConfig, url: &str, secret: &str, extra: &str) -> App {
+    let secret_file = secret_file(secret);
+    let app = with_webhook_toml(cfg, url, secret_file.path(), extra)
+        .replica("r")
+        .await;
+    app.tick_until_idle().await;
+    app
+}
+
+/// The outcome of the first delivery `app`'s webhook workers attempt. (A
+/// delivery is claimable once every older transaction of the cluster has
+/// ended.)
+async fn first_attempt(app: &App) -> Attempted {
+    let deliverer = app.deliverer().expect("webhook workers");
+    wait_for("a delivery attempted", Duration::from_secs(30), || async {
+        match deliverer.deliver_once(0).await.expect("deliver") {
+            Attempted::Idle(_) => None,
+            other => Some(other),
+        }
+    })
+    .await
 }
 
 /// (tx hash, log index) of every event of a delivery body.
@@ -50,8 +92,7 @@ async fn webhooks_get_every_event_at_least_once_with_stable_keys_and_signatures_
     w.emit_burns(8, |_| 1).await;
     let receiver = Receiver::start().await;
     let secret = "whsec-TEST-SECRET-42";
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), secret).expect("write secret");
+    let secret_file = secret_file(secret);
     let doomed_hash = doomed.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     receiver.set(move |body| {
@@ -243,23 +284,10 @@ async fn a_redirect_is_refused_and_never_followed() {
     w.emit_burns(2, |_| 1).await;
     let receiver = Receiver::start().await;
     receiver.set(|_| Reply::Redirect);
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "s").expect("write secret");
-    let app = with_webhook(w.config(), &receiver.url, secret_file.path())
-        .replica("r")
-        .await;
-    app.tick_until_idle().await;
-    let deliverer = app.deliverer().expect("webhook workers");
-    // Claimable once every older transaction of the cluster has ended.
-    let outcome = wait_for("a delivery attempted", Duration::from_secs(30), || async {
-        match deliverer.deliver_once(0).await.expect("deliver") {
-            logcursor::delivery::Attempted::Idle(_) => None,
-            other => Some(other),
-        }
-    })
-    .await;
+    let app = webhook_replica(w.config(), &receiver.url, "s", "").await;
+    let outcome = first_attempt(&app).await;
     assert!(
-        matches!(outcome, logcursor::delivery::Attempted::Dead { status: Some(303), .. }),
+        matches!(outcome, Attempted::Dead { status: Some(303), .. }),
         "{outcome:?}"
     );
     assert_eq!(receiver.landed(), 0, "the redirect was not followed");
@@ -273,21 +301,9 @@ async fn a_receiver_that_echoes_its_url_never_gets_its_token_into_an_error_or_a_
     let receiver = Receiver::start().await;
     assert!(receiver.url.contains("RECEIVER-SECRET-TOKEN"));
     receiver.set(|_| Reply::Echo(404));
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "whsec-echo-0123").expect("write secret");
-    let app = with_webhook(w.config(), &receiver.url, secret_file.path())
-        .replica("r")
-        .await;
-    app.tick_until_idle().await;
-    let deliverer = app.deliverer().expect("webhook workers");
-    let outcome = wait_for("a delivery attempted", Duration::from_secs(30), || async {
-        match deliverer.deliver_once(0).await.expect("deliver") {
-            logcursor::delivery::Attempted::Idle(_) => None,
-            other => Some(other),
-        }
-    })
-    .await;
-    let logcursor::delivery::Attempted::Dead {
+    let app = webhook_replica(w.config(), &receiver.url, "whsec-echo-0123", "").await;
+    let outcome = first_attempt(&app).await;
+    let Attempted::Dead {
         status: Some(404),
         error,
         ..
@@ -322,20 +338,13 @@ async fn a_rewind_after_delivery_sends_a_revert_of_the_removed_events_and_drops_
     let (chain, emitter) = (&w.chain, &w.emitter);
     w.emit_burns(10, |_| 1).await;
     let receiver = Receiver::start().await;
-    let secret_file = tempfile::NamedTempFile::new().expect("secret file");
-    std::fs::write(secret_file.path(), "s").expect("write secret");
-    let cfg = w
-        .config()
-        .stream(|s| s.confirmations = 0)
-        .stream_toml("on_deep_reorg = \"rewind\"");
-    let app = with_webhook(cfg, &receiver.url, secret_file.path()).replica("r").await;
-    app.tick_until_idle().await;
+    let app = webhook_replica(rewinding_config(&w), &receiver.url, "s", "").await;
     let deliverer = app.deliverer().expect("webhook workers");
     // Deliver everything stored so far. (A delivery is claimable once every
     // older transaction of the cluster has ended: other tests' included.)
     let step = || async {
         match deliverer.deliver_once(0).await.expect("deliver") {
-            logcursor::delivery::Attempted::Idle(_) | logcursor::delivery::Attempted::Delivered { .. } => {}
+            Attempted::Idle(_) | Attempted::Delivered { .. } => {}
             other => panic!("{other:?}"),
         }
     };

@@ -1,9 +1,12 @@
-//! Waiting for a condition with a deadline, and the assertions most tests
-//! end with: stored rows equal the chain, cursor moves form one forward chain.
+//! Waiting for a condition with a deadline (a gap-fill worker's outcomes
+//! too), and the assertions most tests end with: stored rows equal the
+//! chain, cursor moves form one forward chain.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use logcursor::poller::gapfill::{GapFiller, GapOutcome};
 use tokio::time::Instant;
 
 use super::chain::{Chain, LogKey};
@@ -42,6 +45,33 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Works `filler` until three of its attempts have failed, each failure's
+/// `dead` flag and error shown to `check`; idle passes are waited through,
+/// any other outcome fails the test.
+pub async fn three_failed_gap_fills(what: &str, filler: &GapFiller, check: impl Fn(bool, &str)) {
+    let failed = AtomicUsize::new(0);
+    wait_for(what, Duration::from_secs(30), || async {
+        match filler.work_once().await.expect("gap fill") {
+            GapOutcome::Failed { dead, error, .. } => {
+                check(dead, &error);
+                failed.fetch_add(1, Ordering::SeqCst);
+            }
+            GapOutcome::Idle => {}
+            other => panic!("{other:?}"),
+        }
+        (failed.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
+}
+
+/// Works `filler` until a pass fills a range.
+pub async fn gap_fill_until_filled(filler: &GapFiller) {
+    wait_for("the range filled", Duration::from_secs(30), || async {
+        matches!(filler.work_once().await.expect("gap fill"), GapOutcome::Filled { .. }).then_some(())
+    })
+    .await;
 }
 
 /// The stored rows equal the chain's Burned logs up to block `to`, each once.

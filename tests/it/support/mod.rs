@@ -8,7 +8,7 @@
 //! | [`process`] | `logcursor` as a process: spawn, signal, collect exits |
 //! | [`chain`] | anvil, the JSON-RPC driver, the test contract's ABI |
 //! | [`db`] | a database per test, migrations, roles, reads of stored state |
-//! | [`checks`] | waiting with a deadline; stored rows against the chain |
+//! | [`checks`] | waiting with a deadline (gap fill too); stored rows against the chain |
 //! | [`proxy`] | a fault-injecting JSON-RPC proxy in front of anvil |
 //! | [`tap`] | TCP-level proxies: a WebSocket endpoint that goes away, a PostgreSQL tap |
 //! | [`receiver`] | a real HTTP receiver for webhooks, with scripted replies |
